@@ -1,0 +1,142 @@
+//! The command line. Every flag can also come from a `PGTIER_*` environment
+//! variable; both override the config file.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use super::{split_host_port, ByteSize, Config, ConfigError, Dur, TlsMode};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgtier",
+    version,
+    about = "A caching sidecar for PostgreSQL",
+    long_about = "pgtier speaks the PostgreSQL wire protocol: point a client at it and it \
+                  forwards to the real server, answering cacheable reads from its cache."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub opts: Options,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default when no sub-command is given).
+    Run,
+    /// Validate the configuration, print it as TOML and exit.
+    CheckConfig,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct Options {
+    /// TOML config file.
+    #[arg(long, env = "PGTIER_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Client-facing HOST:PORT (server.listen).
+    #[arg(long, env = "PGTIER_LISTEN", global = true)]
+    pub listen: Option<String>,
+    /// The real Postgres as HOST:PORT (upstream.host, upstream.port).
+    #[arg(long, env = "PGTIER_UPSTREAM", global = true)]
+    pub upstream: Option<String>,
+    /// disable | prefer | require | verify-full (upstream.tls).
+    #[arg(long, env = "PGTIER_UPSTREAM_TLS", global = true)]
+    pub upstream_tls: Option<TlsMode>,
+    /// CA bundle for verify-full (upstream.tls_ca_file).
+    #[arg(long, env = "PGTIER_UPSTREAM_TLS_CA", global = true)]
+    pub upstream_tls_ca: Option<PathBuf>,
+    /// Upstream connect timeout, e.g. 5s (upstream.connect_timeout).
+    #[arg(long, env = "PGTIER_CONNECT_TIMEOUT", global = true)]
+    pub connect_timeout: Option<Dur>,
+    /// HTTP HOST:PORT for /metrics, /health, /ready; "" disables (admin.listen).
+    #[arg(long, env = "PGTIER_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<String>,
+    /// Redis URL for the shared L2 cache (l2.redis_url).
+    #[arg(long, env = "PGTIER_REDIS", global = true)]
+    pub redis: Option<String>,
+    /// Maximum client connections (server.max_client_connections).
+    #[arg(long, env = "PGTIER_MAX_CLIENT_CONNECTIONS", global = true)]
+    pub max_client_connections: Option<usize>,
+    /// Largest accepted frontend message, e.g. 64MiB (server.max_message_size).
+    #[arg(long, env = "PGTIER_MAX_MESSAGE_SIZE", global = true)]
+    pub max_message_size: Option<ByteSize>,
+    /// Session worker threads, 0 = one per core (server.workers).
+    #[arg(long, env = "PGTIER_WORKERS", global = true)]
+    pub workers: Option<usize>,
+    /// Grace period for open sessions on SIGTERM (server.shutdown_grace).
+    #[arg(long, env = "PGTIER_SHUTDOWN_GRACE", global = true)]
+    pub shutdown_grace: Option<Dur>,
+    /// Log filter, e.g. info or pgtier=debug (log.level).
+    #[arg(long, env = "PGTIER_LOG_LEVEL", global = true)]
+    pub log_level: Option<String>,
+    /// Unix socket for graceful binary upgrade (server.upgrade_sock).
+    #[arg(long, env = "PGTIER_UPGRADE_SOCK", global = true)]
+    pub upgrade_sock: Option<PathBuf>,
+    /// Take over the listening socket of a running pgtier (graceful upgrade); send
+    /// SIGQUIT to the old process after starting this one.
+    #[arg(long, global = true)]
+    pub upgrade: bool,
+}
+
+impl Options {
+    /// Defaults, then the file, then environment and flags.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        self.apply(&mut c)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn apply(&self, c: &mut Config) -> Result<(), ConfigError> {
+        if let Some(v) = &self.listen {
+            c.server.listen = v.clone();
+        }
+        if let Some(v) = &self.upstream {
+            let (host, port) = split_host_port(v).map_err(|reason| ConfigError {
+                key: "--upstream".into(),
+                reason,
+            })?;
+            c.upstream.host = host;
+            c.upstream.port = port;
+        }
+        if let Some(v) = self.upstream_tls {
+            c.upstream.tls = v;
+        }
+        if let Some(v) = &self.upstream_tls_ca {
+            c.upstream.tls_ca_file = Some(v.clone());
+        }
+        if let Some(v) = self.connect_timeout {
+            c.upstream.connect_timeout = v;
+        }
+        if let Some(v) = &self.admin_listen {
+            c.admin.listen = v.clone();
+        }
+        if let Some(v) = &self.redis {
+            c.l2.redis_url = (!v.is_empty()).then(|| v.clone());
+        }
+        if let Some(v) = self.max_client_connections {
+            c.server.max_client_connections = v;
+        }
+        if let Some(v) = self.max_message_size {
+            c.server.max_message_size = v;
+        }
+        if let Some(v) = self.workers {
+            c.server.workers = v;
+        }
+        if let Some(v) = self.shutdown_grace {
+            c.server.shutdown_grace = v;
+        }
+        if let Some(v) = &self.log_level {
+            c.log.level = v.clone();
+        }
+        if let Some(v) = &self.upgrade_sock {
+            c.server.upgrade_sock = v.clone();
+        }
+        Ok(())
+    }
+}

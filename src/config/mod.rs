@@ -1,0 +1,395 @@
+//! Configuration: a TOML file, overridden by `PGTIER_*` environment variables and
+//! command-line flags, validated once into an immutable [`Config`].
+//!
+//! Readers never hold a `&mut Config`: the running proxy reads a snapshot
+//! ([`Snapshot`]) that a reload swaps atomically, so a request sees one consistent
+//! configuration from start to end.
+
+pub mod cli;
+pub mod units;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, Dur};
+
+/// An invalid configuration: names the key and says why.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub admin: AdminConfig,
+    pub l2: L2Config,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Where clients connect (HOST:PORT).
+    pub listen: String,
+    /// Connections beyond this get "too many clients" (SQLSTATE 53300).
+    pub max_client_connections: usize,
+    /// Largest frontend message accepted; larger ones close the session.
+    pub max_message_size: ByteSize,
+    /// Worker threads for client sessions; 0 = one per CPU core.
+    pub workers: usize,
+    /// How long SIGTERM waits for open sessions before exiting.
+    pub shutdown_grace: Dur,
+    /// Time allowed for a client to complete startup and authentication.
+    pub auth_timeout: Dur,
+    /// PEM certificate chain and key for client-facing TLS; both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Unix socket through which a new binary takes over the listener (SIGQUIT upgrade).
+    pub upgrade_sock: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:6432".into(),
+            max_client_connections: 1000,
+            max_message_size: ByteSize(64 << 20),
+            workers: 0,
+            shutdown_grace: Dur(std::time::Duration::from_secs(30)),
+            auth_timeout: Dur(std::time::Duration::from_secs(60)),
+            tls_cert: None,
+            tls_key: None,
+            upgrade_sock: PathBuf::from("/tmp/pgtier_upgrade.sock"),
+            pid_file: PathBuf::from("/tmp/pgtier.pid"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS if the server offers it, without certificate checks (libpq's `prefer`).
+    Prefer,
+    /// TLS or fail, without certificate checks (libpq's `require`).
+    Require,
+    /// TLS with the certificate chain and host name verified.
+    VerifyFull,
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "disable" => Ok(TlsMode::Disable),
+            "prefer" => Ok(TlsMode::Prefer),
+            "require" => Ok(TlsMode::Require),
+            "verify-full" => Ok(TlsMode::VerifyFull),
+            _ => Err(format!(
+                "'{s}' is not a TLS mode; use disable, prefer, require or verify-full"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    /// CA bundle for `verify-full`; the system roots when unset.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name to verify in the server certificate; defaults to `host`.
+    pub tls_server_name: Option<String>,
+    pub connect_timeout: Dur,
+    /// TCP keepalive idle time on upstream connections; 0 disables keepalive.
+    pub keepalive: Dur,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            tls: TlsMode::Disable,
+            tls_ca_file: None,
+            tls_server_name: None,
+            connect_timeout: Dur(std::time::Duration::from_secs(5)),
+            keepalive: Dur(std::time::Duration::from_secs(30)),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// HTTP endpoint for /metrics, /health and /ready; empty disables it.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9930".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct L2Config {
+    /// Redis URL (redis:// or rediss://); unset means no L2.
+    pub redis_url: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: "info", "pgtier=debug", ...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Parse a config file. Unknown keys are errors, so typos do not pass silently.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid("--config", format!("cannot read {}: {e}", path.display())))?;
+        Config::from_toml(&text).map_err(|e| ConfigError {
+            key: format!("{} {}", path.display(), e.key),
+            reason: e.reason,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let reason = e.message().to_string();
+            let key = match e.span() {
+                Some(span) => format!("(line {})", line_of(text, span.start)),
+                None => String::new(),
+            };
+            ConfigError { key, reason }
+        })
+    }
+
+    /// Check everything that can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        resolve("server.listen", &self.server.listen)?;
+        if self.server.max_client_connections == 0 {
+            return Err(invalid(
+                "server.max_client_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.server.max_message_size.0 < 1024 {
+            return Err(invalid("server.max_message_size", "must be at least 1kB"));
+        }
+        if self.server.max_message_size.0 > (1 << 30) {
+            return Err(invalid(
+                "server.max_message_size",
+                "must be at most 1GiB (the protocol's own limit)",
+            ));
+        }
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(c), Some(k)) => {
+                readable("server.tls_cert", c)?;
+                readable("server.tls_key", k)?;
+            }
+            (None, None) => {}
+            _ => {
+                return Err(invalid(
+                    "server.tls_cert",
+                    "tls_cert and tls_key must be set together",
+                ))
+            }
+        }
+        if self.upstream.host.trim().is_empty() {
+            return Err(invalid("upstream.host", "must not be empty"));
+        }
+        if self.upstream.port == 0 {
+            return Err(invalid("upstream.port", "must be 1-65535"));
+        }
+        if self.upstream.connect_timeout.0.is_zero() {
+            return Err(invalid(
+                "upstream.connect_timeout",
+                "must be greater than 0",
+            ));
+        }
+        if let Some(ca) = &self.upstream.tls_ca_file {
+            readable("upstream.tls_ca_file", ca)?;
+        }
+        if !self.admin.listen.is_empty() {
+            resolve("admin.listen", &self.admin.listen)?;
+        }
+        if let Some(url) = &self.l2.redis_url {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                return Err(invalid(
+                    "l2.redis_url",
+                    format!("'{url}' is not a redis:// or rediss:// URL"),
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", format!("'{}': {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        resolve("server.listen", &self.server.listen)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
+    addr.to_socket_addrs()
+        .map_err(|e| invalid(key, format!("'{addr}' is not a HOST:PORT address ({e})")))?
+        .next()
+        .ok_or_else(|| invalid(key, format!("'{addr}' resolves to no address")))
+}
+
+fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// Split "host:port" (or "[v6]:port") as given to `--upstream`.
+pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{s}' is not HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("'{s}' has no host"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("'{s}' has an invalid port '{port}'"))?;
+    Ok((host.to_string(), port))
+}
+
+/// The configuration the running proxy reads: one immutable snapshot, swapped whole.
+pub type Snapshot = Arc<Config>;
+
+/// Holder of the current snapshot; cheap to read from any task.
+pub struct Live {
+    current: ArcSwap<Config>,
+}
+
+impl Live {
+    pub fn new(config: Config) -> Self {
+        Live {
+            current: ArcSwap::from_pointee(config),
+        }
+    }
+
+    pub fn load(&self) -> Snapshot {
+        self.current.load_full()
+    }
+
+    pub fn store(&self, config: Config) {
+        self.current.store(Arc::new(config));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let e = Config::from_toml("[server]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::from_toml("[upstream]\nconnect_timeout = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("soon"), "{e}");
+        let e = Config::from_toml("[upstream]\ntls = \"maybe\"\n").unwrap_err();
+        assert!(e.to_string().contains("maybe"), "{e}");
+        let mut c = Config::default();
+        c.server.listen = "nonsense".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("server.listen"));
+        let mut c = Config::default();
+        c.server.tls_cert = Some("/nonexistent.pem".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("server.tls_cert"));
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(
+            split_host_port("db.example:5433").unwrap(),
+            ("db.example".into(), 5433)
+        );
+        assert_eq!(split_host_port("[::1]:5432").unwrap(), ("::1".into(), 5432));
+        assert!(split_host_port("nohost").is_err());
+        assert!(split_host_port("h:99999").is_err());
+    }
+}

@@ -1,0 +1,341 @@
+//! The queue of backend replies that forwarded requests still expect.
+//!
+//! Every message forwarded to the server pushes what it will be answered with;
+//! every server message pops (or refers to) the front. This keeps the proxy in step
+//! with the server, so it can tell which result belongs to which request, swallow
+//! replies to messages it injected itself, and answer whole requests on its own
+//! without the stream going out of sync.
+
+use std::collections::VecDeque;
+
+use crate::protocol::backend;
+
+/// A frontend message whose reply has not fully arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    Parse,
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    /// Simple query: any number of results, then ReadyForQuery.
+    Query,
+    /// Fast-path function call: FunctionCallResponse, then ReadyForQuery.
+    FunctionCall,
+}
+
+impl Expect {
+    /// Requests that end with ReadyForQuery.
+    fn ends_with_ready(self) -> bool {
+        matches!(self, Expect::Sync | Expect::Query | Expect::FunctionCall)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Entry<T> {
+    pub expect: Expect,
+    /// Drop the reply instead of relaying it: the proxy sent this message itself.
+    pub swallow: bool,
+    /// What the session wants to do with this reply (e.g. fill a cache entry).
+    pub tag: T,
+}
+
+/// Where a server message belongs, as decided by [`Replies::on_server`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<T> {
+    /// Relay to the client; `front` is the request it answers, if any.
+    Relay {
+        front: Option<(Expect, T)>,
+        done: bool,
+    },
+    /// The reply belongs to a message the proxy injected: do not relay it.
+    Swallow,
+    /// The server sent something the queue did not expect: stop tracking.
+    Desync(String),
+}
+
+#[derive(Debug)]
+pub struct Replies<T> {
+    queue: VecDeque<Entry<T>>,
+    /// After an error in an extended-protocol batch the server discards messages
+    /// until Sync: replies to those will never come, so they are not queued.
+    skipping: bool,
+}
+
+impl<T: Copy + Default + std::fmt::Debug> Default for Replies<T> {
+    fn default() -> Self {
+        Replies {
+            queue: VecDeque::with_capacity(16),
+            skipping: false,
+        }
+    }
+}
+
+impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
+    pub fn push(&mut self, expect: Expect, swallow: bool, tag: T) {
+        if self.skipping {
+            if expect != Expect::Sync {
+                return;
+            }
+            self.skipping = false;
+        }
+        self.queue.push_back(Entry {
+            expect,
+            swallow,
+            tag,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.skipping = false;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Entry<T>> {
+        self.queue.iter()
+    }
+
+    /// During COPY FROM STDIN the server ignores Sync, so Syncs already sent behind
+    /// the COPY will get no reply.
+    pub fn drop_syncs_behind_front(&mut self) {
+        let mut first = true;
+        self.queue.retain(|e| {
+            let keep = first || e.expect != Expect::Sync;
+            first = false;
+            keep
+        });
+    }
+
+    fn pop_front(&mut self, want: &[Expect], tag: u8) -> Route<T> {
+        match self.queue.front().copied() {
+            Some(e) if want.contains(&e.expect) => {
+                self.queue.pop_front();
+                if e.swallow {
+                    Route::Swallow
+                } else {
+                    Route::Relay {
+                        front: Some((e.expect, e.tag)),
+                        done: true,
+                    }
+                }
+            }
+            other => Route::Desync(format!(
+                "server sent '{}' while expecting {:?}",
+                backend::describe_tag(tag),
+                other.map(|e| e.expect)
+            )),
+        }
+    }
+
+    fn front_relay(&self, done: bool) -> Route<T> {
+        match self.queue.front() {
+            Some(e) if e.swallow => Route::Swallow,
+            Some(e) => Route::Relay {
+                front: Some((e.expect, e.tag)),
+                done,
+            },
+            None => Route::Relay { front: None, done },
+        }
+    }
+
+    /// Account for one server message and say where it goes.
+    pub fn on_server(&mut self, tag: u8) -> Route<T> {
+        use Expect::*;
+        let front = self.queue.front().map(|e| e.expect);
+        match tag {
+            backend::PARSE_COMPLETE => self.pop_front(&[Parse], tag),
+            backend::BIND_COMPLETE => self.pop_front(&[Bind], tag),
+            backend::CLOSE_COMPLETE => self.pop_front(&[Close], tag),
+            backend::PARAMETER_DESCRIPTION => match front {
+                Some(Describe) => self.front_relay(false),
+                _ => self.pop_front(&[Describe], tag),
+            },
+            backend::NO_DATA => self.pop_front(&[Describe], tag),
+            backend::ROW_DESCRIPTION => match front {
+                Some(Describe) => self.pop_front(&[Describe], tag),
+                Some(Query) => self.front_relay(false),
+                _ => self.pop_front(&[Describe, Query], tag),
+            },
+            backend::COMMAND_COMPLETE
+            | backend::EMPTY_QUERY_RESPONSE
+            | backend::PORTAL_SUSPENDED => match front {
+                Some(Query) => self.front_relay(false),
+                _ => self.pop_front(&[Execute], tag),
+            },
+            backend::DATA_ROW
+            | backend::COPY_DATA
+            | backend::COPY_DONE
+            | backend::COPY_IN_RESPONSE
+            | backend::COPY_OUT_RESPONSE
+            | backend::FUNCTION_CALL_RESPONSE => match front {
+                Some(Query | Execute | FunctionCall) => self.front_relay(false),
+                _ => Route::Desync(format!(
+                    "server sent '{}' while expecting {:?}",
+                    backend::describe_tag(tag),
+                    front
+                )),
+            },
+            backend::ERROR_RESPONSE => match front {
+                // A simple query or function call still ends with ReadyForQuery.
+                Some(Query | FunctionCall) => self.front_relay(false),
+                Some(_) => {
+                    // Extended protocol: the server skips to the next Sync. The
+                    // error answers the front message; it is relayed unless that
+                    // message was ours.
+                    let first = self.queue.front().copied();
+                    while let Some(e) = self.queue.front() {
+                        if e.expect == Sync {
+                            break;
+                        }
+                        self.queue.pop_front();
+                    }
+                    if self.queue.is_empty() {
+                        self.skipping = true;
+                    }
+                    match first {
+                        Some(e) if e.swallow => Route::Relay {
+                            front: None,
+                            done: true,
+                        },
+                        Some(e) => Route::Relay {
+                            front: Some((e.expect, e.tag)),
+                            done: true,
+                        },
+                        None => Route::Relay {
+                            front: None,
+                            done: true,
+                        },
+                    }
+                }
+                // FATAL errors (e.g. admin shutdown) can arrive while idle.
+                None => Route::Relay {
+                    front: None,
+                    done: false,
+                },
+            },
+            backend::READY_FOR_QUERY => match self.queue.front().copied() {
+                Some(e) if e.expect.ends_with_ready() => {
+                    self.queue.pop_front();
+                    if e.swallow {
+                        Route::Swallow
+                    } else {
+                        Route::Relay {
+                            front: Some((e.expect, e.tag)),
+                            done: true,
+                        }
+                    }
+                }
+                other => Route::Desync(format!(
+                    "server sent ReadyForQuery while expecting {:?}",
+                    other.map(|e| e.expect)
+                )),
+            },
+            // Asynchronous messages belong to no request.
+            backend::NOTICE_RESPONSE
+            | backend::NOTIFICATION_RESPONSE
+            | backend::PARAMETER_STATUS => Route::Relay {
+                front: None,
+                done: false,
+            },
+            _ => Route::Desync(format!(
+                "unexpected server message '{}'",
+                backend::describe_tag(tag)
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relayed<T>(r: &Route<T>) -> bool {
+        matches!(r, Route::Relay { .. })
+    }
+
+    #[test]
+    fn extended_batch_in_order() {
+        let mut q: Replies<()> = Replies::default();
+        for e in [
+            Expect::Parse,
+            Expect::Bind,
+            Expect::Describe,
+            Expect::Execute,
+            Expect::Sync,
+        ] {
+            q.push(e, false, ());
+        }
+        for tag in [b'1', b'2', b'T', b'D', b'D', b'C', b'Z'] {
+            assert!(relayed(&q.on_server(tag)), "tag {}", tag as char);
+        }
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn injected_parse_is_swallowed() {
+        let mut q: Replies<()> = Replies::default();
+        q.push(Expect::Parse, true, ());
+        q.push(Expect::Bind, false, ());
+        q.push(Expect::Execute, false, ());
+        q.push(Expect::Sync, false, ());
+        assert_eq!(q.on_server(b'1'), Route::Swallow);
+        assert!(relayed(&q.on_server(b'2')));
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_later_messages_are_not_queued() {
+        let mut q: Replies<()> = Replies::default();
+        q.push(Expect::Parse, false, ());
+        q.push(Expect::Bind, false, ());
+        assert!(relayed(&q.on_server(b'E')));
+        assert!(q.is_empty());
+        // sent after the error, before Sync: the server ignores them
+        q.push(Expect::Execute, false, ());
+        assert!(q.is_empty());
+        q.push(Expect::Sync, false, ());
+        assert!(relayed(&q.on_server(b'Z')));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn simple_query_with_error_waits_for_ready() {
+        let mut q: Replies<()> = Replies::default();
+        q.push(Expect::Query, false, ());
+        for tag in [b'T', b'D', b'C', b'E'] {
+            assert!(relayed(&q.on_server(tag)));
+        }
+        assert_eq!(q.len(), 1);
+        assert!(relayed(&q.on_server(b'Z')));
+    }
+
+    #[test]
+    fn copy_in_drops_queued_syncs() {
+        let mut q: Replies<()> = Replies::default();
+        q.push(Expect::Bind, false, ());
+        q.push(Expect::Execute, false, ());
+        q.push(Expect::Sync, false, ());
+        assert!(relayed(&q.on_server(b'2')));
+        assert!(relayed(&q.on_server(b'G')));
+        q.drop_syncs_behind_front();
+        assert_eq!(q.len(), 1);
+        assert!(relayed(&q.on_server(b'C')));
+        q.push(Expect::Sync, false, ());
+        assert!(relayed(&q.on_server(b'Z')));
+    }
+
+    #[test]
+    fn unexpected_reply_is_reported() {
+        let mut q: Replies<()> = Replies::default();
+        assert!(matches!(q.on_server(b'1'), Route::Desync(_)));
+        assert!(matches!(q.on_server(b'Z'), Route::Desync(_)));
+    }
+}

@@ -1,0 +1,131 @@
+//! Process lifecycle on pingora: the listener service, signals, graceful drain and
+//! binary upgrade.
+//!
+//! - SIGTERM: stop accepting, let open sessions finish for up to
+//!   `server.shutdown_grace`, then exit.
+//! - SIGQUIT: hand the listening socket to a new pgtier started with `--upgrade`,
+//!   then drain like SIGTERM.
+//! - SIGINT: exit at once.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use async_trait::async_trait;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::L4BufferSettings;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora_core::services::listening::Service;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{Config, Live};
+use crate::proxy::app::ListenerApp;
+use crate::proxy::Proxy;
+
+const QUICK: u8 = 1;
+const GRACEFUL: u8 = 2;
+
+/// Runs pgtier until a signal stops it.
+pub fn run(config: Config, upgrade: bool) -> Result<()> {
+    if !upgrade {
+        // Pingora panics in a service thread when it cannot bind; check first so the
+        // user gets one clear line instead.
+        let addr = config.listen_addr()?;
+        TcpListener::bind(addr).with_context(|| {
+            format!("server.listen: cannot listen on {addr} (is another process using it?)")
+        })?;
+    }
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let sessions_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("pgtier-session")
+        .enable_all()
+        .build()
+        .context("cannot start the session runtime")?;
+
+    let live = Arc::new(Live::new(config.clone()));
+    let proxy = Arc::new(Proxy::new(live.clone())?);
+
+    let mut conf = ServerConf::new().context("pingora default configuration")?;
+    conf.threads = 1;
+    conf.grace_period_seconds = Some(0);
+    conf.graceful_shutdown_timeout_seconds = Some(1);
+    conf.upgrade_sock = config.server.upgrade_sock.display().to_string();
+    conf.pid_file = config.server.pid_file.display().to_string();
+    let opt = Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut listener = Service::new(
+        "pgtier postgres listener".to_string(),
+        ListenerApp {
+            proxy: proxy.clone(),
+            sessions: sessions_rt.handle().clone(),
+        },
+    );
+    listener.add_listener(
+        ListenerConfig::tcp(config.server.listen.clone()).l4_buffer(L4BufferSettings::unbuffered()),
+    );
+    server.add_service(listener);
+
+    tracing::info!(
+        listen = %config.server.listen,
+        upstream = %proxy.upstream.addr(),
+        workers,
+        "pgtier listening"
+    );
+    let how = Arc::new(AtomicU8::new(0));
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals(how.clone())),
+    });
+
+    if how.load(Ordering::Acquire) == GRACEFUL {
+        let grace = config.server.shutdown_grace.0;
+        let open = proxy.active_sessions();
+        if open > 0 {
+            tracing::info!(open, ?grace, "waiting for open sessions to finish");
+        }
+        let left = sessions_rt.block_on(proxy.wait_idle(grace));
+        if left > 0 {
+            tracing::warn!(left, "grace period over; closing remaining sessions");
+        }
+    }
+    sessions_rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    tracing::info!("pgtier stopped");
+    Ok(())
+}
+
+/// Pingora's signal handling, remembering which kind of stop was asked for.
+struct Signals(Arc<AtomicU8>);
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let streams = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        let (Ok(mut quit), Ok(mut term), Ok(mut int)) = streams else {
+            tracing::error!("cannot install signal handlers; stopping");
+            self.0.store(QUICK, Ordering::Release);
+            return ShutdownSignal::FastShutdown;
+        };
+        let (sig, how) = tokio::select! {
+            _ = quit.recv() => (ShutdownSignal::GracefulUpgrade, GRACEFUL),
+            _ = term.recv() => (ShutdownSignal::GracefulTerminate, GRACEFUL),
+            _ = int.recv() => (ShutdownSignal::FastShutdown, QUICK),
+        };
+        tracing::info!(signal = ?sig, "shutdown requested");
+        self.0.store(how, Ordering::Release);
+        sig
+    }
+}
