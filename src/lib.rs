@@ -8,3 +8,4 @@ pub mod logging;
 pub mod protocol;
 pub mod proxy;
 pub mod server;
+pub mod workers;

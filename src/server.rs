@@ -23,6 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::{Config, Live};
 use crate::proxy::app::ListenerApp;
 use crate::proxy::Proxy;
+use crate::workers::Workers;
 
 const QUICK: u8 = 1;
 const GRACEFUL: u8 = 2;
@@ -41,12 +42,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let sessions_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("pgtier-session")
-        .enable_all()
-        .build()
-        .context("cannot start the session runtime")?;
+    let sessions = Arc::new(Workers::start(workers)?);
 
     let live = Arc::new(Live::new(config.clone()));
     let proxy = Arc::new(Proxy::new(live.clone())?);
@@ -62,19 +58,20 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
 
     let mut listener = Service::new(
         "pgtier postgres listener".to_string(),
         ListenerApp {
             proxy: proxy.clone(),
-            sessions: sessions_rt.handle().clone(),
+            sessions: sessions.clone(),
         },
     );
     listener.add_listener(
         ListenerConfig::tcp(config.server.listen.clone()).l4_buffer(L4BufferSettings::unbuffered()),
     );
     server.add_service(listener);
+    // With --upgrade this blocks until the old process hands over its listener.
+    server.bootstrap();
 
     tracing::info!(
         listen = %config.server.listen,
@@ -93,12 +90,19 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
         if open > 0 {
             tracing::info!(open, ?grace, "waiting for open sessions to finish");
         }
-        let left = sessions_rt.block_on(proxy.wait_idle(grace));
+        let waiter = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .context("cannot start the drain timer")?;
+        let left = waiter.block_on(proxy.wait_idle(grace));
         if left > 0 {
             tracing::warn!(left, "grace period over; closing remaining sessions");
         }
     }
-    sessions_rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match Arc::try_unwrap(sessions) {
+        Ok(w) => w.shutdown(),
+        Err(_) => tracing::debug!("session workers still referenced; exiting without joining"),
+    }
     tracing::info!("pgtier stopped");
     Ok(())
 }

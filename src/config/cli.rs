@@ -74,6 +74,9 @@ pub struct Options {
     /// Unix socket for graceful binary upgrade (server.upgrade_sock).
     #[arg(long, env = "PGTIER_UPGRADE_SOCK", global = true)]
     pub upgrade_sock: Option<PathBuf>,
+    /// PID file written at start (server.pid_file).
+    #[arg(long, env = "PGTIER_PID_FILE", global = true)]
+    pub pid_file: Option<PathBuf>,
     /// Take over the listening socket of a running pgtier (graceful upgrade); send
     /// SIGQUIT to the old process after starting this one.
     #[arg(long, global = true)]
@@ -133,6 +136,9 @@ impl Options {
         }
         if let Some(v) = &self.log_level {
             c.log.level = v.clone();
+        }
+        if let Some(v) = &self.pid_file {
+            c.server.pid_file = v.clone();
         }
         if let Some(v) = &self.upgrade_sock {
             c.server.upgrade_sock = v.clone();

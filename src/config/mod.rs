@@ -141,6 +141,12 @@ impl Default for UpstreamConfig {
 }
 
 impl UpstreamConfig {
+    /// Like libpq, a host that is an absolute path names the directory holding
+    /// the server's Unix socket.
+    pub fn unix_socket_dir(&self) -> Option<&Path> {
+        self.host.starts_with('/').then(|| Path::new(&self.host))
+    }
+
     pub fn address(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -260,6 +266,14 @@ impl Config {
             return Err(invalid(
                 "upstream.connect_timeout",
                 "must be greater than 0",
+            ));
+        }
+        if self.upstream.unix_socket_dir().is_some()
+            && matches!(self.upstream.tls, TlsMode::Require | TlsMode::VerifyFull)
+        {
+            return Err(invalid(
+                "upstream.tls",
+                "Postgres does not offer TLS on Unix sockets; use disable or prefer",
             ));
         }
         if let Some(ca) = &self.upstream.tls_ca_file {

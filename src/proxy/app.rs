@@ -9,16 +9,18 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
-use tokio::runtime::Handle;
 
-use super::startup::ClientStream;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
 use super::Proxy;
+use crate::workers::Workers;
 
 pub struct ListenerApp {
     pub proxy: Arc<Proxy>,
-    pub sessions: Handle,
+    pub sessions: Arc<Workers>,
 }
 
 #[async_trait]
@@ -28,15 +30,40 @@ impl ServerApp for ListenerApp {
         session: Stream,
         _shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // Pingora hands out a boxed trait object; the concrete TCP stream avoids a
-        // virtual call per read and write.
-        match session.into_any().downcast::<ClientStream>() {
-            Ok(stream) => {
-                let proxy = self.proxy.clone();
-                self.sessions.spawn(proxy.serve(*stream));
+        // The accepted socket is registered with pingora's listener runtime, which
+        // stops on SIGTERM/SIGQUIT. Sessions must outlive it to drain, so the socket
+        // is duplicated and re-registered on the session runtime; the pingora stream
+        // (and its copy of the descriptor) is dropped here.
+        let fd = match dup_fd(&session) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot take over an accepted connection");
+                return None;
             }
-            Err(_) => tracing::error!("listener produced a non-TCP stream; dropping it"),
-        }
+        };
+        drop(session);
+        let proxy = self.proxy.clone();
+        self.sessions.spawn(async move {
+            let std_stream = std::net::TcpStream::from(fd);
+            let stream = std_stream
+                .set_nonblocking(true)
+                .and_then(|_| tokio::net::TcpStream::from_std(std_stream));
+            match stream {
+                Ok(s) => proxy.serve(s).await,
+                Err(e) => tracing::error!(error = %e, "cannot register an accepted connection"),
+            }
+        });
         None
     }
+}
+
+fn dup_fd(stream: &Stream) -> std::io::Result<OwnedFd> {
+    let l4 = stream
+        .as_any()
+        .downcast_ref::<L4Stream>()
+        .ok_or_else(|| std::io::Error::other("listener produced a non-TCP stream"))?;
+    // SAFETY: the descriptor belongs to `l4`, which outlives this borrow; the
+    // borrow is only used to dup(2) it into a descriptor we own.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) };
+    borrowed.try_clone_to_owned()
 }

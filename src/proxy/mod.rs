@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use pingora_core::protocols::GetSocketDigest;
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
@@ -78,9 +77,10 @@ impl Proxy {
     /// Serve one client connection from its first byte to its last.
     pub async fn serve(self: Arc<Self>, stream: ClientStream) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
         let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().map(|a| a.to_string()))
+            .peer_addr()
+            .map(|a| a.to_string())
             .unwrap_or_default();
         let span = tracing::info_span!("session", id, %peer);
         let _guard = SessionGuard::enter(&self);

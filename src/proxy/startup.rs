@@ -17,7 +17,7 @@ use crate::protocol::codec::peek_header;
 use crate::protocol::startup::{packet_len, StartupMessage, StartupPacket};
 use crate::protocol::{ProtocolError, TxStatus};
 
-pub type ClientStream = pingora_core::protocols::l4::stream::Stream;
+pub type ClientStream = tokio::net::TcpStream;
 pub type ClientConn = Conn<ClientStream>;
 
 /// Why a session ended before it started. Variants that carry a message have

@@ -9,12 +9,12 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::conn::{write_all, Conn};
+use super::conn::{write_all, Conn, Transport};
 use super::tls;
 use crate::config::{TlsMode, UpstreamConfig};
 use crate::protocol::startup::{CancelRequest, SSL_REQUEST_CODE};
 
-pub type ServerConn = Conn<TcpStream>;
+pub type ServerConn = Conn<Transport>;
 
 /// Why the upstream could not be reached; shown to the client as it is.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,8 @@ pub struct UpstreamError {
 
 pub struct Upstream {
     addr: String,
+    /// Set when the upstream host is a directory: connect to its Unix socket.
+    unix_path: Option<std::path::PathBuf>,
     mode: TlsMode,
     connect_timeout: Duration,
     keepalive: Duration,
@@ -35,15 +37,28 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
-        let tls = tls::client_config(cfg.tls, cfg.tls_ca_file.as_deref())?.map(TlsConnector::from);
-        let name = cfg
-            .tls_server_name
-            .clone()
-            .unwrap_or_else(|| cfg.host.clone());
+        let tls = match cfg.unix_socket_dir() {
+            Some(_) => None,
+            None => {
+                tls::client_config(cfg.tls, cfg.tls_ca_file.as_deref())?.map(TlsConnector::from)
+            }
+        };
+        let name = match (&cfg.tls_server_name, cfg.unix_socket_dir()) {
+            (Some(n), _) => n.clone(),
+            (None, Some(_)) => "localhost".to_string(),
+            (None, None) => cfg.host.clone(),
+        };
         let server_name = ServerName::try_from(name.clone())
             .map_err(|e| anyhow::anyhow!("upstream.tls_server_name: '{name}': {e}"))?;
+        let unix_path = cfg
+            .unix_socket_dir()
+            .map(|dir| dir.join(format!(".s.PGSQL.{}", cfg.port)));
         Ok(Upstream {
-            addr: cfg.address(),
+            addr: match &unix_path {
+                Some(p) => p.display().to_string(),
+                None => cfg.address(),
+            },
+            unix_path,
             mode: cfg.tls,
             connect_timeout: cfg.connect_timeout.0,
             keepalive: cfg.keepalive.0,
@@ -75,6 +90,14 @@ impl Upstream {
     }
 
     async fn connect_inner(&self) -> Result<ServerConn, UpstreamError> {
+        if let Some(path) = &self.unix_path {
+            // Postgres never offers TLS on Unix sockets; config validation makes
+            // sure no TLS mode demands it.
+            let s = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| self.err(e))?;
+            return Ok(Conn::Plain(Transport::Unix(s)));
+        }
         let mut tcp = TcpStream::connect(&self.addr)
             .await
             .map_err(|e| self.err(e))?;
@@ -87,7 +110,7 @@ impl Upstream {
             let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
         }
         let Some(connector) = &self.tls else {
-            return Ok(Conn::Plain(tcp));
+            return Ok(Conn::Plain(Transport::Tcp(tcp)));
         };
         let mut req = BytesMut::with_capacity(8);
         req.extend_from_slice(&8i32.to_be_bytes());
@@ -97,12 +120,12 @@ impl Upstream {
         match answer {
             b'S' => {
                 let tls = connector
-                    .connect(self.server_name.clone(), tcp)
+                    .connect(self.server_name.clone(), Transport::Tcp(tcp))
                     .await
                     .map_err(|e| self.err(format!("TLS handshake failed: {e}")))?;
                 Ok(Conn::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
             }
-            b'N' if self.mode == TlsMode::Prefer => Ok(Conn::Plain(tcp)),
+            b'N' if self.mode == TlsMode::Prefer => Ok(Conn::Plain(Transport::Tcp(tcp))),
             b'N' => Err(self.err("server does not support TLS, but upstream.tls requires it")),
             other => Err(self.err(format!(
                 "unexpected answer {other:#04x} to SSLRequest (is this a Postgres server?)"

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Load benchmark: the same pgbench workload against direct Postgres, through pgtier
+# and (optionally) against pgceiling, in one run, printing TPS and ratios.
+#
+#   benches/load.sh                      # pgbench -S (select-only), all three modes
+#   benches/load.sh --script hot         # ../shared/bench/hot.sql hot set (cache hits)
+#   benches/load.sh --script tpcb        # TPC-B (default pgbench script)
+#   options: --clients 8 --threads 2 --duration 10 --warmup 3 --modes "simple extended prepared"
+#            --rounds 1 --ceiling (also measure pgceiling) --pgtier-args "--default-ttl 60s"
+#            --upstream /var/run/postgresql:5432 (pgtier reaches Postgres over its Unix socket)
+#
+# Needs the local Postgres on 127.0.0.1:5432 (see README). Builds pgtier in release.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+shared="$here/../shared/bench"
+clients=8 threads=2 duration=10 warmup=3 rounds=1 script=select ceiling=0
+modes="simple extended prepared"
+pgtier_args=""
+upstream=127.0.0.1:5432
+db=pgtier_bench
+scale=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --clients) clients=$2; shift ;;
+    --threads) threads=$2; shift ;;
+    --duration) duration=$2; shift ;;
+    --warmup) warmup=$2; shift ;;
+    --rounds) rounds=$2; shift ;;
+    --modes) modes=$2; shift ;;
+    --script) script=$2; shift ;;
+    --ceiling) ceiling=1 ;;
+    --pgtier-args) pgtier_args=$2; shift ;;
+    --scale) scale=$2; shift ;;
+    --upstream) upstream=$2; shift ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+pg_isready -h 127.0.0.1 -p 5432 -q || { echo "Postgres is not running on 127.0.0.1:5432" >&2; exit 1; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+cargo build --release --quiet --manifest-path "$here/Cargo.toml"
+bin="$here/target/release/pgtier"
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+psql -h 127.0.0.1 -U postgres -d postgres -qAtc "select 1 from pg_database where datname='$db'" | grep -q 1 \
+  || psql -h 127.0.0.1 -U postgres -d postgres -qc "create database $db"
+pgbench -h 127.0.0.1 -U postgres -i -q -s "$scale" "$db" >/dev/null 2>&1
+
+port=$(free_port)
+work=$(mktemp -d)
+# shellcheck disable=SC2086
+"$bin" --listen "127.0.0.1:$port" --upstream "$upstream" --admin-listen "" \
+  --pid-file "$work/pgtier.pid" --upgrade-sock "$work/upgrade.sock" --log-level warn $pgtier_args \
+  >"$work/pgtier.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+psql -h 127.0.0.1 -p "$port" -U postgres -d "$db" -qAtc "select 1" >/dev/null \
+  || { echo "pgtier did not start:" >&2; cat "$work/pgtier.log" >&2; exit 1; }
+
+ceil_port=""
+if [ "$ceiling" = 1 ]; then
+  ceil_port=$(free_port)
+  pids+=("$("$shared/ceiling.sh" "$ceil_port")")
+fi
+
+case "$script" in
+  select) wl=(-S) ;;
+  tpcb) wl=() ;;
+  hot) wl=(-f "$shared/hot.sql") ;;
+  *) echo "unknown script $script" >&2; exit 2 ;;
+esac
+
+tps() { # port mode seconds
+  pgbench -h 127.0.0.1 -p "$1" -U postgres -n -M "$2" -c "$clients" -j "$threads" -T "$3" "${wl[@]}" "$db" 2>&1 \
+    | awk '/^tps = /{print int($3)} /failed transactions: [1-9]/{print "FAILED " $0 > "/dev/stderr"}'
+}
+
+echo "workload: $script, clients $clients, threads $threads, ${duration}s per run, $rounds round(s)"
+printf "%-9s %10s %10s %8s" mode direct pgtier ratio
+[ "$ceiling" = 1 ] && printf " %10s %12s" ceiling pgtier/ceil
+printf "\n"
+for mode in $modes; do
+  # warm up caches and connections on every target
+  tps 5432 "$mode" "$warmup" >/dev/null
+  tps "$port" "$mode" "$warmup" >/dev/null
+  [ "$ceiling" = 1 ] && tps "$ceil_port" "$mode" "$warmup" >/dev/null
+  d=0 p=0 c=0
+  for _ in $(seq "$rounds"); do
+    # alternate targets so drift on the machine hits both alike
+    d=$((d + $(tps 5432 "$mode" "$duration")))
+    p=$((p + $(tps "$port" "$mode" "$duration")))
+    [ "$ceiling" = 1 ] && c=$((c + $(tps "$ceil_port" "$mode" "$duration")))
+  done
+  d=$((d / rounds)) p=$((p / rounds)) c=$((c / rounds))
+  printf "%-9s %10d %10d %8.2f" "$mode" "$d" "$p" "$(echo "$p / $d" | bc -l)"
+  [ "$ceiling" = 1 ] && printf " %10d %12.2f" "$c" "$(echo "$p / $c" | bc -l)"
+  printf "\n"
+done

@@ -1,0 +1,269 @@
+//! Shared test harness: the real local Postgres and Redis, pgtier processes started
+//! on free ports, and throwaway Postgres clusters for tests that need their own.
+#![allow(dead_code)]
+
+pub mod cluster;
+
+use std::fs::File;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+pub const PG_HOST: &str = "127.0.0.1";
+pub const PG_PORT: u16 = 5432;
+
+/// Fails (never skips) when the shared Postgres is down, saying how to start it.
+pub fn require_postgres() {
+    if TcpStream::connect_timeout(
+        &format!("{PG_HOST}:{PG_PORT}").parse().unwrap(),
+        Duration::from_secs(2),
+    )
+    .is_err()
+    {
+        panic!(
+            "PostgreSQL is not reachable on {PG_HOST}:{PG_PORT}. Start it with:\n  \
+             pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+        );
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+pub fn pgtier_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pgtier")
+}
+
+/// A pgtier process owned by one test; killed (by PID) when dropped.
+pub struct Pgtier {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Pgtier {
+    /// pgtier in front of the shared Postgres with default settings plus `args`.
+    pub fn start(args: &[&str]) -> Pgtier {
+        require_postgres();
+        Self::start_with(PG_PORT, "", args)
+    }
+
+    /// pgtier in front of the Postgres on `upstream`, with `toml` as its config
+    /// file, plus `args`.
+    pub fn start_with(upstream: u16, toml: &str, args: &[&str]) -> Pgtier {
+        Self::start_upstream(&format!("{PG_HOST}:{upstream}"), toml, args)
+    }
+
+    /// pgtier in front of `upstream` given as `--upstream` takes it (HOST:PORT,
+    /// or /socket/dir:PORT).
+    pub fn start_upstream(upstream: &str, toml: &str, args: &[&str]) -> Pgtier {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        Self::spawn(dir, port, upstream, toml, args, None)
+    }
+
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        port: u16,
+        upstream: &str,
+        toml: &str,
+        args: &[&str],
+        upgrade_from: Option<&std::path::Path>,
+    ) -> Pgtier {
+        let upgrade = upgrade_from.is_some();
+        let config = dir.path().join("pgtier.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let log = dir.path().join(if upgrade {
+            "pgtier-new.log"
+        } else {
+            "pgtier.log"
+        });
+        let stderr = File::create(&log).expect("log file");
+        let mut cmd = Command::new(pgtier_bin());
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", upstream, "--admin-listen", ""])
+            .arg("--upgrade-sock")
+            .arg(upgrade_from.map_or_else(
+                || dir.path().join("upgrade.sock"),
+                |d| d.join("upgrade.sock"),
+            ))
+            .arg("--pid-file")
+            .arg(dir.path().join("pgtier.pid"))
+            .args(args)
+            .env(
+                "PGTIER_LOG_LEVEL",
+                std::env::var("PGTIER_TEST_LOG").unwrap_or("info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr));
+        if upgrade {
+            cmd.arg("--upgrade");
+        }
+        let child = cmd.spawn().expect("spawn pgtier");
+        let mut p = Pgtier {
+            child,
+            port,
+            dir,
+            log,
+        };
+        if !upgrade {
+            p.wait_listening();
+        }
+        p
+    }
+
+    /// A second pgtier that takes over this one's listener once this one gets SIGQUIT.
+    pub fn spawn_upgrade(&self, args: &[&str]) -> Pgtier {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upstream = format!("{PG_HOST}:{PG_PORT}");
+        Self::spawn(dir, self.port, &upstream, "", args, Some(self.dir.path()))
+    }
+
+    /// Wait (bounded) until the listener accepts connections.
+    pub fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("pgtier exited early ({status}):\n{}", self.logs());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgtier did not start listening:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Wait for the process to exit, bounded.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn conn_str(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
+            self.port
+        )
+    }
+
+    pub async fn connect(&self, db: &str) -> Client {
+        connect_str(&self.conn_str(db)).await
+    }
+}
+
+impl Drop for Pgtier {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tokio-postgres connection, its driver spawned on the current runtime.
+pub async fn connect_str(s: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(s, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {s}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A connection straight to the shared Postgres (no pgtier).
+pub async fn direct(db: &str) -> Client {
+    require_postgres();
+    connect_str(&format!(
+        "host={PG_HOST} port={PG_PORT} user=postgres dbname={db}"
+    ))
+    .await
+}
+
+/// A fresh, empty database for one test (dropped first if left over).
+pub async fn fresh_db(name: &str) -> String {
+    let admin = direct("postgres").await;
+    admin
+        .execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), &[])
+        .await
+        .expect("drop database");
+    admin
+        .execute(&format!("CREATE DATABASE {name}"), &[])
+        .await
+        .expect("create database");
+    name.to_string()
+}
+
+/// Run a command to completion with a time bound; returns (status, stdout, stderr).
+pub fn run_bounded(cmd: &mut Command, within: Duration) -> (ExitStatus, String, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command {cmd:?} did not finish within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, t_out.join().unwrap(), t_err.join().unwrap())
+}
