@@ -3,9 +3,13 @@
 //! Start at `main.rs`; then `server` (process lifecycle), `proxy` (sessions),
 //! `protocol` (the wire format) and `config`.
 
+pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod server;
+pub mod sql;
 pub mod workers;

@@ -20,6 +20,7 @@ use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch}
 use pingora_core::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::admin::http::AdminHttp;
 use crate::config::{Config, Live};
 use crate::proxy::app::ListenerApp;
 use crate::proxy::Proxy;
@@ -37,6 +38,11 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
         TcpListener::bind(addr).with_context(|| {
             format!("server.listen: cannot listen on {addr} (is another process using it?)")
         })?;
+        if !config.admin.listen.is_empty() {
+            TcpListener::bind(&config.admin.listen).with_context(|| {
+                format!("admin.listen: cannot listen on {}", config.admin.listen)
+            })?;
+        }
     }
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -44,6 +50,7 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
     };
     let sessions = Arc::new(Workers::start(workers)?);
 
+    crate::metrics::install();
     let live = Arc::new(Live::new(config.clone()));
     let proxy = Arc::new(Proxy::new(live.clone())?);
 
@@ -70,6 +77,16 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
         ListenerConfig::tcp(config.server.listen.clone()).l4_buffer(L4BufferSettings::unbuffered()),
     );
     server.add_service(listener);
+    if !config.admin.listen.is_empty() {
+        let mut admin = Service::new(
+            "pgtier admin http".to_string(),
+            AdminHttp {
+                proxy: proxy.clone(),
+            },
+        );
+        admin.add_tcp(&config.admin.listen);
+        server.add_service(admin);
+    }
     // With --upgrade this blocks until the old process hands over its listener.
     server.bootstrap();
 

@@ -56,6 +56,12 @@ pub struct Options {
     /// Redis URL for the shared L2 cache (l2.redis_url).
     #[arg(long, env = "PGTIER_REDIS", global = true)]
     pub redis: Option<String>,
+    /// Default cache TTL, e.g. 30s; 0 disables caching (cache.default_ttl).
+    #[arg(long, env = "PGTIER_DEFAULT_TTL", global = true)]
+    pub default_ttl: Option<Dur>,
+    /// Memory bound of the L1 cache, e.g. 256MiB (l1.max_bytes).
+    #[arg(long, env = "PGTIER_L1_MAX_BYTES", global = true)]
+    pub l1_max_bytes: Option<ByteSize>,
     /// Maximum client connections (server.max_client_connections).
     #[arg(long, env = "PGTIER_MAX_CLIENT_CONNECTIONS", global = true)]
     pub max_client_connections: Option<usize>,
@@ -121,6 +127,12 @@ impl Options {
         }
         if let Some(v) = &self.redis {
             c.l2.redis_url = (!v.is_empty()).then(|| v.clone());
+        }
+        if let Some(v) = self.default_ttl {
+            c.cache.default_ttl = v;
+        }
+        if let Some(v) = self.l1_max_bytes {
+            c.l1.max_bytes = v;
         }
         if let Some(v) = self.max_client_connections {
             c.server.max_client_connections = v;

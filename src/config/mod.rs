@@ -38,8 +38,83 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub admin: AdminConfig,
+    pub cache: CacheConfig,
+    pub l1: L1Config,
     pub l2: L2Config,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Cache every read that is safe to cache, unless a rule says `cache = false`.
+    #[default]
+    Auto,
+    /// Cache only what a rule lists with `cache = true` (like ReadySet's CREATE CACHE).
+    Allowlist,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// TTL of a cached result when no rule says otherwise; 0 disables caching.
+    pub default_ttl: Dur,
+    pub mode: CacheMode,
+    /// Results bigger than this are streamed to the client and not cached.
+    pub max_entry_bytes: ByteSize,
+    /// How long a miss waits for an identical miss already running in another
+    /// session before going to Postgres itself.
+    pub coalesce_wait: Dur,
+    /// Allow caching reads of pg_catalog / information_schema.
+    pub system_catalogs: bool,
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            default_ttl: Dur(std::time::Duration::from_secs(30)),
+            mode: CacheMode::Auto,
+            max_entry_bytes: ByteSize(1 << 20),
+            coalesce_wait: Dur(std::time::Duration::from_millis(100)),
+            system_catalogs: false,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One per-table or per-query rule. Exactly one of `table`, `query`, `fingerprint`.
+#[derive(Clone, Debug, Deserialize, Serialize, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// `name` or `schema.name`.
+    pub table: Option<String>,
+    /// A regular expression matched against the statement text.
+    pub query: Option<String>,
+    /// A statement shape: pg_query fingerprint as 16 hex digits.
+    pub fingerprint: Option<String>,
+    pub ttl: Option<Dur>,
+    /// Serve an expired entry for up to this long while one refresh runs.
+    pub swr: Option<Dur>,
+    /// false: never cache; true: cache (required in allowlist mode).
+    pub cache: Option<bool>,
+    /// Share entries for this table across users (no per-user key).
+    pub public: Option<bool>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L1Config {
+    /// Memory bound of the in-process cache (payload plus per-entry overhead).
+    pub max_bytes: ByteSize,
+}
+
+impl Default for L1Config {
+    fn default() -> Self {
+        L1Config {
+            max_bytes: ByteSize(256 << 20),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -292,6 +367,43 @@ impl Config {
                     format!("'{url}' is not a redis:// or rediss:// URL"),
                 ));
             }
+        }
+        for (i, r) in self.cache.rules.iter().enumerate() {
+            let key = format!("cache.rules[{i}]");
+            let targets = [
+                r.table.is_some(),
+                r.query.is_some(),
+                r.fingerprint.is_some(),
+            ];
+            if targets.iter().filter(|&&t| t).count() != 1 {
+                return Err(invalid(
+                    &key,
+                    "needs exactly one of table, query, fingerprint",
+                ));
+            }
+            if let Some(q) = &r.query {
+                regex::Regex::new(q)
+                    .map_err(|e| invalid(&format!("{key}.query"), e.to_string()))?;
+            }
+            if let Some(f) = &r.fingerprint {
+                u64::from_str_radix(f, 16).map_err(|_| {
+                    invalid(
+                        &format!("{key}.fingerprint"),
+                        format!("'{f}' is not 16 hex digits"),
+                    )
+                })?;
+            }
+            if let Some(t) = &r.table {
+                if t.is_empty() || t.split('.').count() > 2 {
+                    return Err(invalid(
+                        &format!("{key}.table"),
+                        format!("'{t}' is not name or schema.name"),
+                    ));
+                }
+            }
+        }
+        if self.cache.max_entry_bytes.0 == 0 {
+            return Err(invalid("cache.max_entry_bytes", "must be greater than 0"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("'{}': {e}", self.log.level)))?;

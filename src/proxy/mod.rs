@@ -2,11 +2,14 @@
 //! authentication, and running each session against its own upstream connection.
 
 pub mod app;
+pub mod caching;
 pub mod conn;
 pub mod replies;
 pub mod session;
 pub mod startup;
+pub mod statements;
 pub mod tls;
+pub mod tracker;
 pub mod upstream;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +21,7 @@ use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::cache::Cache;
 use crate::config::{Config, Live};
 use session::Session;
 use startup::{fatal, ClientStream, Opened, StartupError};
@@ -26,6 +30,7 @@ use upstream::Upstream;
 /// State shared by all sessions of one pgtier process.
 pub struct Proxy {
     pub config: Arc<Live>,
+    pub cache: Cache,
     pub upstream: Upstream,
     pub tls_acceptor: Option<TlsAcceptor>,
     sessions: AtomicUsize,
@@ -41,6 +46,7 @@ impl Proxy {
             _ => None,
         };
         Ok(Proxy {
+            cache: Cache::new(&snap),
             upstream: Upstream::new(&snap.upstream)?,
             config,
             tls_acceptor,
@@ -56,6 +62,11 @@ impl Proxy {
 
     pub fn active_sessions(&self) -> usize {
         self.sessions.load(Ordering::Acquire)
+    }
+
+    /// Whether pgtier can serve: the upstream accepts connections.
+    pub async fn readiness(&self) -> Result<(), String> {
+        self.upstream.probe().await.map_err(|e| e.to_string())
     }
 
     /// Wait until no session is open, or the deadline passes. Returns the number

@@ -15,16 +15,18 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 
+use super::caching::SessionCache;
 use super::conn::{poll_read_into, OutQueue};
-use super::replies::{Expect, Replies, Route};
+use super::replies::Route;
 use super::startup::{ClientConn, ServerHello};
+use super::tracker::Tracker;
 use super::upstream::ServerConn;
 use super::Proxy;
-use crate::protocol::backend::{self, ErrorResponse, ParameterStatus, ReadyForQuery, Severity};
+use crate::protocol::backend::{self, ErrorResponse, Severity};
 use crate::protocol::codec::peek_header;
 use crate::protocol::frontend::{self, Frontend};
 use crate::protocol::startup::StartupMessage;
-use crate::protocol::{ProtocolError, TxStatus};
+use crate::protocol::ProtocolError;
 
 /// Messages larger than this are streamed through in pieces instead of buffered
 /// whole (large DataRows, COPY data), so memory per session stays bounded.
@@ -40,148 +42,6 @@ const READ_CHUNK: usize = 16 * 1024;
 const SERVER_MAX_MESSAGE: usize = 1 << 30;
 /// How long to keep writing the last bytes after one side has gone.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
-
-/// Per-reply marker the session attaches to expected replies (used by caching).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReplyTag;
-
-/// What the proxy knows about the session's protocol state.
-#[derive(Debug)]
-pub struct Tracker {
-    pub replies: Replies<ReplyTag>,
-    pub tx: TxStatus,
-    /// The client is sending COPY data: its messages go through immediately.
-    pub copy_in: bool,
-    /// Tracking was lost (replication protocol, or a reply we could not place): the
-    /// session is still proxied faithfully but nothing is answered by pgtier.
-    pub blind: bool,
-    pub terminating: bool,
-    /// ParameterStatus values as last reported by the server.
-    pub server_params: Vec<(String, String)>,
-}
-
-impl Tracker {
-    fn new(hello: &ServerHello) -> Self {
-        Tracker {
-            replies: Replies::default(),
-            tx: TxStatus::Idle,
-            copy_in: false,
-            blind: false,
-            terminating: false,
-            server_params: hello.params.clone(),
-        }
-    }
-
-    fn expect(&mut self, e: Expect) {
-        if !self.blind {
-            self.replies.push(e, false, ReplyTag);
-        }
-    }
-
-    /// Account for a client message about to be forwarded. Returns whether it
-    /// completes a request (the batch so far must go to the server now).
-    fn on_client(&mut self, msg: &Frontend<'_>) -> bool {
-        match msg {
-            Frontend::Query(_) => {
-                self.expect(Expect::Query);
-                true
-            }
-            Frontend::Parse(_) => {
-                self.expect(Expect::Parse);
-                false
-            }
-            Frontend::Bind(_) => {
-                self.expect(Expect::Bind);
-                false
-            }
-            Frontend::Describe(_) => {
-                self.expect(Expect::Describe);
-                false
-            }
-            Frontend::Execute(_) => {
-                self.expect(Expect::Execute);
-                false
-            }
-            Frontend::Close(_) => {
-                self.expect(Expect::Close);
-                false
-            }
-            Frontend::Sync => {
-                // The server ignores Sync while it is in COPY FROM STDIN.
-                if !self.copy_in {
-                    self.expect(Expect::Sync);
-                }
-                true
-            }
-            Frontend::FunctionCall(_) => {
-                self.expect(Expect::FunctionCall);
-                true
-            }
-            Frontend::CopyDone | Frontend::CopyFail(_) => {
-                self.copy_in = false;
-                true
-            }
-            Frontend::Terminate => {
-                self.terminating = true;
-                true
-            }
-            Frontend::Flush | Frontend::CopyData(_) | Frontend::Password(_) => true,
-        }
-    }
-
-    /// Account for a server message; says whether to relay it.
-    fn on_server(&mut self, tag: u8, body: &[u8]) -> Result<Route<ReplyTag>, ProtocolError> {
-        let route = if self.blind {
-            Route::Relay {
-                front: None,
-                done: false,
-            }
-        } else {
-            self.replies.on_server(tag)
-        };
-        let route = match route {
-            Route::Desync(why) => {
-                tracing::warn!(%why, "lost track of the protocol; proxying blind");
-                self.go_blind();
-                Route::Relay {
-                    front: None,
-                    done: false,
-                }
-            }
-            r => r,
-        };
-        match tag {
-            backend::READY_FOR_QUERY => {
-                self.tx = ReadyForQuery::decode(body)?.status;
-            }
-            backend::PARAMETER_STATUS => {
-                let p = ParameterStatus::decode(body)?;
-                let name = String::from_utf8_lossy(p.name);
-                let value = String::from_utf8_lossy(p.value).into_owned();
-                match self.server_params.iter_mut().find(|(k, _)| *k == name) {
-                    Some(slot) => slot.1 = value,
-                    None => self.server_params.push((name.into_owned(), value)),
-                }
-            }
-            backend::COPY_IN_RESPONSE => {
-                self.copy_in = true;
-                self.replies.drop_syncs_behind_front();
-            }
-            backend::COPY_BOTH_RESPONSE => {
-                // Streaming replication: both sides talk freely from here on.
-                self.copy_in = true;
-                self.go_blind();
-            }
-            _ => {}
-        }
-        Ok(route)
-    }
-
-    fn go_blind(&mut self) {
-        self.blind = true;
-        self.replies.clear();
-    }
-}
 
 /// Why the session loop stopped.
 enum End {
@@ -221,6 +81,7 @@ pub struct Session {
     pub startup: StartupMessage,
     pub hello: ServerHello,
     pub track: Tracker,
+    pub cache: SessionCache,
 }
 
 impl Session {
@@ -236,7 +97,12 @@ impl Session {
         hello: ServerHello,
     ) -> Self {
         let max_message = proxy.config.load().server.max_message_size.0 as usize;
+        let user = startup.user().unwrap_or_default().to_string();
+        let database = startup.database().unwrap_or_default().to_string();
+        let mut cache = SessionCache::new(&database, &user, &startup.params);
+        cache.reseed(&hello.params);
         Session {
+            cache,
             id,
             proxy,
             client,
@@ -304,7 +170,7 @@ impl Session {
             let step = match ev {
                 Event::Client(Ok(0)) => return End::ClientGone,
                 Event::Server(Ok(0)) => return End::ServerGone,
-                Event::Client(Ok(_)) => self.process_client(),
+                Event::Client(Ok(_)) => self.process_client().await,
                 Event::Server(Ok(_)) => self.process_server(),
                 Event::Client(Err(e)) | Event::ClientWrite(e) => {
                     self.sout.push_static(frontend::TERMINATE_BYTES);
@@ -357,13 +223,31 @@ impl Session {
         Poll::Pending
     }
 
-    /// Send the complete messages buffered so far to the server.
-    fn forward_batch(&mut self) {
-        self.sout.push_from(&mut self.cin, self.scanned);
+    /// Hand the complete request buffered so far to the cache layer, which
+    /// answers it or queues it for the server.
+    async fn forward_batch(&mut self) {
+        if self.scanned == 0 {
+            return;
+        }
+        let batch = self.cin.split_to(self.scanned).freeze();
         self.scanned = 0;
+        if self.track.params_changed || self.cache.settings_changed {
+            self.track.params_changed = false;
+            self.cache.settings_changed = false;
+            self.cache.reseed(&self.track.server_params);
+        }
+        self.cache
+            .dispatch(
+                &self.proxy.cache,
+                batch,
+                &mut self.track,
+                &mut self.cout,
+                &mut self.sout,
+            )
+            .await;
     }
 
-    fn process_client(&mut self) -> Result<(), End> {
+    async fn process_client(&mut self) -> Result<(), End> {
         loop {
             if self.client_stream > 0 {
                 let n = self.client_stream.min(self.cin.len());
@@ -383,7 +267,7 @@ impl Session {
                 )));
             }
             if h.tag == frontend::COPY_DATA && h.total_len > STREAM_THRESHOLD {
-                self.forward_batch();
+                self.forward_batch().await;
                 self.client_stream = h.total_len;
                 continue;
             }
@@ -392,17 +276,18 @@ impl Session {
             }
             let msg =
                 Frontend::decode(h.tag, &rest[5..h.total_len]).map_err(End::ClientProtocol)?;
-            let boundary = self.track.on_client(&msg);
+            let (_, boundary) = self.track.expectation(&msg);
+            let terminate = matches!(msg, Frontend::Terminate);
             self.scanned += h.total_len;
             if boundary {
-                self.forward_batch();
-                if self.track.terminating {
+                self.forward_batch().await;
+                if terminate {
                     return Err(End::Terminated);
                 }
             }
         }
         if self.scanned >= BATCH_LIMIT {
-            self.forward_batch();
+            self.forward_batch().await;
         }
         Ok(())
     }
@@ -410,6 +295,7 @@ impl Session {
     fn process_server(&mut self) -> Result<(), End> {
         // Contiguous relayed messages are moved to the client as one chunk.
         let mut relay = 0usize;
+        let max_entry = self.proxy.cache.max_entry_bytes();
         loop {
             if self.server_stream > 0 {
                 let n = self.server_stream.min(self.sin.len() - relay);
@@ -430,27 +316,52 @@ impl Session {
             }
             let streamable = matches!(h.tag, backend::DATA_ROW | backend::COPY_DATA);
             if streamable && h.total_len > STREAM_THRESHOLD {
-                self.track
+                let route = self
+                    .track
                     .on_server(h.tag, &[])
                     .map_err(End::ServerProtocol)?;
+                if let Route::Relay {
+                    front: Some((_, tag)),
+                    ..
+                } = route
+                {
+                    self.cache.abort(tag);
+                }
                 self.server_stream = h.total_len;
                 continue;
             }
             if rest.len() < h.total_len {
                 break;
             }
+            let msg = &rest[..h.total_len];
             let route = self
                 .track
-                .on_server(h.tag, &rest[5..h.total_len])
+                .on_server(h.tag, &msg[5..])
                 .map_err(End::ServerProtocol)?;
             match route {
                 Route::Swallow => {
                     self.cout.push_from(&mut self.sin, relay);
                     relay = 0;
                     self.sin.advance(h.total_len);
+                    continue;
                 }
-                _ => relay += h.total_len,
+                Route::Relay { front, .. } => {
+                    if h.tag == backend::ERROR_RESPONSE {
+                        self.cache.on_error();
+                    }
+                    if let Some((expect, tag)) = front {
+                        if h.tag == backend::READY_FOR_QUERY {
+                            let error = std::mem::take(&mut self.track.error_in_request);
+                            self.cache
+                                .on_ready(&self.proxy.cache, tag, self.track.tx, error);
+                        } else {
+                            self.cache.on_reply(expect, tag, h.tag, msg, max_entry);
+                        }
+                    }
+                }
+                Route::Desync(_) => {}
             }
+            relay += h.total_len;
         }
         self.cout.push_from(&mut self.sin, relay);
         Ok(())

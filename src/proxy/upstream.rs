@@ -133,6 +133,11 @@ impl Upstream {
         }
     }
 
+    /// Check that the upstream accepts connections (TCP or socket, plus TLS).
+    pub async fn probe(&self) -> Result<(), UpstreamError> {
+        self.connect().await.map(|_| ())
+    }
+
     /// Relay a client's cancel request. Postgres never answers one, so neither do we.
     pub async fn cancel(&self, req: CancelRequest) -> Result<(), UpstreamError> {
         let mut conn = self.connect().await?;

@@ -1,0 +1,3 @@
+//! Operator interfaces: the HTTP endpoint (metrics and probes).
+
+pub mod http;

@@ -1,0 +1,880 @@
+//! The cache on the request path: answering whole requests from cached replies,
+//! and capturing server replies to fill the cache.
+//!
+//! A request is answered by pgtier only when the session is quiescent (idle, no
+//! transaction, nothing in flight) and every part of it can be answered: the
+//! reply is then a handful of shared `Bytes` (cached rows plus static
+//! ParseComplete / BindComplete / ReadyForQuery) written in one vectored write.
+//! Otherwise the request goes to Postgres unchanged (preceded by any Parse the
+//! server has not seen), and results of cacheable statements are captured as
+//! they stream back to the client, then stored once the request has committed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::conn::OutQueue;
+use super::replies::Expect;
+use super::statements::Statements;
+use super::tracker::{ReplyTag, Tracker};
+use crate::cache::key::{describe_key, extended_key, session_seed, simple_key, statement_hash};
+use crate::cache::rules::Policy;
+use crate::cache::{Cache, Claim, Decision, Entry, FillLease, Key, Seed};
+use crate::metrics;
+use crate::protocol::backend::{
+    self, BIND_COMPLETE_BYTES, CLOSE_COMPLETE_BYTES, PARSE_COMPLETE_BYTES, READY_IDLE_BYTES,
+};
+use crate::protocol::frontend::{Frontend, Target};
+use crate::protocol::TxStatus;
+use crate::sql::{is_time_literal, SessionEffect};
+
+/// (start, end, tag) of each whole message in an already framed buffer.
+fn messages(buf: &[u8]) -> impl Iterator<Item = (usize, usize, u8)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at + 5 > buf.len() {
+            return None;
+        }
+        let len = i32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]);
+        let start = at;
+        at += len.max(4) as usize + 1;
+        (at <= buf.len()).then_some((start, at, buf[start]))
+    })
+}
+
+fn decode(buf: &[u8], (s, e, tag): (usize, usize, u8)) -> Option<Frontend<'_>> {
+    Frontend::decode(tag, &buf[s + 5..e]).ok()
+}
+
+/// A cached entry that may be served now.
+#[inline]
+fn fresh(cache: &Cache, key: &Key, now: Instant) -> Option<Arc<Entry>> {
+    cache.l1.get(key).filter(|e| now < e.fresh_until)
+}
+
+fn range_of(outer: &[u8], inner: &[u8]) -> Range<usize> {
+    let start = inner.as_ptr() as usize - outer.as_ptr() as usize;
+    start..start + inner.len()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CaptureState {
+    Open,
+    Complete,
+    Aborted,
+}
+
+enum CaptureKind {
+    Fill {
+        key: Key,
+        policy: Policy,
+        decision: Arc<Decision>,
+        /// Simple-protocol results must carry their RowDescription.
+        simple: bool,
+        /// Held until the fill ends; dropping it wakes coalesced waiters.
+        _lease: Option<FillLease>,
+    },
+    Describe {
+        key: Key,
+    },
+}
+
+struct Capture {
+    kind: CaptureKind,
+    row_desc: Option<Bytes>,
+    buf: BytesMut,
+    state: CaptureState,
+}
+
+/// A portal bound in the request being handled.
+struct Portal {
+    name: Range<usize>,
+    statement: Range<usize>,
+    key: Option<Key>,
+    entry: Option<Arc<Entry>>,
+    fill: Option<u16>,
+}
+
+/// Per-session cache state.
+pub struct SessionCache {
+    pub seed: Seed,
+    database: String,
+    user: String,
+    startup_params: Vec<(String, String)>,
+    /// Settings changed with SET during the session (those the server does not
+    /// report back in ParameterStatus).
+    settings: BTreeMap<String, String>,
+    /// Set once the session did something pgtier cannot model; no caching after.
+    pub tainted: Option<&'static str>,
+    /// Setting changes of forwarded requests, applied when each one succeeds.
+    pending_effects: VecDeque<Vec<SessionEffect>>,
+    /// Changes gathered while forwarding the current request.
+    pending_next: Vec<SessionEffect>,
+    pub statements: Statements,
+    /// Set when settings changed: the session must reseed.
+    pub settings_changed: bool,
+    captures: Vec<Capture>,
+    // Scratch space reused across requests, so a hit allocates nothing.
+    chunks: Vec<Bytes>,
+    portals: Vec<Portal>,
+    /// Statements (name, hash) (re)defined by the request being planned.
+    defined: Vec<(Range<usize>, u128)>,
+    inject: BytesMut,
+}
+
+impl SessionCache {
+    pub fn new(database: &str, user: &str, startup_params: &[(String, String)]) -> SessionCache {
+        SessionCache {
+            seed: Seed::default(),
+            database: database.to_string(),
+            user: user.to_string(),
+            startup_params: startup_params.to_vec(),
+            settings: BTreeMap::new(),
+            tainted: None,
+            pending_effects: VecDeque::new(),
+            pending_next: Vec::new(),
+            statements: Statements::default(),
+            settings_changed: false,
+            captures: Vec::new(),
+            chunks: Vec::with_capacity(8),
+            portals: Vec::with_capacity(4),
+            defined: Vec::with_capacity(4),
+            inject: BytesMut::new(),
+        }
+    }
+
+    /// Recompute the key seed from everything that shapes output.
+    pub fn reseed(&mut self, server_params: &[(String, String)]) {
+        let params = self
+            .startup_params
+            .iter()
+            .chain(server_params.iter())
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.seed = session_seed(&self.database, &self.user, params);
+    }
+
+    fn taint(&mut self, why: &'static str) {
+        if self.tainted.is_none() {
+            tracing::debug!(why, "session no longer uses the cache");
+            self.tainted = Some(why);
+        }
+    }
+
+    /// Why this session cannot use the cache right now, if it cannot.
+    fn bypass_reason(&self, track: &Tracker) -> Option<&'static str> {
+        if let Some(t) = self.tainted {
+            return Some(t);
+        }
+        if track.blind {
+            return Some("untracked");
+        }
+        if track.tx != TxStatus::Idle {
+            return Some("in_transaction");
+        }
+        if !track.replies.is_empty() || track.open_batch {
+            return Some("pipelined");
+        }
+        if track.copy_in {
+            return Some("copy");
+        }
+        None
+    }
+
+    /// Handle one complete client request (`batch` holds whole messages).
+    pub async fn dispatch(
+        &mut self,
+        cache: &Cache,
+        batch: Bytes,
+        track: &mut Tracker,
+        cout: &mut OutQueue,
+        sout: &mut OutQueue,
+    ) {
+        let Some(first) = messages(&batch).next() else {
+            return;
+        };
+        let state_bypass = self.bypass_reason(track);
+        if first.1 == batch.len() {
+            if let Some(Frontend::Query(q)) = decode(&batch, first) {
+                let sql = range_of(&batch, q.sql);
+                self.simple(cache, &batch, sql, state_bypass, track, cout, sout)
+                    .await;
+                return;
+            }
+        }
+        if state_bypass.is_none() && self.plan_hit(cache, &batch) {
+            self.commit_hit(&batch);
+            for c in self.chunks.drain(..) {
+                cout.push(c);
+            }
+            return;
+        }
+        self.forward_extended(cache, batch, state_bypass, track, sout);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn simple(
+        &mut self,
+        cache: &Cache,
+        batch: &Bytes,
+        sql: Range<usize>,
+        state_bypass: Option<&'static str>,
+        track: &mut Tracker,
+        cout: &mut OutQueue,
+        sout: &mut OutQueue,
+    ) {
+        let hot = metrics::hot();
+        let sql = &batch[sql];
+        let mut tag = ReplyTag::None;
+        if state_bypass.is_none() {
+            let decision = cache.has_public_rules().then(|| cache.decide(sql));
+            let public = decision
+                .as_ref()
+                .and_then(|d| d.cacheable())
+                .is_some_and(|p| p.public);
+            let key = simple_key(self.seed.pick(public), sql);
+            if let Some(e) = fresh(cache, &key, Instant::now()) {
+                hot.l1_hit.increment(1);
+                reply_simple(cout, &e);
+                return;
+            }
+            let decision = decision.unwrap_or_else(|| cache.decide(sql));
+            self.note_effects(&decision);
+            match (&decision.verdict, self.tainted) {
+                (Ok(policy), None) => {
+                    let policy = policy.clone();
+                    let lease = match cache.claim(key) {
+                        Claim::Leader(l) => Some(l),
+                        Claim::Follower(n) => {
+                            hot.coalesced.increment(1);
+                            cache.wait_for(n, key).await;
+                            if let Some(e) = fresh(cache, &key, Instant::now()) {
+                                hot.l1_hit.increment(1);
+                                reply_simple(cout, &e);
+                                return;
+                            }
+                            None
+                        }
+                    };
+                    hot.l1_miss.increment(1);
+                    tag = self.open_fill(key, policy, decision, true, lease);
+                }
+                (Ok(_), Some(why)) => metrics::bypass(why),
+                (Err(b), _) => metrics::bypass(b.label()),
+            }
+        } else {
+            let decision = cache.decide(sql);
+            self.note_effects(&decision);
+            if decision.cacheable().is_some() {
+                metrics::bypass(state_bypass.unwrap_or("unknown"));
+            }
+        }
+        if tag == ReplyTag::None {
+            tag = self.effects_tag();
+        }
+        track.expect(Expect::Query, false, tag);
+        track.open_batch = false;
+        sout.push(batch.clone());
+    }
+
+    /// Resolve a statement name as it stands during planning: redefined earlier
+    /// in this request, or known from before.
+    fn statement_hash(&self, batch: &[u8], name: &[u8]) -> Option<u128> {
+        self.defined
+            .iter()
+            .rev()
+            .find(|(n, _)| &batch[n.clone()] == name)
+            .map(|(_, h)| *h)
+            .or_else(|| self.statements.get(name).map(|s| s.hash))
+    }
+
+    /// Try to answer an extended-protocol request entirely from the cache,
+    /// filling `self.chunks` with the reply. Touches no session state.
+    fn plan_hit(&mut self, cache: &Cache, batch: &Bytes) -> bool {
+        self.chunks.clear();
+        self.portals.clear();
+        self.defined.clear();
+        let now = Instant::now();
+        let public_rules = cache.has_public_rules();
+        let mut last = 0u8;
+        let mut executes = 0;
+        for m in messages(batch) {
+            last = m.2;
+            let Some(msg) = decode(batch, m) else {
+                return false;
+            };
+            match msg {
+                Frontend::Parse(p) => {
+                    let hash = statement_hash(p.query, p.param_types);
+                    if !p.name.is_empty() {
+                        // Redefining a named statement is an error Postgres must report.
+                        if let Some(old) = self.statement_hash(batch, p.name) {
+                            if old != hash {
+                                return false;
+                            }
+                        }
+                    }
+                    self.defined.push((range_of(batch, p.name), hash));
+                    self.chunks.push(Bytes::from_static(PARSE_COMPLETE_BYTES));
+                }
+                Frontend::Bind(b) => {
+                    let Some(hash) = self.statement_hash(batch, b.statement) else {
+                        return false;
+                    };
+                    let public = public_rules
+                        && self
+                            .statements
+                            .get(b.statement)
+                            .filter(|s| s.hash == hash)
+                            .and_then(|s| s.decision.as_ref())
+                            .and_then(|d| d.cacheable())
+                            .is_some_and(|p| p.public);
+                    let key = extended_key(self.seed.pick(public), hash, b.args);
+                    self.portals.push(Portal {
+                        name: range_of(batch, b.portal),
+                        statement: range_of(batch, b.statement),
+                        key: Some(key),
+                        entry: None,
+                        fill: None,
+                    });
+                    self.chunks.push(Bytes::from_static(BIND_COMPLETE_BYTES));
+                }
+                Frontend::Describe(d) if d.target == Target::Statement => {
+                    let Some(hash) = self.statement_hash(batch, d.name) else {
+                        return false;
+                    };
+                    let Some(desc) = cache.describe(&describe_key(self.seed.user, hash)) else {
+                        return false;
+                    };
+                    self.chunks.push(desc);
+                }
+                Frontend::Describe(d) => {
+                    let Some(p) = self
+                        .portals
+                        .iter_mut()
+                        .rev()
+                        .find(|p| &batch[p.name.clone()] == d.name)
+                    else {
+                        return false;
+                    };
+                    let Some(e) = p.key.and_then(|k| fresh(cache, &k, now)) else {
+                        return false;
+                    };
+                    let Some(rd) = e.row_desc.clone() else {
+                        return false;
+                    };
+                    p.entry = Some(e);
+                    self.chunks.push(rd);
+                }
+                Frontend::Execute(x) => {
+                    if x.max_rows != 0 {
+                        return false;
+                    }
+                    let Some(p) = self
+                        .portals
+                        .iter_mut()
+                        .rev()
+                        .find(|p| &batch[p.name.clone()] == x.portal)
+                    else {
+                        return false;
+                    };
+                    let entry = match p.entry.take() {
+                        Some(e) => e,
+                        None => match p.key.and_then(|k| fresh(cache, &k, now)) {
+                            Some(e) => e,
+                            None => return false,
+                        },
+                    };
+                    self.chunks.push(entry.rows.clone());
+                    executes += 1;
+                }
+                Frontend::Close(c) if c.target == Target::Statement => {
+                    // The server must close what it knows; only ours can be closed here.
+                    if self.statements.get(c.name).is_some_and(|s| s.on_server) {
+                        return false;
+                    }
+                    self.chunks.push(Bytes::from_static(CLOSE_COMPLETE_BYTES));
+                }
+                Frontend::Close(_) => self.chunks.push(Bytes::from_static(CLOSE_COMPLETE_BYTES)),
+                Frontend::Sync => self.chunks.push(Bytes::from_static(READY_IDLE_BYTES)),
+                _ => return false,
+            }
+        }
+        if last != b'S' {
+            return false;
+        }
+        metrics::hot().l1_hit.increment(executes);
+        true
+    }
+
+    /// Apply the statement bookkeeping of a request answered from the cache.
+    fn commit_hit(&mut self, batch: &Bytes) {
+        for m in messages(batch) {
+            match decode(batch, m) {
+                Some(Frontend::Parse(p)) => {
+                    self.statements.define(&p, &batch[m.0..m.1], false);
+                }
+                Some(Frontend::Close(c)) if c.target == Target::Statement => {
+                    self.statements.remove(c.name)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The decision for a known statement, cached on the statement.
+    fn statement_decision(&mut self, cache: &Cache, name: &[u8]) -> Option<(u128, Arc<Decision>)> {
+        let s = self.statements.get_mut(name)?;
+        if s.decision.is_none() {
+            s.decision = Some(cache.decide(s.sql()));
+        }
+        s.decision.clone().map(|d| (s.hash, d))
+    }
+
+    /// Whether every execution in the request may be stored: all cacheable reads
+    /// run to completion, and the request ends with Sync (commits on its own).
+    fn fillable(&mut self, cache: &Cache, batch: &Bytes) -> bool {
+        let mut local: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+        let mut portals: Vec<(Range<usize>, bool)> = Vec::new();
+        let mut last = 0;
+        let mut any = false;
+        for m in messages(batch) {
+            last = m.2;
+            match decode(batch, m) {
+                Some(Frontend::Parse(p)) => {
+                    local.push((range_of(batch, p.name), range_of(batch, p.query)))
+                }
+                Some(Frontend::Bind(b)) => {
+                    let ok = match local
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| &batch[n.clone()] == b.statement)
+                    {
+                        Some((_, q)) => cache.decide(&batch[q.clone()]).cacheable().is_some(),
+                        None => self
+                            .statement_decision(cache, b.statement)
+                            .is_some_and(|(_, d)| d.cacheable().is_some()),
+                    };
+                    portals.push((range_of(batch, b.portal), ok));
+                }
+                Some(Frontend::Execute(x)) => {
+                    let ok = portals
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| &batch[n.clone()] == x.portal)
+                        .is_some_and(|(_, ok)| *ok);
+                    if !ok || x.max_rows != 0 {
+                        return false;
+                    }
+                    any = true;
+                }
+                Some(Frontend::Describe(_) | Frontend::Close(_) | Frontend::Sync) => {}
+                _ => return false,
+            }
+        }
+        any && last == b'S'
+    }
+
+    /// Queue an extended-protocol request for the server, with the Parse messages
+    /// it depends on that the server has not seen, and set up captures.
+    fn forward_extended(
+        &mut self,
+        cache: &Cache,
+        batch: Bytes,
+        state_bypass: Option<&'static str>,
+        track: &mut Tracker,
+        sout: &mut OutQueue,
+    ) {
+        let cacheable_state = state_bypass.is_none() && self.tainted.is_none();
+        let fills_ok = cacheable_state && self.fillable(cache, &batch);
+        let replayed = self.replay_parses(&batch);
+        for _ in 0..replayed {
+            // Their ParseComplete replies come first and are not the client's.
+            track.expect(Expect::Parse, true, ReplyTag::None);
+        }
+        self.portals.clear();
+        self.defined.clear();
+        for m in messages(&batch) {
+            let Some(msg) = decode(&batch, m) else {
+                continue;
+            };
+            track.on_client(&msg);
+            let (expect, ends) = track.expectation(&msg);
+            let mut tag = ReplyTag::None;
+            match msg {
+                Frontend::Parse(p) => {
+                    let hash = statement_hash(p.query, p.param_types);
+                    // Postgres rejects redefining a named statement it has; the
+                    // old definition stays in force.
+                    let rejected = !p.name.is_empty()
+                        && self
+                            .statements
+                            .get(p.name)
+                            .is_some_and(|s| s.on_server && s.hash != hash);
+                    if !rejected {
+                        self.statements.define(&p, &batch[m.0..m.1], true);
+                    }
+                }
+                Frontend::Bind(b) => {
+                    let mut portal = Portal {
+                        name: range_of(&batch, b.portal),
+                        statement: range_of(&batch, b.statement),
+                        key: None,
+                        entry: None,
+                        fill: None,
+                    };
+                    if fills_ok {
+                        portal.fill = self.start_fill(cache, &b);
+                    }
+                    self.portals.push(portal);
+                }
+                Frontend::Describe(d) if d.target == Target::Statement && cacheable_state => {
+                    if let Some(s) = self.statements.get(d.name) {
+                        tag = self.open_describe(describe_key(self.seed.user, s.hash));
+                    }
+                }
+                Frontend::Describe(d) => {
+                    if let Some(slot) = self.portal_fill(&batch, d.name) {
+                        tag = ReplyTag::Fill(slot);
+                    }
+                }
+                Frontend::Execute(x) => {
+                    let portal = self
+                        .portals
+                        .iter()
+                        .rev()
+                        .find(|p| batch[p.name.clone()] == *x.portal)
+                        .map(|p| (p.statement.clone(), p.fill));
+                    if let Some((stmt, fill)) = portal {
+                        if let Some((_, d)) = self.statement_decision(cache, &batch[stmt]) {
+                            self.note_effects(&d);
+                            if fill.is_none() {
+                                let reason = match (&d.verdict, state_bypass.or(self.tainted)) {
+                                    (Err(b), _) => Some(b.label()),
+                                    (Ok(_), Some(why)) => Some(why),
+                                    (Ok(_), None) => (!fills_ok).then_some("mixed_request"),
+                                };
+                                if let Some(r) = reason {
+                                    metrics::bypass(r);
+                                }
+                            }
+                        }
+                        if let Some(slot) = fill {
+                            tag = ReplyTag::Fill(slot);
+                        }
+                    }
+                }
+                Frontend::Close(c) if c.target == Target::Statement => {
+                    // Closing an unknown statement is not an error: nothing to replay.
+                    self.statements.remove(c.name);
+                }
+                Frontend::Query(q) => {
+                    let d = cache.decide(q.sql);
+                    self.note_effects(&d);
+                }
+                _ => {}
+            }
+            if let Some(e) = expect {
+                if ends && tag == ReplyTag::None {
+                    tag = self.effects_tag();
+                }
+                track.expect(e, false, tag);
+            }
+            track.open_batch = !ends;
+        }
+        if !self.inject.is_empty() {
+            sout.push(self.inject.split().freeze());
+        }
+        sout.push(batch);
+    }
+
+    /// Claim and open a fill for a bound cacheable statement, if it may be stored.
+    fn start_fill(
+        &mut self,
+        cache: &Cache,
+        b: &crate::protocol::frontend::Bind<'_>,
+    ) -> Option<u16> {
+        let (hash, decision) = self.statement_decision(cache, b.statement)?;
+        let policy = decision.verdict.clone().ok()?;
+        if b.text_params().iter().any(|v| is_time_literal(v)) {
+            metrics::bypass("time_literal");
+            return None;
+        }
+        let key = extended_key(self.seed.pick(policy.public), hash, b.args);
+        let lease = match cache.claim(key) {
+            Claim::Leader(l) => Some(l),
+            Claim::Follower(_) => {
+                metrics::hot().coalesced.increment(1);
+                None
+            }
+        };
+        metrics::hot().l1_miss.increment(1);
+        match self.open_fill(key, policy, decision, false, lease) {
+            ReplyTag::Fill(slot) => Some(slot),
+            _ => None,
+        }
+    }
+
+    /// Statements the request uses that the server never saw (pgtier answered
+    /// their Parse): their Parse messages go ahead of the request. Returns how
+    /// many were queued in `self.inject`.
+    fn replay_parses(&mut self, batch: &Bytes) -> usize {
+        self.inject.clear();
+        self.defined.clear();
+        let mut n = 0;
+        for m in messages(batch) {
+            let name = match decode(batch, m) {
+                Some(Frontend::Parse(p)) => {
+                    // A named re-Parse must meet the old definition, as Postgres would.
+                    let name = p.name;
+                    if name.is_empty() {
+                        self.defined.push((range_of(batch, name), 0));
+                        continue;
+                    }
+                    name
+                }
+                Some(Frontend::Bind(b)) => b.statement,
+                Some(Frontend::Describe(d)) if d.target == Target::Statement => d.name,
+                _ => continue,
+            };
+            if self.defined.iter().any(|(n, _)| batch[n.clone()] == *name) {
+                continue;
+            }
+            if let Some(s) = self.statements.get_mut(name) {
+                if !s.on_server {
+                    self.inject.extend_from_slice(&s.parse);
+                    s.on_server = true;
+                    n += 1;
+                }
+            }
+            if let Some(Frontend::Parse(p)) = decode(batch, m) {
+                self.defined.push((range_of(batch, p.name), 0));
+            }
+        }
+        n
+    }
+
+    fn portal_fill(&self, batch: &[u8], name: &[u8]) -> Option<u16> {
+        self.portals
+            .iter()
+            .rev()
+            .find(|p| &batch[p.name.clone()] == name)
+            .and_then(|p| p.fill)
+    }
+
+    /// Record the session effects of a forwarded statement: taints at once, the
+    /// rest once the request succeeds.
+    fn note_effects(&mut self, decision: &Decision) {
+        for e in &decision.analysis.effects {
+            match e {
+                SessionEffect::Taint(why) => self.taint(why),
+                other => self.pending_next.push(other.clone()),
+            }
+        }
+    }
+
+    /// Tag for the message that ends a request carrying setting changes.
+    fn effects_tag(&mut self) -> ReplyTag {
+        if self.pending_next.is_empty() {
+            return ReplyTag::None;
+        }
+        self.pending_effects
+            .push_back(std::mem::take(&mut self.pending_next));
+        ReplyTag::Effects
+    }
+
+    fn open_fill(
+        &mut self,
+        key: Key,
+        policy: Policy,
+        decision: Arc<Decision>,
+        simple: bool,
+        lease: Option<FillLease>,
+    ) -> ReplyTag {
+        let slot = self.captures.len();
+        if slot >= u16::MAX as usize {
+            return ReplyTag::None;
+        }
+        self.captures.push(Capture {
+            kind: CaptureKind::Fill {
+                key,
+                policy,
+                decision,
+                simple,
+                _lease: lease,
+            },
+            row_desc: None,
+            buf: BytesMut::new(),
+            state: CaptureState::Open,
+        });
+        ReplyTag::Fill(slot as u16)
+    }
+
+    fn open_describe(&mut self, key: Key) -> ReplyTag {
+        let slot = self.captures.len();
+        if slot >= u16::MAX as usize {
+            return ReplyTag::None;
+        }
+        self.captures.push(Capture {
+            kind: CaptureKind::Describe { key },
+            row_desc: None,
+            buf: BytesMut::new(),
+            state: CaptureState::Open,
+        });
+        ReplyTag::Describe(slot as u16)
+    }
+
+    /// Capture a relayed server message for the capture its request opened.
+    pub fn on_reply(&mut self, expect: Expect, tag: ReplyTag, msg_tag: u8, msg: &[u8], max: usize) {
+        let slot = match tag {
+            ReplyTag::Fill(s) | ReplyTag::Describe(s) => s as usize,
+            _ => return,
+        };
+        let Some(c) = self.captures.get_mut(slot) else {
+            return;
+        };
+        if c.state != CaptureState::Open {
+            return;
+        }
+        match (&c.kind, expect, msg_tag) {
+            (CaptureKind::Describe { .. }, _, backend::PARAMETER_DESCRIPTION) => {
+                c.buf.extend_from_slice(msg)
+            }
+            (CaptureKind::Describe { .. }, _, backend::ROW_DESCRIPTION | backend::NO_DATA) => {
+                c.buf.extend_from_slice(msg);
+                c.state = CaptureState::Complete;
+            }
+            (
+                CaptureKind::Fill { .. },
+                Expect::Describe | Expect::Query,
+                backend::ROW_DESCRIPTION,
+            ) => {
+                c.row_desc = Some(Bytes::copy_from_slice(msg));
+            }
+            (CaptureKind::Fill { .. }, _, backend::DATA_ROW) => {
+                if c.buf.len() + msg.len() > max {
+                    c.state = CaptureState::Aborted;
+                    c.buf = BytesMut::new();
+                    metrics::bypass("too_large");
+                } else {
+                    c.buf.extend_from_slice(msg);
+                }
+            }
+            (
+                CaptureKind::Fill { .. },
+                Expect::Execute | Expect::Query,
+                backend::COMMAND_COMPLETE,
+            ) => {
+                c.buf.extend_from_slice(msg);
+                c.state = CaptureState::Complete;
+            }
+            // NoData, EmptyQuery, PortalSuspended, COPY: nothing cacheable.
+            (CaptureKind::Fill { .. }, _, _) => c.state = CaptureState::Aborted,
+            _ => {}
+        }
+    }
+
+    /// A message streamed through without buffering cannot be captured.
+    pub fn abort(&mut self, tag: ReplyTag) {
+        if let ReplyTag::Fill(s) | ReplyTag::Describe(s) = tag {
+            if let Some(c) = self.captures.get_mut(s as usize) {
+                c.state = CaptureState::Aborted;
+                c.buf = BytesMut::new();
+            }
+        }
+    }
+
+    /// An error anywhere in the request: nothing it produced is stored.
+    pub fn on_error(&mut self) {
+        for c in &mut self.captures {
+            c.state = CaptureState::Aborted;
+        }
+    }
+
+    /// A request ended (ReadyForQuery): store what it captured if it committed,
+    /// and apply its setting changes if it succeeded.
+    pub fn on_ready(&mut self, cache: &Cache, tag: ReplyTag, status: TxStatus, error: bool) {
+        let committed = status == TxStatus::Idle && !error;
+        for c in self.captures.drain(..) {
+            let stored = committed && c.state == CaptureState::Complete;
+            match c.kind {
+                CaptureKind::Fill {
+                    key,
+                    policy,
+                    decision,
+                    simple,
+                    ..
+                } => {
+                    if stored && (!simple || c.row_desc.is_some()) {
+                        let read = decision.analysis.read.as_ref();
+                        let tables = read.map(|r| r.tables.clone()).unwrap_or_default();
+                        cache.insert(
+                            key,
+                            Entry::new(
+                                c.row_desc,
+                                Bytes::copy_from_slice(&c.buf),
+                                policy.ttl,
+                                policy.swr,
+                                decision.analysis.fingerprint,
+                                tables.into_boxed_slice(),
+                            ),
+                        );
+                        metrics::hot().fills.increment(1);
+                    } else {
+                        metrics::hot().fills_aborted.increment(1);
+                    }
+                }
+                CaptureKind::Describe { key } => {
+                    if stored {
+                        cache.store_describe(key, Bytes::copy_from_slice(&c.buf));
+                    }
+                }
+            }
+        }
+        if tag == ReplyTag::Effects {
+            if let Some(effects) = self.pending_effects.pop_front() {
+                if error || status != TxStatus::Idle {
+                    // Part may have applied, or may yet roll back: pgtier can no
+                    // longer be sure of the session's settings.
+                    self.taint("setting_changed_in_transaction");
+                } else {
+                    self.apply(effects);
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, effects: Vec<SessionEffect>) {
+        for e in effects {
+            match e {
+                SessionEffect::Set { name, value } => {
+                    self.settings.insert(name, value);
+                }
+                SessionEffect::Reset { name } => {
+                    self.settings.remove(&name);
+                }
+                SessionEffect::ResetAll => self.settings.clear(),
+                SessionEffect::DiscardAll => {
+                    self.settings.clear();
+                    self.statements.clear();
+                }
+                SessionEffect::Deallocate(Some(name)) => self.statements.remove(name.as_bytes()),
+                SessionEffect::Deallocate(None) => self.statements.clear(),
+                SessionEffect::Taint(why) => self.taint(why),
+            }
+        }
+        self.settings_changed = true;
+    }
+}
+
+/// A simple-protocol hit: RowDescription, rows, ReadyForQuery.
+fn reply_simple(cout: &mut OutQueue, e: &Entry) {
+    if let Some(rd) = &e.row_desc {
+        cout.push(rd.clone());
+    }
+    cout.push(e.rows.clone());
+    cout.push_static(READY_IDLE_BYTES);
+}

@@ -1,0 +1,163 @@
+//! The proxy's view of the session's protocol state: transaction status, COPY
+//! mode, and the replies still expected from the server.
+
+use super::replies::{Expect, Replies, Route};
+use super::startup::ServerHello;
+use crate::protocol::backend::{self, ParameterStatus, ReadyForQuery};
+use crate::protocol::frontend::Frontend;
+use crate::protocol::{ProtocolError, TxStatus};
+
+/// What the session wants done with a reply; carried through the reply queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplyTag {
+    #[default]
+    None,
+    /// Capture into fill slot n (result rows, or the RowDescription of a portal).
+    Fill(u16),
+    /// Capture a statement description into slot n.
+    Describe(u16),
+    /// The request carries session-setting changes, applied once it succeeds.
+    Effects,
+}
+
+#[derive(Debug)]
+pub struct Tracker {
+    pub replies: Replies<ReplyTag>,
+    pub tx: TxStatus,
+    /// The client is sending COPY data: its messages go through immediately.
+    pub copy_in: bool,
+    /// Tracking was lost (replication protocol, or a reply we could not place): the
+    /// session is still proxied faithfully but nothing is answered by pgtier.
+    pub blind: bool,
+    pub terminating: bool,
+    /// Extended-protocol messages were forwarded since the last Sync: the server
+    /// has an implicit transaction open, so nothing may be answered around it.
+    pub open_batch: bool,
+    /// An ErrorResponse arrived since the last ReadyForQuery.
+    pub error_in_request: bool,
+    /// ParameterStatus values as last reported by the server.
+    pub server_params: Vec<(String, String)>,
+    /// Set when a ParameterStatus changed a value (the cache seed must follow).
+    pub params_changed: bool,
+}
+
+impl Tracker {
+    pub fn new(hello: &ServerHello) -> Self {
+        Tracker {
+            replies: Replies::default(),
+            tx: TxStatus::Idle,
+            copy_in: false,
+            blind: false,
+            terminating: false,
+            open_batch: false,
+            error_in_request: false,
+            server_params: hello.params.clone(),
+            params_changed: false,
+        }
+    }
+
+    /// Nothing in flight and no transaction open: the only state in which
+    /// pgtier answers from, or fills, the cache.
+    pub fn quiescent(&self) -> bool {
+        self.tx == TxStatus::Idle && self.replies.is_empty() && !self.copy_in && !self.blind
+    }
+
+    pub fn expect(&mut self, e: Expect, swallow: bool, tag: ReplyTag) {
+        if !self.blind {
+            self.replies.push(e, swallow, tag);
+        }
+    }
+
+    /// The reply a forwarded client message will get, if any, and whether the
+    /// message completes a request.
+    pub fn expectation(&self, msg: &Frontend<'_>) -> (Option<Expect>, bool) {
+        match msg {
+            Frontend::Query(_) => (Some(Expect::Query), true),
+            Frontend::Parse(_) => (Some(Expect::Parse), false),
+            Frontend::Bind(_) => (Some(Expect::Bind), false),
+            Frontend::Describe(_) => (Some(Expect::Describe), false),
+            Frontend::Execute(_) => (Some(Expect::Execute), false),
+            Frontend::Close(_) => (Some(Expect::Close), false),
+            // The server ignores Sync while it is in COPY FROM STDIN.
+            Frontend::Sync => ((!self.copy_in).then_some(Expect::Sync), true),
+            Frontend::FunctionCall(_) => (Some(Expect::FunctionCall), true),
+            Frontend::CopyDone
+            | Frontend::CopyFail(_)
+            | Frontend::Terminate
+            | Frontend::Flush
+            | Frontend::CopyData(_)
+            | Frontend::Password(_) => (None, true),
+        }
+    }
+
+    /// State changes a client message causes as it is forwarded.
+    pub fn on_client(&mut self, msg: &Frontend<'_>) {
+        match msg {
+            Frontend::CopyDone | Frontend::CopyFail(_) => self.copy_in = false,
+            Frontend::Terminate => self.terminating = true,
+            _ => {}
+        }
+    }
+
+    /// Account for a server message; says whether to relay it and what it answers.
+    pub fn on_server(&mut self, tag: u8, body: &[u8]) -> Result<Route<ReplyTag>, ProtocolError> {
+        let route = if self.blind {
+            Route::Relay {
+                front: None,
+                done: false,
+            }
+        } else {
+            self.replies.on_server(tag)
+        };
+        let route = match route {
+            Route::Desync(why) => {
+                tracing::warn!(%why, "lost track of the protocol; proxying blind");
+                self.go_blind();
+                Route::Relay {
+                    front: None,
+                    done: false,
+                }
+            }
+            r => r,
+        };
+        match tag {
+            backend::READY_FOR_QUERY => {
+                self.tx = ReadyForQuery::decode(body)?.status;
+            }
+            backend::ERROR_RESPONSE => self.error_in_request = true,
+            backend::PARAMETER_STATUS => {
+                let p = ParameterStatus::decode(body)?;
+                let name = String::from_utf8_lossy(p.name);
+                let value = String::from_utf8_lossy(p.value);
+                match self.server_params.iter_mut().find(|(k, _)| *k == name) {
+                    Some(slot) if slot.1 == value => {}
+                    Some(slot) => {
+                        slot.1 = value.into_owned();
+                        self.params_changed = true;
+                    }
+                    None => {
+                        self.server_params
+                            .push((name.into_owned(), value.into_owned()));
+                        self.params_changed = true;
+                    }
+                }
+            }
+            backend::COPY_IN_RESPONSE => {
+                self.copy_in = true;
+                self.replies.drop_syncs_behind_front();
+            }
+            backend::COPY_BOTH_RESPONSE => {
+                // Streaming replication: both sides talk freely from here on.
+                self.copy_in = true;
+                self.go_blind();
+            }
+            _ => {}
+        }
+        Ok(route)
+    }
+
+    pub fn go_blind(&mut self) {
+        self.blind = true;
+        self.replies.clear();
+    }
+}
