@@ -45,6 +45,7 @@ pub fn hot() -> &'static Hot {
 
 /// A request that was not looked up in the cache, by reason.
 pub fn bypass(reason: &'static str) {
+    tracing::debug!(reason, "cache bypass");
     counter!("pgtier_cache_lookups_total", "tier" => "l1", "outcome" => "bypass", "reason" => reason)
         .increment(1);
 }

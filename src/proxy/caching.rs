@@ -1,10 +1,12 @@
 //! The cache on the request path: answering whole requests from cached replies,
 //! and capturing server replies to fill the cache.
 //!
-//! A request is answered by pgtier only when the session is quiescent (idle, no
-//! transaction, nothing in flight) and every part of it can be answered: the
-//! reply is then a handful of shared `Bytes` (cached rows plus static
-//! ParseComplete / BindComplete / ReadyForQuery) written in one vectored write.
+//! A request is answered by pgtier only when no transaction is open, nothing
+//! still in flight can change that (only Parse/Bind/Describe/Close/Sync are
+//! pending), and every part of it can be answered: the reply is then a handful of
+//! shared `Bytes` (cached rows plus static ParseComplete / BindComplete /
+//! ReadyForQuery) written in one vectored write, or queued behind the replies
+//! still due from the server.
 //! Otherwise the request goes to Postgres unchanged (preceded by any Parse the
 //! server has not seen), and results of cacheable statements are captured as
 //! they stream back to the client, then stored once the request has committed.
@@ -83,6 +85,8 @@ enum CaptureKind {
 }
 
 struct Capture {
+    /// The request (by count of requests sent) whose ReadyForQuery ends it.
+    request: u64,
     kind: CaptureKind,
     row_desc: Option<Bytes>,
     buf: BytesMut,
@@ -123,6 +127,10 @@ pub struct SessionCache {
     /// Statements (name, hash) (re)defined by the request being planned.
     defined: Vec<(Range<usize>, u128)>,
     inject: BytesMut,
+    /// Replies composed by pgtier waiting for their turn behind server replies.
+    synthetic: VecDeque<Vec<Bytes>>,
+    /// The request number captures opened now belong to.
+    current_request: u64,
 }
 
 impl SessionCache {
@@ -143,6 +151,8 @@ impl SessionCache {
             portals: Vec::with_capacity(4),
             defined: Vec::with_capacity(4),
             inject: BytesMut::new(),
+            synthetic: VecDeque::new(),
+            current_request: 0,
         }
     }
 
@@ -169,19 +179,35 @@ impl SessionCache {
         if let Some(t) = self.tainted {
             return Some(t);
         }
-        if track.blind {
-            return Some("untracked");
+        if track.answerable() {
+            return None;
         }
-        if track.tx != TxStatus::Idle {
-            return Some("in_transaction");
+        Some(if track.blind {
+            "untracked"
+        } else if track.tx != TxStatus::Idle {
+            "in_transaction"
+        } else if track.copy_in {
+            "copy"
+        } else {
+            "pipelined"
+        })
+    }
+
+    /// Send a reply composed by pgtier: now, or after the replies still due.
+    fn emit(&mut self, track: &mut Tracker, cout: &mut OutQueue) {
+        if track.replies.is_empty() {
+            for c in self.chunks.drain(..) {
+                cout.push(c);
+            }
+        } else {
+            self.synthetic.push_back(self.chunks.drain(..).collect());
+            track.expect(Expect::Synthetic, false, ReplyTag::Synthetic);
         }
-        if !track.replies.is_empty() || track.open_batch {
-            return Some("pipelined");
-        }
-        if track.copy_in {
-            return Some("copy");
-        }
-        None
+    }
+
+    /// The next composed reply that has become due (its turn in the reply queue).
+    pub fn take_synthetic(&mut self) -> Vec<Bytes> {
+        self.synthetic.pop_front().unwrap_or_default()
     }
 
     /// Handle one complete client request (`batch` holds whole messages).
@@ -197,6 +223,7 @@ impl SessionCache {
             return;
         };
         let state_bypass = self.bypass_reason(track);
+        self.current_request = track.requests_sent + 1;
         if first.1 == batch.len() {
             if let Some(Frontend::Query(q)) = decode(&batch, first) {
                 let sql = range_of(&batch, q.sql);
@@ -207,9 +234,7 @@ impl SessionCache {
         }
         if state_bypass.is_none() && self.plan_hit(cache, &batch) {
             self.commit_hit(&batch);
-            for c in self.chunks.drain(..) {
-                cout.push(c);
-            }
+            self.emit(track, cout);
             return;
         }
         self.forward_extended(cache, batch, state_bypass, track, sout);
@@ -238,7 +263,7 @@ impl SessionCache {
             let key = simple_key(self.seed.pick(public), sql);
             if let Some(e) = fresh(cache, &key, Instant::now()) {
                 hot.l1_hit.increment(1);
-                reply_simple(cout, &e);
+                self.reply_simple(&e, track, cout);
                 return;
             }
             let decision = decision.unwrap_or_else(|| cache.decide(sql));
@@ -253,7 +278,7 @@ impl SessionCache {
                             cache.wait_for(n, key).await;
                             if let Some(e) = fresh(cache, &key, Instant::now()) {
                                 hot.l1_hit.increment(1);
-                                reply_simple(cout, &e);
+                                self.reply_simple(&e, track, cout);
                                 return;
                             }
                             None
@@ -268,8 +293,9 @@ impl SessionCache {
         } else {
             let decision = cache.decide(sql);
             self.note_effects(&decision);
-            if decision.cacheable().is_some() {
-                metrics::bypass(state_bypass.unwrap_or("unknown"));
+            match &decision.verdict {
+                Err(b) => metrics::bypass(b.label()),
+                Ok(_) => metrics::bypass(state_bypass.unwrap_or("unknown")),
             }
         }
         if tag == ReplyTag::None {
@@ -278,6 +304,17 @@ impl SessionCache {
         track.expect(Expect::Query, false, tag);
         track.open_batch = false;
         sout.push(batch.clone());
+    }
+
+    /// A simple-protocol hit: RowDescription, rows, ReadyForQuery.
+    fn reply_simple(&mut self, e: &Entry, track: &mut Tracker, cout: &mut OutQueue) {
+        self.chunks.clear();
+        if let Some(rd) = &e.row_desc {
+            self.chunks.push(rd.clone());
+        }
+        self.chunks.push(e.rows.clone());
+        self.chunks.push(Bytes::from_static(READY_IDLE_BYTES));
+        self.emit(track, cout);
     }
 
     /// Resolve a statement name as it stands during planning: redefined earlier
@@ -699,6 +736,7 @@ impl SessionCache {
             return ReplyTag::None;
         }
         self.captures.push(Capture {
+            request: self.current_request,
             kind: CaptureKind::Fill {
                 key,
                 policy,
@@ -719,6 +757,7 @@ impl SessionCache {
             return ReplyTag::None;
         }
         self.captures.push(Capture {
+            request: self.current_request,
             kind: CaptureKind::Describe { key },
             row_desc: None,
             buf: BytesMut::new(),
@@ -787,19 +826,34 @@ impl SessionCache {
         }
     }
 
-    /// An error anywhere in the request: nothing it produced is stored.
-    pub fn on_error(&mut self) {
+    /// An error in request `request`: nothing it produced is stored.
+    pub fn on_error(&mut self, request: u64) {
         for c in &mut self.captures {
-            c.state = CaptureState::Aborted;
+            if c.request == request {
+                c.state = CaptureState::Aborted;
+            }
         }
     }
 
     /// A request ended (ReadyForQuery): store what it captured if it committed,
     /// and apply its setting changes if it succeeded.
-    pub fn on_ready(&mut self, cache: &Cache, tag: ReplyTag, status: TxStatus, error: bool) {
+    pub fn on_ready(
+        &mut self,
+        cache: &Cache,
+        tag: ReplyTag,
+        status: TxStatus,
+        error: bool,
+        request: u64,
+    ) {
         let committed = status == TxStatus::Idle && !error;
-        for c in self.captures.drain(..) {
-            let stored = committed && c.state == CaptureState::Complete;
+        let mut i = 0;
+        while i < self.captures.len() {
+            if self.captures[i].request > request {
+                i += 1;
+                continue;
+            }
+            let c = self.captures.swap_remove(i);
+            let stored = committed && c.request == request && c.state == CaptureState::Complete;
             match c.kind {
                 CaptureKind::Fill {
                     key,
@@ -868,13 +922,4 @@ impl SessionCache {
         }
         self.settings_changed = true;
     }
-}
-
-/// A simple-protocol hit: RowDescription, rows, ReadyForQuery.
-fn reply_simple(cout: &mut OutQueue, e: &Entry) {
-    if let Some(rd) = &e.row_desc {
-        cout.push(rd.clone());
-    }
-    cout.push(e.rows.clone());
-    cout.push_static(READY_IDLE_BYTES);
 }

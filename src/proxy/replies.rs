@@ -23,6 +23,9 @@ pub enum Expect {
     Query,
     /// Fast-path function call: FunctionCallResponse, then ReadyForQuery.
     FunctionCall,
+    /// A reply pgtier composed itself (a cache hit) that must reach the client
+    /// after the replies queued before it; the server sends nothing for it.
+    Synthetic,
 }
 
 impl Expect {
@@ -73,10 +76,12 @@ impl<T: Copy + Default + std::fmt::Debug> Default for Replies<T> {
 }
 
 impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
-    pub fn push(&mut self, expect: Expect, swallow: bool, tag: T) {
-        if self.skipping {
+    /// Queue an expected reply; false if the server will not send one (it is
+    /// skipping to the next Sync after an error).
+    pub fn push(&mut self, expect: Expect, swallow: bool, tag: T) -> bool {
+        if self.skipping && expect != Expect::Synthetic {
             if expect != Expect::Sync {
-                return;
+                return false;
             }
             self.skipping = false;
         }
@@ -85,6 +90,7 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
             swallow,
             tag,
         });
+        true
     }
 
     pub fn is_empty(&self) -> bool {
@@ -102,6 +108,31 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
 
     pub fn iter(&self) -> impl Iterator<Item = &Entry<T>> {
         self.queue.iter()
+    }
+
+    /// Take the front entry if it is a synthetic reply now due.
+    pub fn pop_synthetic(&mut self) -> Option<T> {
+        match self.queue.front() {
+            Some(e) if e.expect == Expect::Synthetic => self.queue.pop_front().map(|e| e.tag),
+            _ => None,
+        }
+    }
+
+    /// Whether everything still in flight leaves the session's state as it is
+    /// (no statement runs), so a request behind it may be answered by pgtier.
+    pub fn all_neutral(&self) -> bool {
+        !self.skipping
+            && self.queue.iter().all(|e| {
+                matches!(
+                    e.expect,
+                    Expect::Parse
+                        | Expect::Bind
+                        | Expect::Describe
+                        | Expect::Close
+                        | Expect::Sync
+                        | Expect::Synthetic
+                )
+            })
     }
 
     /// During COPY FROM STDIN the server ignores Sync, so Syncs already sent behind

@@ -346,14 +346,20 @@ impl Session {
                     continue;
                 }
                 Route::Relay { front, .. } => {
+                    let request = self.track.requests_done + 1;
                     if h.tag == backend::ERROR_RESPONSE {
-                        self.cache.on_error();
+                        self.cache.on_error(request);
                     }
                     if let Some((expect, tag)) = front {
                         if h.tag == backend::READY_FOR_QUERY {
                             let error = std::mem::take(&mut self.track.error_in_request);
-                            self.cache
-                                .on_ready(&self.proxy.cache, tag, self.track.tx, error);
+                            self.cache.on_ready(
+                                &self.proxy.cache,
+                                tag,
+                                self.track.tx,
+                                error,
+                                self.track.requests_done,
+                            );
                         } else {
                             self.cache.on_reply(expect, tag, h.tag, msg, max_entry);
                         }
@@ -362,6 +368,14 @@ impl Session {
                 Route::Desync(_) => {}
             }
             relay += h.total_len;
+            // Replies pgtier composed for requests queued behind this one are due now.
+            while self.track.replies.pop_synthetic().is_some() {
+                self.cout.push_from(&mut self.sin, relay);
+                relay = 0;
+                for chunk in self.cache.take_synthetic() {
+                    self.cout.push(chunk);
+                }
+            }
         }
         self.cout.push_from(&mut self.sin, relay);
         Ok(())

@@ -18,6 +18,8 @@ pub enum ReplyTag {
     Describe(u16),
     /// The request carries session-setting changes, applied once it succeeds.
     Effects,
+    /// A reply composed by pgtier, waiting in the session's synthetic queue.
+    Synthetic,
 }
 
 #[derive(Debug)]
@@ -39,6 +41,10 @@ pub struct Tracker {
     pub server_params: Vec<(String, String)>,
     /// Set when a ParameterStatus changed a value (the cache seed must follow).
     pub params_changed: bool,
+    /// Requests queued for the server that end in ReadyForQuery, and how many of
+    /// those have ended: captures belong to the request they were opened in.
+    pub requests_sent: u64,
+    pub requests_done: u64,
 }
 
 impl Tracker {
@@ -53,19 +59,28 @@ impl Tracker {
             error_in_request: false,
             server_params: hello.params.clone(),
             params_changed: false,
+            requests_sent: 0,
+            requests_done: 0,
         }
-    }
-
-    /// Nothing in flight and no transaction open: the only state in which
-    /// pgtier answers from, or fills, the cache.
-    pub fn quiescent(&self) -> bool {
-        self.tx == TxStatus::Idle && self.replies.is_empty() && !self.copy_in && !self.blind
     }
 
     pub fn expect(&mut self, e: Expect, swallow: bool, tag: ReplyTag) {
-        if !self.blind {
-            self.replies.push(e, swallow, tag);
+        if !self.blind
+            && self.replies.push(e, swallow, tag)
+            && matches!(e, Expect::Sync | Expect::Query | Expect::FunctionCall)
+        {
+            self.requests_sent += 1;
         }
+    }
+
+    /// Nothing in flight can change the session's state, and no transaction is
+    /// open: a request may be answered by pgtier (behind any pending replies).
+    pub fn answerable(&self) -> bool {
+        self.tx == TxStatus::Idle
+            && !self.copy_in
+            && !self.blind
+            && !self.open_batch
+            && self.replies.all_neutral()
     }
 
     /// The reply a forwarded client message will get, if any, and whether the
@@ -123,6 +138,7 @@ impl Tracker {
         match tag {
             backend::READY_FOR_QUERY => {
                 self.tx = ReadyForQuery::decode(body)?.status;
+                self.requests_done += 1;
             }
             backend::ERROR_RESPONSE => self.error_in_request = true,
             backend::PARAMETER_STATUS => {

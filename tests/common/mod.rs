@@ -46,6 +46,7 @@ pub fn pgtier_bin() -> &'static str {
 pub struct Pgtier {
     pub child: Child,
     pub port: u16,
+    pub admin_port: u16,
     pub dir: tempfile::TempDir,
     log: PathBuf,
 }
@@ -82,6 +83,7 @@ impl Pgtier {
         let upgrade = upgrade_from.is_some();
         let config = dir.path().join("pgtier.toml");
         std::fs::write(&config, toml).expect("write config");
+        let admin_port = free_port();
         let log = dir.path().join(if upgrade {
             "pgtier-new.log"
         } else {
@@ -92,7 +94,12 @@ impl Pgtier {
         cmd.arg("--config")
             .arg(&config)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--upstream", upstream, "--admin-listen", ""])
+            .args([
+                "--upstream",
+                upstream,
+                "--admin-listen",
+                &format!("127.0.0.1:{admin_port}"),
+            ])
             .arg("--upgrade-sock")
             .arg(upgrade_from.map_or_else(
                 || dir.path().join("upgrade.sock"),
@@ -114,6 +121,7 @@ impl Pgtier {
         let mut p = Pgtier {
             child,
             port,
+            admin_port,
             dir,
             log,
         };
@@ -137,7 +145,9 @@ impl Pgtier {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("pgtier exited early ({status}):\n{}", self.logs());
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
+            {
                 return;
             }
             assert!(
@@ -181,6 +191,45 @@ impl Pgtier {
         }
     }
 
+    /// GET a path on the admin HTTP port: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+            .await
+            .expect("admin port");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .expect("admin response timed out")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Current metrics, parsed (the text must be valid Prometheus exposition format).
+    pub async fn metrics(&self) -> Metrics {
+        let (status, body) = self.http_get("/metrics").await;
+        assert_eq!(status, 200, "metrics endpoint: {body}");
+        let lines = body.lines().map(|l| Ok(l.to_string()));
+        let scrape =
+            prometheus_parse::Scrape::parse(lines).expect("metrics must parse as Prometheus text");
+        Metrics(scrape)
+    }
+
     pub fn conn_str(&self, db: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
@@ -197,6 +246,48 @@ impl Drop for Pgtier {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A parsed scrape with lookups by name and labels.
+pub struct Metrics(pub prometheus_parse::Scrape);
+
+impl Metrics {
+    /// Sum of the samples of `name` whose labels include all of `labels`.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    pub fn hits(&self) -> f64 {
+        self.get(
+            "pgtier_cache_lookups_total",
+            &[("tier", "l1"), ("outcome", "hit")],
+        )
+    }
+
+    pub fn misses(&self) -> f64 {
+        self.get(
+            "pgtier_cache_lookups_total",
+            &[("tier", "l1"), ("outcome", "miss")],
+        )
+    }
+
+    pub fn bypasses(&self, reason: &str) -> f64 {
+        self.get(
+            "pgtier_cache_lookups_total",
+            &[("tier", "l1"), ("outcome", "bypass"), ("reason", reason)],
+        )
     }
 }
 
