@@ -8,6 +8,7 @@
 #   options: --clients 8 --threads 2 --duration 10 --warmup 3 --modes "simple extended prepared"
 #            --rounds 1 --ceiling (also measure pgceiling) --pgtier-args "--default-ttl 60s"
 #            --upstream /var/run/postgresql:5432 (pgtier reaches Postgres over its Unix socket)
+#            --latency (also print p50/p99 latency through pgtier, from sampled pgbench logs)
 #
 # Needs the local Postgres on 127.0.0.1:5432 (see README). Builds pgtier in release.
 set -euo pipefail
@@ -20,6 +21,7 @@ pgtier_args=""
 upstream=127.0.0.1:5432
 db=pgtier_bench
 scale=1
+latency=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --clients) clients=$2; shift ;;
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --modes) modes=$2; shift ;;
     --script) script=$2; shift ;;
     --ceiling) ceiling=1 ;;
+    --latency) latency=1 ;;
     --pgtier-args) pgtier_args=$2; shift ;;
     --scale) scale=$2; shift ;;
     --upstream) upstream=$2; shift ;;
@@ -77,14 +80,22 @@ case "$script" in
   *) echo "unknown script $script" >&2; exit 2 ;;
 esac
 
-tps() { # port mode seconds
-  pgbench -h 127.0.0.1 -p "$1" -U postgres -n -M "$2" -c "$clients" -j "$threads" -T "$3" "${wl[@]}" "$db" 2>&1 \
+tps() { # port mode seconds [extra pgbench args]
+  local port=$1 mode=$2 secs=$3
+  shift 3
+  pgbench -h 127.0.0.1 -p "$port" -U postgres -n -M "$mode" -c "$clients" -j "$threads" -T "$secs" "${wl[@]}" "$@" "$db" 2>&1 \
     | awk '/^tps = /{print int($3)} /failed transactions: [1-9]/{print "FAILED " $0 > "/dev/stderr"}'
+}
+
+# p50 and p99 (ms) of the transactions logged under prefix $1
+percentiles() {
+  cat "$1".* 2>/dev/null | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {if (NR) printf "%.3f %.3f", a[int(NR*0.5)+1]/1000, a[int(NR*0.99)+1]/1000; else printf "- -"}'
 }
 
 echo "workload: $script, clients $clients, threads $threads, ${duration}s per run, $rounds round(s)"
 printf "%-9s %10s %10s %8s" mode direct pgtier ratio
 [ "$ceiling" = 1 ] && printf " %10s %12s" ceiling pgtier/ceil
+[ "$latency" = 1 ] && printf " %12s %12s" "p50 ms" "p99 ms"
 printf "\n"
 for mode in $modes; do
   # warm up caches and connections on every target
@@ -95,11 +106,17 @@ for mode in $modes; do
   for _ in $(seq "$rounds"); do
     # alternate targets so drift on the machine hits both alike
     d=$((d + $(tps 5432 "$mode" "$duration")))
-    p=$((p + $(tps "$port" "$mode" "$duration")))
+    if [ "$latency" = 1 ]; then
+      rm -f "$work"/lat.*
+      p=$((p + $(cd "$work" && tps "$port" "$mode" "$duration" -l --sampling-rate=0.02 --log-prefix=lat)))
+    else
+      p=$((p + $(tps "$port" "$mode" "$duration")))
+    fi
     [ "$ceiling" = 1 ] && c=$((c + $(tps "$ceil_port" "$mode" "$duration")))
   done
   d=$((d / rounds)) p=$((p / rounds)) c=$((c / rounds))
   printf "%-9s %10d %10d %8.2f" "$mode" "$d" "$p" "$(echo "$p / $d" | bc -l)"
   [ "$ceiling" = 1 ] && printf " %10d %12.2f" "$c" "$(echo "$p / $c" | bc -l)"
+  if [ "$latency" = 1 ]; then read -r p50 p99 <<<"$(percentiles "$work/lat")"; printf " %12s %12s" "$p50" "$p99"; fi
   printf "\n"
 done
