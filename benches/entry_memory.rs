@@ -23,7 +23,11 @@ fn rss_bytes() -> u64 {
 
 fn main() {
     // `cargo test --benches` runs this too; keep that fast.
-    let n: u64 = if std::env::args().any(|a| a == "--bench") { 200_000 } else { 1_000 };
+    let n: u64 = if std::env::args().any(|a| a == "--bench") {
+        200_000
+    } else {
+        1_000
+    };
     let mut cfg = Config::default();
     cfg.l1.max_bytes.0 = 1 << 40;
     let cache = Cache::new(&cfg);
@@ -35,7 +39,15 @@ fn main() {
         let rows = Bytes::from(vec![b'x'; payload]);
         cache.insert(
             key,
-            Entry::new(None, rows, Duration::from_secs(3600), Duration::ZERO, 0, Box::new([])),
+            Entry::new(
+                None,
+                rows,
+                Duration::from_secs(3600),
+                Duration::ZERO,
+                0,
+                0,
+                Box::new([]),
+            ),
         );
     }
     cache.l1.sync();

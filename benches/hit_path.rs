@@ -27,6 +27,7 @@ fn sample_entry() -> Entry {
         Duration::from_secs(3600),
         Duration::ZERO,
         0,
+        0,
         Box::new([]),
     )
 }
@@ -46,7 +47,9 @@ fn bench(c: &mut Criterion) {
     cache.insert(simple_key(seed, sql), sample_entry());
     cache.insert(extended_key(seed, stmt, args), sample_entry());
 
-    c.bench_function("key/simple", |b| b.iter(|| simple_key(black_box(seed), black_box(sql))));
+    c.bench_function("key/simple", |b| {
+        b.iter(|| simple_key(black_box(seed), black_box(sql)))
+    });
     c.bench_function("key/extended", |b| {
         b.iter(|| extended_key(black_box(seed), black_box(stmt), black_box(args)))
     });

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod invalidation;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;

@@ -17,6 +17,20 @@ fn main() -> ExitCode {
     pgtier::logging::init(&config.log);
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => pgtier::server::run(config, cli.opts.upgrade),
+        Command::InstallTriggers { schemas, tables } => {
+            let mut scope = pgtier::invalidation::triggers::Scope {
+                schemas: config.invalidation.schemas.clone(),
+                tables: config.invalidation.tables.clone(),
+            };
+            if !schemas.is_empty() {
+                scope.schemas = schemas;
+            }
+            if !tables.is_empty() {
+                scope.tables = tables;
+            }
+            pgtier::invalidation::commands::install(&config, scope)
+        }
+        Command::UninstallTriggers => pgtier::invalidation::commands::uninstall(&config),
         Command::CheckConfig => match toml::to_string_pretty(&config) {
             Ok(text) => {
                 println!("{text}");

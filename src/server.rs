@@ -22,9 +22,13 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::http::AdminHttp;
 use crate::config::{Config, Live};
+use crate::invalidation::control;
+use crate::invalidation::listener::{Listener, Settings as ListenerSettings};
+use crate::invalidation::triggers::Scope;
 use crate::proxy::app::ListenerApp;
 use crate::proxy::Proxy;
 use crate::workers::Workers;
+use pingora_core::services::background::background_service;
 
 const QUICK: u8 = 1;
 const GRACEFUL: u8 = 2;
@@ -87,6 +91,10 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
         admin.add_tcp(&config.admin.listen);
         server.add_service(admin);
     }
+    for listener in listeners(&config, &proxy)? {
+        let name = format!("pgtier invalidation listener ({})", listener.db.name);
+        server.add_service(background_service(&name, listener));
+    }
     // With --upgrade this blocks until the old process hands over its listener.
     server.bootstrap();
 
@@ -122,6 +130,43 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
     }
     tracing::info!("pgtier stopped");
     Ok(())
+}
+
+/// One listener per control URL (cached database).
+fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
+    let inv = &config.invalidation;
+    let password = inv.password()?;
+    let targets =
+        control::parse(&inv.control_urls, password.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let (tls, ssl) = control::tls_for(config.upstream.tls, config.upstream.tls_ca_file.as_deref())?;
+    let settings = ListenerSettings {
+        channel: inv.channel.clone(),
+        instance: proxy.invalidation.instance,
+        check_interval: inv.check_interval.0,
+        rescan_interval: inv.rescan_interval.0,
+        auto_install: inv.auto_install,
+        scope: Scope {
+            schemas: inv.schemas.clone(),
+            tables: inv.tables.clone(),
+        },
+    };
+    targets
+        .into_iter()
+        .map(|target| {
+            let db = proxy
+                .invalidation
+                .db(&target.database)
+                .ok_or_else(|| anyhow::anyhow!("no state for database {}", target.database))?;
+            Ok(Listener {
+                db,
+                target,
+                tls: tls.clone(),
+                ssl,
+                settings: settings.clone(),
+                cache: proxy.cache.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Pingora's signal handling, remembering which kind of stop was asked for.

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{direct, fresh_db, run_bounded, Pgtier, PG_PORT};
+use common::{direct, fresh_db, run_bounded, Pgtier};
 use tokio_postgres::SimpleQueryMessage;
 
 fn texts(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
@@ -68,7 +68,7 @@ async fn setup_types_table(db: &str) {
 async fn repeated_reads_hit_and_match_direct_byte_for_byte() {
     let db = fresh_db("pgtier_cache_types").await;
     setup_types_table(&db).await;
-    let p = Pgtier::start_with(PG_PORT, "[cache]\ndefault_ttl = \"5m\"\n", &[]);
+    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"5m\"\n", &[]).await;
     let c = p.connect(&db).await;
     let d = direct(&db).await;
     let queries = [
@@ -130,7 +130,7 @@ async fn every_client_and_mode_gets_hits() {
     d.batch_execute("create table acc(aid int primary key, abalance int); insert into acc select g, g * 10 from generate_series(1, 100) g")
         .await
         .unwrap();
-    let p = Pgtier::start_with(PG_PORT, "[cache]\ndefault_ttl = \"5m\"\n", &[]);
+    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"5m\"\n", &[]).await;
 
     // psql: separate sessions share entries
     let psql = |sql: &str| {
@@ -234,7 +234,7 @@ async fn keys_separate_users_search_paths_and_time_zones() {
     )
     .await
     .unwrap();
-    let p = Pgtier::start_with(PG_PORT, "[cache]\ndefault_ttl = \"5m\"\n", &[]);
+    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"5m\"\n", &[]).await;
     let a = p.connect(&db).await;
     let b = p.connect(&db).await;
     a.batch_execute("set search_path = s1").await.unwrap();
@@ -304,7 +304,7 @@ async fn transactions_and_volatile_reads_always_reach_postgres() {
     d.batch_execute("create table c(v int); insert into c values (1)")
         .await
         .unwrap();
-    let p = Pgtier::start_with(PG_PORT, "[cache]\ndefault_ttl = \"5m\"\n", &[]);
+    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"5m\"\n", &[]).await;
     let mut s = p.connect(&db).await;
 
     let now1: String = s.query_one("select now()::text", &[]).await.unwrap().get(0);
@@ -354,28 +354,29 @@ async fn transactions_and_volatile_reads_always_reach_postgres() {
 #[tokio::test]
 async fn ttl_expiry_causes_a_refill() {
     let db = fresh_db("pgtier_cache_ttl").await;
-    let d = direct(&db).await;
-    d.batch_execute("create table e(v int); insert into e values (1)")
-        .await
-        .unwrap();
-    let p = Pgtier::start_with(PG_PORT, "", &["--default-ttl", "1s"]);
+    let p = Pgtier::cached(&db, "", &["--default-ttl", "1s"]).await;
     let c = p.connect(&db).await;
     let read = || async {
-        c.query_one("select v from e", &[])
+        c.query_one("select 40 + 2", &[])
             .await
             .unwrap()
             .get::<_, i32>(0)
     };
-    assert_eq!(read().await, 1);
+    let stored = || async {
+        p.metrics()
+            .await
+            .get("pgtier_cache_fills_total", &[("result", "stored")])
+    };
+    assert_eq!(read().await, 42);
     let filled = Instant::now();
-    d.execute("update e set v = 2", &[]).await.unwrap();
-    // without invalidation the TTL is what refreshes the entry: poll (bounded)
-    let mut saw_old = false;
+    assert_eq!(stored().await, 1.0);
+    assert_eq!(read().await, 42);
+    assert_eq!(p.metrics().await.hits(), 1.0, "fresh entry is served");
+    // poll (bounded) until the entry expires and a read refills it
     loop {
-        match read().await {
-            1 => saw_old = true,
-            2 => break,
-            v => panic!("unexpected {v}"),
+        assert_eq!(read().await, 42);
+        if stored().await == 2.0 {
+            break;
         }
         assert!(
             filled.elapsed() < Duration::from_secs(5),
@@ -384,20 +385,20 @@ async fn ttl_expiry_causes_a_refill() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        saw_old,
-        "the fresh entry should have been served before it expired"
+        filled.elapsed() >= Duration::from_millis(950),
+        "expired before its TTL"
     );
-    assert!(filled.elapsed() >= Duration::from_millis(900));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bound_holds_under_100k_distinct_queries() {
-    let p = Pgtier::start(&["--default-ttl", "5m", "--l1-max-bytes", "4MiB"]);
+    let db = fresh_db("pgtier_cache_memory").await;
+    let p = Pgtier::cached(&db, "", &["--default-ttl", "5m", "--l1-max-bytes", "4MiB"]).await;
     // 8 sessions, each issuing its queries one at a time (pipelined requests are
     // not cached), 100k distinct queries in all
     let mut tasks = Vec::new();
     for part in 0..8 {
-        let c = p.connect("test").await;
+        let c = p.connect(&db).await;
         tasks.push(tokio::spawn(async move {
             let stmt = c
                 .prepare("select $1::int as v, repeat('x', 100) as pad")
@@ -434,12 +435,14 @@ async fn memory_bound_holds_under_100k_distinct_queries() {
 
 #[tokio::test]
 async fn large_results_are_streamed_not_cached() {
-    let p = Pgtier::start_with(
-        PG_PORT,
+    let db = fresh_db("pgtier_cache_large").await;
+    let p = Pgtier::cached(
+        &db,
         "[cache]\ndefault_ttl = \"5m\"\nmax_entry_bytes = \"64kB\"\n",
         &[],
-    );
-    let c = p.connect("test").await;
+    )
+    .await;
+    let c = p.connect(&db).await;
     let sql = "select g, repeat('y', 50) from generate_series(1, 20000) g";
     for _ in 0..2 {
         let rows = c.simple_query(sql).await.unwrap();
@@ -460,14 +463,16 @@ async fn large_results_are_streamed_not_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_misses_are_coalesced() {
-    let p = Pgtier::start_with(
-        PG_PORT,
+    let db = fresh_db("pgtier_cache_coalesce").await;
+    let p = Pgtier::cached(
+        &db,
         "[cache]\ndefault_ttl = \"5m\"\ncoalesce_wait = \"10s\"\n",
         &[],
-    );
+    )
+    .await;
     let mut clients = Vec::new();
     for _ in 0..6 {
-        clients.push(p.connect("test").await);
+        clients.push(p.connect(&db).await);
     }
     let sql = "select count(*) from generate_series(1, 4000000)";
     let futs = clients
@@ -494,7 +499,7 @@ async fn statements_answered_by_pgtier_are_replayed_when_needed() {
     d.batch_execute("create table s(id int, v text); insert into s select g, 'v' || g from generate_series(1, 10) g")
         .await
         .unwrap();
-    let p = Pgtier::start_with(PG_PORT, "[cache]\ndefault_ttl = \"5m\"\n", &[]);
+    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"5m\"\n", &[]).await;
     let sql = "select v from s where id = $1";
     let a = p.connect(&db).await;
     let st = a.prepare(sql).await.unwrap();
@@ -553,7 +558,7 @@ async fn session_setting_changes_take_effect() {
     d.batch_execute("create schema app; create table app.k(v int); insert into app.k values (7); create table public.k(v int); insert into public.k values (1)")
         .await
         .unwrap();
-    let p = Pgtier::start_with(PG_PORT, "[cache]\ndefault_ttl = \"5m\"\n", &[]);
+    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"5m\"\n", &[]).await;
     let c = p.connect(&db).await;
     let read = || async { texts(&c.simple_query("select v from k").await.unwrap()) };
     assert_eq!(read().await, vec![vec![Some("1".into())]]);

@@ -4,8 +4,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::sql::TableRef;
-
 /// Estimated bytes per entry beyond its payload: the moka node and its
 /// bookkeeping, the `Arc<Entry>`, the key and the `Bytes` headers. Counted in the
 /// L1 weight so `l1.max_bytes` bounds real memory, not just payload
@@ -25,8 +23,10 @@ pub struct Entry {
     pub stale_until: Instant,
     /// Statement shape (pg_query fingerprint) for per-shape statistics.
     pub shape: u64,
-    /// Tables the result depends on, for invalidation.
-    pub tables: Box<[TableRef]>,
+    /// Listener epoch and table generations (slot, generation) at the time the
+    /// filling query was sent: the entry is valid while they are all unchanged.
+    pub epoch: u64,
+    pub deps: Box<[(u32, u64)]>,
 }
 
 impl Entry {
@@ -36,7 +36,8 @@ impl Entry {
         ttl: Duration,
         swr: Duration,
         shape: u64,
-        tables: Box<[TableRef]>,
+        epoch: u64,
+        deps: Box<[(u32, u64)]>,
     ) -> Entry {
         let now = Instant::now();
         Entry {
@@ -45,7 +46,8 @@ impl Entry {
             fresh_until: now + ttl,
             stale_until: now + ttl + swr,
             shape,
-            tables,
+            epoch,
+            deps,
         }
     }
 
@@ -55,8 +57,8 @@ impl Entry {
 
     /// Weight in the L1 memory bound.
     pub fn weight(&self) -> u32 {
-        let tables: usize = self.tables.iter().map(|t| t.name.len() + 48).sum();
-        (self.payload_len() + ENTRY_OVERHEAD + tables).min(u32::MAX as usize) as u32
+        let deps = self.deps.len() * 16;
+        (self.payload_len() + ENTRY_OVERHEAD + deps).min(u32::MAX as usize) as u32
     }
 
     pub fn lifetime(&self) -> Duration {

@@ -16,6 +16,11 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::sql::{self, Analysis, NotCacheable};
+
+/// Hash of a statement text, the identity decisions are cached under.
+pub fn text_hash(sql: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(sql)
+}
 pub use entry::Entry;
 pub use key::{Key, Seed};
 use l1::L1;
@@ -141,7 +146,11 @@ impl Cache {
 
     /// The decision for a statement text, parsing it only the first time.
     pub fn decide(&self, sql: &[u8]) -> Arc<Decision> {
-        let h = xxhash_rust::xxh3::xxh3_128(sql);
+        self.decide_hashed(xxhash_rust::xxh3::xxh3_128(sql), sql)
+    }
+
+    /// As [`Cache::decide`], with the text's hash already computed.
+    pub fn decide_hashed(&self, h: u128, sql: &[u8]) -> Arc<Decision> {
         if let Some(d) = self.decisions.get(&h) {
             return d;
         }
@@ -166,9 +175,7 @@ impl Cache {
                     .map_err(Bypass::Rule)
             }
             Err(n) => Err(Bypass::Statement(n.clone())),
-            Ok(read) if !read.user_functions.is_empty() => Err(Bypass::Statement(
-                NotCacheable::UnknownFunction(read.user_functions[0].clone()),
-            )),
+            // User functions are checked against the database's catalog later.
             Ok(read) => self
                 .rules
                 .load()
@@ -176,6 +183,11 @@ impl Cache {
                 .map_err(Bypass::Rule),
         };
         Decision { analysis, verdict }
+    }
+
+    /// Forget statement descriptions (after DDL: a table's shape may differ).
+    pub fn clear_descriptions(&self) {
+        self.descs.invalidate_all();
     }
 
     pub fn describe(&self, key: &Key) -> Option<Bytes> {

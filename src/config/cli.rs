@@ -28,6 +28,18 @@ pub enum Command {
     Run,
     /// Validate the configuration, print it as TOML and exit.
     CheckConfig,
+    /// Install (or refresh) the invalidation triggers in every database named by
+    /// --control-url. Idempotent.
+    InstallTriggers {
+        /// Only tables in this schema (repeatable); default: every user schema.
+        #[arg(long = "schema")]
+        schemas: Vec<String>,
+        /// Only this table, `name` or `schema.name` (repeatable).
+        #[arg(long = "table")]
+        tables: Vec<String>,
+    },
+    /// Remove the triggers, event triggers and the pgtier schema.
+    UninstallTriggers,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -62,6 +74,18 @@ pub struct Options {
     /// Memory bound of the L1 cache, e.g. 256MiB (l1.max_bytes).
     #[arg(long, env = "PGTIER_L1_MAX_BYTES", global = true)]
     pub l1_max_bytes: Option<ByteSize>,
+    /// Control connection for a cached database, postgres://user:pass@host:port/db
+    /// (repeatable; invalidation.control_urls). Only these databases are cached.
+    #[arg(
+        long = "control-url",
+        env = "PGTIER_CONTROL_URL",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub control_urls: Vec<String>,
+    /// Install triggers at start-up and on new tables (invalidation.auto_install).
+    #[arg(long, env = "PGTIER_AUTO_INSTALL_TRIGGERS", global = true)]
+    pub auto_install_triggers: bool,
     /// Maximum client connections (server.max_client_connections).
     #[arg(long, env = "PGTIER_MAX_CLIENT_CONNECTIONS", global = true)]
     pub max_client_connections: Option<usize>,
@@ -133,6 +157,12 @@ impl Options {
         }
         if let Some(v) = self.l1_max_bytes {
             c.l1.max_bytes = v;
+        }
+        if !self.control_urls.is_empty() {
+            c.invalidation.control_urls = self.control_urls.clone();
+        }
+        if self.auto_install_triggers {
+            c.invalidation.auto_install = true;
         }
         if let Some(v) = self.max_client_connections {
             c.server.max_client_connections = v;

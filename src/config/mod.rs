@@ -41,7 +41,66 @@ pub struct Config {
     pub cache: CacheConfig,
     pub l1: L1Config,
     pub l2: L2Config,
+    pub invalidation: InvalidationConfig,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InvalidationConfig {
+    /// One postgres:// URL per cached database, with the credentials pgtier uses
+    /// for its listener and for installing triggers. Databases not listed are
+    /// proxied but never cached.
+    pub control_urls: Vec<String>,
+    /// Password for control URLs that carry none (else PGTIER_CONTROL_PASSWORD).
+    pub password_file: Option<PathBuf>,
+    /// Install triggers at start-up and on tables created later.
+    pub auto_install: bool,
+    /// Schemas whose tables get triggers; empty = every user schema.
+    pub schemas: Vec<String>,
+    /// Restrict triggers to these tables (`name` or `schema.name`).
+    pub tables: Vec<String>,
+    /// Notification channel.
+    pub channel: String,
+    /// Listener health-check period; a dead connection is noticed within ~2x this.
+    pub check_interval: Dur,
+    /// Catalog re-read period (new tables, DDL without event triggers).
+    pub rescan_interval: Dur,
+    /// Longest a client waits after committing a write for pgtier to have
+    /// processed its invalidation (read-your-writes).
+    pub fence_timeout: Dur,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        InvalidationConfig {
+            control_urls: Vec::new(),
+            password_file: None,
+            auto_install: false,
+            schemas: Vec::new(),
+            tables: Vec::new(),
+            channel: "pgtier_invalidate".into(),
+            check_interval: Dur(std::time::Duration::from_secs(2)),
+            rescan_interval: Dur(std::time::Duration::from_secs(10)),
+            fence_timeout: Dur(std::time::Duration::from_secs(1)),
+        }
+    }
+}
+
+impl InvalidationConfig {
+    /// The password for URLs without one: the file, else the environment.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(path) = &self.password_file {
+            let p = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    "invalidation.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            return Ok(Some(p.trim_end_matches(['\n', '\r']).to_string()));
+        }
+        Ok(std::env::var("PGTIER_CONTROL_PASSWORD").ok())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -400,6 +459,33 @@ impl Config {
                         format!("'{t}' is not name or schema.name"),
                     ));
                 }
+            }
+        }
+        let password = self.invalidation.password()?;
+        crate::invalidation::control::parse(&self.invalidation.control_urls, password.as_deref())
+            .map_err(|reason| invalid("invalidation.control_urls", reason))?;
+        if self.invalidation.channel.is_empty() || self.invalidation.channel.len() > 63 {
+            return Err(invalid(
+                "invalidation.channel",
+                "must be 1 to 63 characters",
+            ));
+        }
+        for (key, d) in [
+            (
+                "invalidation.check_interval",
+                self.invalidation.check_interval,
+            ),
+            (
+                "invalidation.rescan_interval",
+                self.invalidation.rescan_interval,
+            ),
+            (
+                "invalidation.fence_timeout",
+                self.invalidation.fence_timeout,
+            ),
+        ] {
+            if d.0.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
             }
         }
         if self.cache.max_entry_bytes.0 == 0 {

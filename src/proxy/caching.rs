@@ -24,7 +24,8 @@ use super::statements::Statements;
 use super::tracker::{ReplyTag, Tracker};
 use crate::cache::key::{describe_key, extended_key, session_seed, simple_key, statement_hash};
 use crate::cache::rules::Policy;
-use crate::cache::{Cache, Claim, Decision, Entry, FillLease, Key, Seed};
+use crate::cache::{text_hash, Cache, Claim, Decision, Entry, FillLease, Key, Seed};
+use crate::invalidation::DbState;
 use crate::metrics;
 use crate::protocol::backend::{
     self, BIND_COMPLETE_BYTES, CLOSE_COMPLETE_BYTES, PARSE_COMPLETE_BYTES, READY_IDLE_BYTES,
@@ -51,10 +52,13 @@ fn decode(buf: &[u8], (s, e, tag): (usize, usize, u8)) -> Option<Frontend<'_>> {
     Frontend::decode(tag, &buf[s + 5..e]).ok()
 }
 
-/// A cached entry that may be served now.
+/// A cached entry that may be served now: fresh, and nothing it read has changed.
 #[inline]
-fn fresh(cache: &Cache, key: &Key, now: Instant) -> Option<Arc<Entry>> {
-    cache.l1.get(key).filter(|e| now < e.fresh_until)
+fn fresh(cache: &Cache, db: &DbState, key: &Key, now: Instant) -> Option<Arc<Entry>> {
+    cache
+        .l1
+        .get(key)
+        .filter(|e| now < e.fresh_until && db.valid(e.epoch, &e.deps))
 }
 
 fn range_of(outer: &[u8], inner: &[u8]) -> Range<usize> {
@@ -74,6 +78,8 @@ enum CaptureKind {
         key: Key,
         policy: Policy,
         decision: Arc<Decision>,
+        epoch: u64,
+        deps: Box<[(u32, u64)]>,
         /// Simple-protocol results must carry their RowDescription.
         simple: bool,
         /// Held until the fill ends; dropping it wakes coalesced waiters.
@@ -105,6 +111,13 @@ struct Portal {
 /// Per-session cache state.
 pub struct SessionCache {
     pub seed: Seed,
+    /// The invalidation state of this session's database; none means the
+    /// database has no listener and is never cached.
+    db: Option<Arc<DbState>>,
+    /// A write committed in this transaction: a fence follows its end.
+    wrote: bool,
+    /// A fence is outstanding: nothing may be answered from the cache.
+    pub fencing: bool,
     database: String,
     user: String,
     startup_params: Vec<(String, String)>,
@@ -134,9 +147,17 @@ pub struct SessionCache {
 }
 
 impl SessionCache {
-    pub fn new(database: &str, user: &str, startup_params: &[(String, String)]) -> SessionCache {
+    pub fn new(
+        database: &str,
+        user: &str,
+        startup_params: &[(String, String)],
+        db: Option<Arc<DbState>>,
+    ) -> SessionCache {
         SessionCache {
             seed: Seed::default(),
+            db,
+            wrote: false,
+            fencing: false,
             database: database.to_string(),
             user: user.to_string(),
             startup_params: startup_params.to_vec(),
@@ -167,7 +188,7 @@ impl SessionCache {
         self.seed = session_seed(&self.database, &self.user, params);
     }
 
-    fn taint(&mut self, why: &'static str) {
+    pub fn taint(&mut self, why: &'static str) {
         if self.tainted.is_none() {
             tracing::debug!(why, "session no longer uses the cache");
             self.tainted = Some(why);
@@ -175,9 +196,17 @@ impl SessionCache {
     }
 
     /// Why this session cannot use the cache right now, if it cannot.
-    fn bypass_reason(&self, track: &Tracker) -> Option<&'static str> {
+    fn bypass_reason(&self, db: Option<&DbState>, track: &Tracker) -> Option<&'static str> {
         if let Some(t) = self.tainted {
             return Some(t);
+        }
+        match db {
+            None => return Some("no_listener"),
+            Some(db) if !db.live() => return Some("listener_down"),
+            _ => {}
+        }
+        if self.fencing {
+            return Some("fence_pending");
         }
         if track.answerable() {
             return None;
@@ -219,31 +248,52 @@ impl SessionCache {
         cout: &mut OutQueue,
         sout: &mut OutQueue,
     ) {
+        // Borrow the database state for the request without touching its
+        // reference count (shared by every session: a hot cache line).
+        let db = self.db.take();
+        self.dispatch_with(cache, db.as_deref(), batch, track, cout, sout)
+            .await;
+        self.db = db;
+    }
+
+    async fn dispatch_with(
+        &mut self,
+        cache: &Cache,
+        db: Option<&DbState>,
+        batch: Bytes,
+        track: &mut Tracker,
+        cout: &mut OutQueue,
+        sout: &mut OutQueue,
+    ) {
         let Some(first) = messages(&batch).next() else {
             return;
         };
-        let state_bypass = self.bypass_reason(track);
+        let state_bypass = self.bypass_reason(db, track);
         self.current_request = track.requests_sent + 1;
+        let db = db.filter(|_| state_bypass.is_none());
         if first.1 == batch.len() {
             if let Some(Frontend::Query(q)) = decode(&batch, first) {
                 let sql = range_of(&batch, q.sql);
-                self.simple(cache, &batch, sql, state_bypass, track, cout, sout)
+                self.simple(cache, db, &batch, sql, state_bypass, track, cout, sout)
                     .await;
                 return;
             }
         }
-        if state_bypass.is_none() && self.plan_hit(cache, &batch) {
-            self.commit_hit(&batch);
-            self.emit(track, cout);
-            return;
+        if let Some(db) = db {
+            if self.plan_hit(cache, db, &batch) {
+                self.commit_hit(&batch);
+                self.emit(track, cout);
+                return;
+            }
         }
-        self.forward_extended(cache, batch, state_bypass, track, sout);
+        self.forward_extended(cache, db, batch, state_bypass, track, sout);
     }
 
     #[allow(clippy::too_many_arguments)]
     async fn simple(
         &mut self,
         cache: &Cache,
+        db: Option<&DbState>,
         batch: &Bytes,
         sql: Range<usize>,
         state_bypass: Option<&'static str>,
@@ -254,29 +304,33 @@ impl SessionCache {
         let hot = metrics::hot();
         let sql = &batch[sql];
         let mut tag = ReplyTag::None;
-        if state_bypass.is_none() {
+        if let Some(db) = db {
             let decision = cache.has_public_rules().then(|| cache.decide(sql));
             let public = decision
                 .as_ref()
                 .and_then(|d| d.cacheable())
                 .is_some_and(|p| p.public);
             let key = simple_key(self.seed.pick(public), sql);
-            if let Some(e) = fresh(cache, &key, Instant::now()) {
+            if let Some(e) = fresh(cache, db, &key, Instant::now()) {
                 hot.l1_hit.increment(1);
                 self.reply_simple(&e, track, cout);
                 return;
             }
-            let decision = decision.unwrap_or_else(|| cache.decide(sql));
+            let hash = text_hash(sql);
+            let decision = decision.unwrap_or_else(|| cache.decide_hashed(hash, sql));
             self.note_effects(&decision);
-            match (&decision.verdict, self.tainted) {
-                (Ok(policy), None) => {
+            let resolved = decision.cacheable().map(|_| db.resolve(hash, &decision));
+            match (&decision.verdict, self.tainted, resolved.as_deref()) {
+                (Ok(_), None, Some(Err(why))) => metrics::bypass(why),
+                (Ok(policy), None, Some(Ok(resolved))) => {
                     let policy = policy.clone();
+                    let snapshot = db.snapshot(&resolved.slots);
                     let lease = match cache.claim(key) {
                         Claim::Leader(l) => Some(l),
                         Claim::Follower(n) => {
                             hot.coalesced.increment(1);
                             cache.wait_for(n, key).await;
-                            if let Some(e) = fresh(cache, &key, Instant::now()) {
+                            if let Some(e) = fresh(cache, db, &key, Instant::now()) {
                                 hot.l1_hit.increment(1);
                                 self.reply_simple(&e, track, cout);
                                 return;
@@ -285,10 +339,11 @@ impl SessionCache {
                         }
                     };
                     hot.l1_miss.increment(1);
-                    tag = self.open_fill(key, policy, decision, true, lease);
+                    tag = self.open_fill(key, policy, decision, snapshot, true, lease);
                 }
-                (Ok(_), Some(why)) => metrics::bypass(why),
-                (Err(b), _) => metrics::bypass(b.label()),
+                (Ok(_), Some(why), _) => metrics::bypass(why),
+                (Ok(_), None, None) => {}
+                (Err(b), _, _) => metrics::bypass(b.label()),
             }
         } else {
             let decision = cache.decide(sql);
@@ -330,7 +385,7 @@ impl SessionCache {
 
     /// Try to answer an extended-protocol request entirely from the cache,
     /// filling `self.chunks` with the reply. Touches no session state.
-    fn plan_hit(&mut self, cache: &Cache, batch: &Bytes) -> bool {
+    fn plan_hit(&mut self, cache: &Cache, db: &DbState, batch: &Bytes) -> bool {
         self.chunks.clear();
         self.portals.clear();
         self.defined.clear();
@@ -397,7 +452,7 @@ impl SessionCache {
                     else {
                         return false;
                     };
-                    let Some(e) = p.key.and_then(|k| fresh(cache, &k, now)) else {
+                    let Some(e) = p.key.and_then(|k| fresh(cache, db, &k, now)) else {
                         return false;
                     };
                     let Some(rd) = e.row_desc.clone() else {
@@ -420,7 +475,7 @@ impl SessionCache {
                     };
                     let entry = match p.entry.take() {
                         Some(e) => e,
-                        None => match p.key.and_then(|k| fresh(cache, &k, now)) {
+                        None => match p.key.and_then(|k| fresh(cache, db, &k, now)) {
                             Some(e) => e,
                             None => return false,
                         },
@@ -520,12 +575,13 @@ impl SessionCache {
     fn forward_extended(
         &mut self,
         cache: &Cache,
+        db: Option<&DbState>,
         batch: Bytes,
         state_bypass: Option<&'static str>,
         track: &mut Tracker,
         sout: &mut OutQueue,
     ) {
-        let cacheable_state = state_bypass.is_none() && self.tainted.is_none();
+        let cacheable_state = db.is_some() && self.tainted.is_none();
         let fills_ok = cacheable_state && self.fillable(cache, &batch);
         let replayed = self.replay_parses(&batch);
         for _ in 0..replayed {
@@ -563,8 +619,8 @@ impl SessionCache {
                         entry: None,
                         fill: None,
                     };
-                    if fills_ok {
-                        portal.fill = self.start_fill(cache, &b);
+                    if let (true, Some(db)) = (fills_ok, db) {
+                        portal.fill = self.start_fill(cache, db, &b);
                     }
                     self.portals.push(portal);
                 }
@@ -632,10 +688,21 @@ impl SessionCache {
     fn start_fill(
         &mut self,
         cache: &Cache,
+        db: &DbState,
         b: &crate::protocol::frontend::Bind<'_>,
     ) -> Option<u16> {
         let (hash, decision) = self.statement_decision(cache, b.statement)?;
         let policy = decision.verdict.clone().ok()?;
+        let sql_hash = text_hash(self.statements.get(b.statement)?.sql());
+        let resolved = db.resolve(sql_hash, &decision);
+        let resolved = match resolved.as_ref() {
+            Ok(r) => r,
+            Err(why) => {
+                metrics::bypass(why);
+                return None;
+            }
+        };
+        let snapshot = db.snapshot(&resolved.slots);
         if b.text_params().iter().any(|v| is_time_literal(v)) {
             metrics::bypass("time_literal");
             return None;
@@ -649,7 +716,7 @@ impl SessionCache {
             }
         };
         metrics::hot().l1_miss.increment(1);
-        match self.open_fill(key, policy, decision, false, lease) {
+        match self.open_fill(key, policy, decision, snapshot, false, lease) {
             ReplyTag::Fill(slot) => Some(slot),
             _ => None,
         }
@@ -705,6 +772,9 @@ impl SessionCache {
     /// Record the session effects of a forwarded statement: taints at once, the
     /// rest once the request succeeds.
     fn note_effects(&mut self, decision: &Decision) {
+        if decision.analysis.may_write {
+            self.wrote = true;
+        }
         for e in &decision.analysis.effects {
             match e {
                 SessionEffect::Taint(why) => self.taint(why),
@@ -728,6 +798,7 @@ impl SessionCache {
         key: Key,
         policy: Policy,
         decision: Arc<Decision>,
+        (epoch, deps): (u64, Box<[(u32, u64)]>),
         simple: bool,
         lease: Option<FillLease>,
     ) -> ReplyTag {
@@ -741,6 +812,8 @@ impl SessionCache {
                 key,
                 policy,
                 decision,
+                epoch,
+                deps,
                 simple,
                 _lease: lease,
             },
@@ -844,7 +917,7 @@ impl SessionCache {
         status: TxStatus,
         error: bool,
         request: u64,
-    ) {
+    ) -> bool {
         let committed = status == TxStatus::Idle && !error;
         let mut i = 0;
         while i < self.captures.len() {
@@ -859,12 +932,12 @@ impl SessionCache {
                     key,
                     policy,
                     decision,
+                    epoch,
+                    deps,
                     simple,
                     ..
                 } => {
                     if stored && (!simple || c.row_desc.is_some()) {
-                        let read = decision.analysis.read.as_ref();
-                        let tables = read.map(|r| r.tables.clone()).unwrap_or_default();
                         cache.insert(
                             key,
                             Entry::new(
@@ -873,7 +946,8 @@ impl SessionCache {
                                 policy.ttl,
                                 policy.swr,
                                 decision.analysis.fingerprint,
-                                tables.into_boxed_slice(),
+                                epoch,
+                                deps,
                             ),
                         );
                         metrics::hot().fills.increment(1);
@@ -899,6 +973,14 @@ impl SessionCache {
                 }
             }
         }
+        // A transaction that wrote has ended: before the client hears so, make
+        // sure its invalidations have been processed (read-your-writes).
+        let fence = status == TxStatus::Idle && std::mem::take(&mut self.wrote);
+        fence && self.db.as_ref().is_some_and(|d| d.live())
+    }
+
+    pub fn db(&self) -> Option<&Arc<DbState>> {
+        self.db.as_ref()
     }
 
     fn apply(&mut self, effects: Vec<SessionEffect>) {

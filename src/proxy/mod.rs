@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::cache::Cache;
 use crate::config::{Config, Live};
+use crate::invalidation::Invalidation;
 use session::Session;
 use startup::{fatal, ClientStream, Opened, StartupError};
 use upstream::Upstream;
@@ -30,7 +31,8 @@ use upstream::Upstream;
 /// State shared by all sessions of one pgtier process.
 pub struct Proxy {
     pub config: Arc<Live>,
-    pub cache: Cache,
+    pub cache: Arc<Cache>,
+    pub invalidation: Arc<Invalidation>,
     pub upstream: Upstream,
     pub tls_acceptor: Option<TlsAcceptor>,
     sessions: AtomicUsize,
@@ -45,8 +47,13 @@ impl Proxy {
             (Some(c), Some(k)) => Some(TlsAcceptor::from(tls::server_config(c, k)?)),
             _ => None,
         };
+        let databases = crate::invalidation::control::parse(&snap.invalidation.control_urls, None)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .into_iter()
+            .map(|t| t.database);
         Ok(Proxy {
-            cache: Cache::new(&snap),
+            cache: Arc::new(Cache::new(&snap)),
+            invalidation: Arc::new(Invalidation::new(databases, &snap.invalidation.channel)),
             upstream: Upstream::new(&snap.upstream)?,
             config,
             tls_acceptor,

@@ -7,7 +7,7 @@
 //! the other side are still pending, so neither peer can deadlock the other by
 //! filling a socket buffer, and one vectored write sends each reply.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -60,8 +60,17 @@ enum Event {
     ServerWrite(io::Error),
 }
 
+/// An outstanding read-your-writes fence: the client's output is held until the
+/// listener has seen the fence notification (or the timeout passes).
+struct Fence {
+    seq: u64,
+    done: tokio::sync::oneshot::Receiver<()>,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
 pub struct Session {
     pub id: u64,
+    fence: Option<Fence>,
     proxy: Arc<Proxy>,
     client: ClientConn,
     server: ServerConn,
@@ -99,9 +108,11 @@ impl Session {
         let max_message = proxy.config.load().server.max_message_size.0 as usize;
         let user = startup.user().unwrap_or_default().to_string();
         let database = startup.database().unwrap_or_default().to_string();
-        let mut cache = SessionCache::new(&database, &user, &startup.params);
+        let db = proxy.invalidation.db(&database);
+        let mut cache = SessionCache::new(&database, &user, &startup.params, db);
         cache.reseed(&hello.params);
         Session {
+            fence: None,
             cache,
             id,
             proxy,
@@ -198,12 +209,31 @@ impl Session {
 
     /// Make all the progress the sockets allow; return once something was read.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Some(f) = &mut self.fence {
+            let done = std::pin::Pin::new(&mut f.done).poll(cx).is_ready();
+            let expired = !done && f.deadline.as_mut().poll(cx).is_ready();
+            if done || expired {
+                let seq = f.seq;
+                self.fence = None;
+                self.cache.fencing = false;
+                if expired {
+                    tracing::warn!(
+                        "invalidation fence timed out; this session no longer uses the cache"
+                    );
+                    ::metrics::counter!("pgtier_fence_timeouts_total").increment(1);
+                    if let Some(db) = self.cache.db() {
+                        db.forget_fence(seq);
+                    }
+                    self.cache.taint("fence_timeout");
+                }
+            }
+        }
         if !self.sout.is_empty() {
             if let Poll::Ready(Err(e)) = self.sout.poll_write(&mut self.server, cx) {
                 return Poll::Ready(Event::ServerWrite(e));
             }
         }
-        if !self.cout.is_empty() {
+        if !self.cout.is_empty() && self.fence.is_none() {
             if let Poll::Ready(Err(e)) = self.cout.poll_write(&mut self.client, cx) {
                 return Poll::Ready(Event::ClientWrite(e));
             }
@@ -353,13 +383,16 @@ impl Session {
                     if let Some((expect, tag)) = front {
                         if h.tag == backend::READY_FOR_QUERY {
                             let error = std::mem::take(&mut self.track.error_in_request);
-                            self.cache.on_ready(
+                            let fence = self.cache.on_ready(
                                 &self.proxy.cache,
                                 tag,
                                 self.track.tx,
                                 error,
                                 self.track.requests_done,
                             );
+                            if fence {
+                                self.start_fence();
+                            }
                         } else {
                             self.cache.on_reply(expect, tag, h.tag, msg, max_entry);
                         }
@@ -379,6 +412,40 @@ impl Session {
         }
         self.cout.push_from(&mut self.sin, relay);
         Ok(())
+    }
+
+    /// After a committed write: send a fence notification on this connection (it
+    /// commits after the write, and Postgres delivers notifications in commit
+    /// order) and hold the client's ReadyForQuery until the listener has seen it.
+    fn start_fence(&mut self) {
+        let Some(db) = self.cache.db().cloned() else {
+            return;
+        };
+        let inv = &self.proxy.invalidation;
+        let (seq, done) = db.new_fence();
+        let payload = crate::invalidation::Payload::fence(inv.instance, seq);
+        let sql = format!(
+            "NOTIFY \"{}\", '{payload}'",
+            inv.channel.replace('"', "\"\"")
+        );
+        let mut buf = BytesMut::new();
+        crate::protocol::frontend::Query {
+            sql: sql.as_bytes(),
+        }
+        .encode(&mut buf);
+        self.sout.push(buf.freeze());
+        self.track.expect(
+            crate::proxy::replies::Expect::Query,
+            true,
+            Default::default(),
+        );
+        let timeout = self.proxy.config.load().invalidation.fence_timeout.0;
+        self.fence = Some(Fence {
+            seq,
+            done,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        });
+        self.cache.fencing = true;
     }
 
     /// Write what is queued for one side, bounded in time.

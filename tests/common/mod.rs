@@ -64,6 +64,38 @@ impl Pgtier {
         Self::start_upstream(&format!("{PG_HOST}:{upstream}"), toml, args)
     }
 
+    /// pgtier in front of the shared Postgres caching database `db`: a control
+    /// connection (listener) for it, triggers installed automatically.
+    pub async fn cached(db: &str, toml: &str, args: &[&str]) -> Pgtier {
+        require_postgres();
+        let control = format!("postgres://postgres@{PG_HOST}:{PG_PORT}/{db}");
+        let mut all = vec!["--control-url", &control, "--auto-install-triggers"];
+        all.extend_from_slice(args);
+        let p = Self::start_with(PG_PORT, toml, &all);
+        p.wait_listener(db).await;
+        p
+    }
+
+    /// Wait (bounded) until the invalidation listener for `db` is connected.
+    pub async fn wait_listener(&self, db: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = self
+                .metrics()
+                .await
+                .get("pgtier_listener_connected", &[("database", db)]);
+            if up == 1.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "listener for {db} never connected:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// pgtier in front of `upstream` given as `--upstream` takes it (HOST:PORT,
     /// or /socket/dir:PORT).
     pub fn start_upstream(upstream: &str, toml: &str, args: &[&str]) -> Pgtier {

@@ -1,0 +1,326 @@
+//! What pgtier knows about a database's relations: kind, row security, whether
+//! the invalidation trigger is in place, inheritance, and the base tables of
+//! views. A statement is cacheable only if every relation it names resolves to
+//! tables whose writes pgtier will hear about.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio_postgres::Client;
+
+use super::Generations;
+use crate::cache::Decision;
+use crate::sql::TableRef;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// pg_class.relkind: r table, p partitioned, v view, m matview, f foreign.
+    pub kind: u8,
+    pub row_security: bool,
+    pub has_trigger: bool,
+    /// Columns and types, to notice schema changes made without event triggers.
+    pub shape: String,
+    /// For views: relations the view reads (oids).
+    pub reads: Vec<u32>,
+    pub parents: Vec<u32>,
+    pub children: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub version: u64,
+    pub relations: Vec<Relation>,
+    by_oid: HashMap<u32, usize>,
+    by_name: HashMap<String, Vec<usize>>,
+    /// Non-system functions whose every overload is IMMUTABLE ("name" and "schema.name").
+    immutable: HashSet<String>,
+}
+
+const RELATIONS: &str = "
+SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relrowsecurity,
+       EXISTS (SELECT 1 FROM pg_trigger t
+               WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' AND t.tgenabled <> 'D'),
+       coalesce((SELECT md5(string_agg(a.attname || ':' || a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum))
+                 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtier')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
+
+const VIEW_READS: &str = "
+SELECT DISTINCT r.ev_class::int8, d.refobjid::int8
+FROM pg_rewrite r
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'n'
+WHERE d.refobjid <> r.ev_class";
+
+const INHERITS: &str = "SELECT inhrelid::int8, inhparent::int8 FROM pg_inherits";
+
+const FUNCTIONS: &str = "
+SELECT n.nspname::text, p.proname::text, bool_and(p.provolatile = 'i')
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+GROUP BY 1, 2";
+
+impl Catalog {
+    /// Read the catalog through a control connection.
+    pub async fn load(client: &Client, version: u64) -> Result<Catalog, tokio_postgres::Error> {
+        let mut relations: Vec<Relation> = client
+            .query(RELATIONS, &[])
+            .await?
+            .iter()
+            .map(|r| Relation {
+                oid: r.get::<_, i64>(0) as u32,
+                schema: r.get(1),
+                name: r.get(2),
+                kind: r.get::<_, String>(3).bytes().next().unwrap_or(b'?'),
+                row_security: r.get(4),
+                has_trigger: r.get(5),
+                shape: r.get(6),
+                reads: Vec::new(),
+                parents: Vec::new(),
+                children: Vec::new(),
+            })
+            .collect();
+        relations.sort_by_key(|r| r.oid);
+        let by_oid: HashMap<u32, usize> = relations
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.oid, i))
+            .collect();
+        for row in client.query(VIEW_READS, &[]).await? {
+            let (view, base) = (row.get::<_, i64>(0) as u32, row.get::<_, i64>(1) as u32);
+            if let Some(&i) = by_oid.get(&view) {
+                relations[i].reads.push(base);
+            }
+        }
+        for row in client.query(INHERITS, &[]).await? {
+            let (child, parent) = (row.get::<_, i64>(0) as u32, row.get::<_, i64>(1) as u32);
+            if let Some(&i) = by_oid.get(&child) {
+                relations[i].parents.push(parent);
+            }
+            if let Some(&i) = by_oid.get(&parent) {
+                relations[i].children.push(child);
+            }
+        }
+        let mut immutable = HashSet::new();
+        for row in client.query(FUNCTIONS, &[]).await? {
+            if row.get::<_, Option<bool>>(2) == Some(true) {
+                let (schema, name): (String, String) = (row.get(0), row.get(1));
+                immutable.insert(format!("{schema}.{name}"));
+                immutable.insert(name);
+            }
+        }
+        Ok(Catalog::build(version, relations, immutable))
+    }
+
+    pub fn build(version: u64, relations: Vec<Relation>, immutable: HashSet<String>) -> Catalog {
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_oid = HashMap::new();
+        for (i, r) in relations.iter().enumerate() {
+            by_name.entry(r.name.clone()).or_default().push(i);
+            by_oid.insert(r.oid, i);
+        }
+        Catalog {
+            version,
+            relations,
+            by_oid,
+            by_name,
+            immutable,
+        }
+    }
+
+    pub fn get(&self, oid: u32) -> Option<&Relation> {
+        self.by_oid.get(&oid).map(|&i| &self.relations[i])
+    }
+
+    /// Every relation related by inheritance (ancestors and descendants): a write
+    /// to any of them can change what a query on `oid` returns, or vice versa.
+    pub fn family(&self, oid: u32) -> Vec<u32> {
+        let mut seen = vec![oid];
+        let mut i = 0;
+        // Ancestors, then descendants of the table itself.
+        while i < seen.len() {
+            if let Some(r) = self.get(seen[i]) {
+                for p in &r.parents {
+                    if !seen.contains(p) {
+                        seen.push(*p);
+                    }
+                }
+            }
+            i += 1;
+        }
+        let mut down = vec![oid];
+        let mut j = 0;
+        while j < down.len() {
+            if let Some(r) = self.get(down[j]) {
+                for c in &r.children {
+                    if !down.contains(c) {
+                        down.push(*c);
+                    }
+                }
+            }
+            j += 1;
+        }
+        for d in down {
+            if !seen.contains(&d) {
+                seen.push(d);
+            }
+        }
+        seen
+    }
+
+    /// The generation slots a cacheable statement depends on, or why it cannot be
+    /// cached in this database.
+    pub fn resolve(&self, database: &str, decision: &Decision) -> Result<Vec<u32>, &'static str> {
+        let read = decision.analysis.read.as_ref().map_err(|n| n.label())?;
+        for f in &read.user_functions {
+            if !self.immutable.contains(f.as_str()) {
+                return Err("volatile_function");
+            }
+        }
+        let mut slots = Vec::new();
+        for t in &read.tables {
+            self.resolve_table(database, t, &mut slots)?;
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        Ok(slots)
+    }
+
+    fn resolve_table(
+        &self,
+        database: &str,
+        t: &TableRef,
+        slots: &mut Vec<u32>,
+    ) -> Result<(), &'static str> {
+        let candidates: Vec<usize> = self
+            .by_name
+            .get(&t.name)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&i| {
+                t.schema
+                    .as_deref()
+                    .is_none_or(|s| self.relations[i].schema == s)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err("unknown_table");
+        }
+        // An unqualified name may be any of them, depending on search_path: all
+        // must be cacheable, and the result depends on all of them.
+        for i in candidates {
+            self.resolve_relation(database, self.relations[i].oid, slots, 0)?;
+        }
+        Ok(())
+    }
+
+    fn resolve_relation(
+        &self,
+        database: &str,
+        oid: u32,
+        slots: &mut Vec<u32>,
+        depth: usize,
+    ) -> Result<(), &'static str> {
+        if depth > 16 {
+            return Err("view_too_deep");
+        }
+        let r = self.get(oid).ok_or("unknown_table")?;
+        match r.kind {
+            b'r' | b'p' => {
+                if r.row_security {
+                    return Err("row_security");
+                }
+                for member in self.family(oid) {
+                    match self.get(member) {
+                        Some(m) if m.has_trigger => {
+                            slots.push(Generations::slot(database, &m.schema, &m.name))
+                        }
+                        Some(_) => return Err("no_trigger"),
+                        None => return Err("unknown_table"),
+                    }
+                }
+                Ok(())
+            }
+            b'v' => {
+                // DDL on the view itself is announced under its own name.
+                slots.push(Generations::slot(database, &r.schema, &r.name));
+                if r.reads.is_empty() {
+                    return Ok(());
+                }
+                for base in &r.reads {
+                    self.resolve_relation(database, *base, slots, depth + 1)?;
+                }
+                Ok(())
+            }
+            b'm' => Err("materialized_view"),
+            b'f' => Err("foreign_table"),
+            _ => Err("not_a_table"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Cache;
+    use crate::config::Config;
+
+    fn rel(oid: u32, name: &str, kind: u8, trig: bool) -> Relation {
+        Relation {
+            oid,
+            schema: "public".into(),
+            name: name.into(),
+            kind,
+            row_security: false,
+            has_trigger: trig,
+            shape: String::new(),
+            reads: vec![],
+            parents: vec![],
+            children: vec![],
+        }
+    }
+
+    #[test]
+    fn resolution_rules() {
+        let mut rels = vec![
+            rel(1, "t", b'r', true),
+            rel(2, "untracked", b'r', false),
+            rel(3, "v", b'v', false),
+            rel(4, "mv", b'm', false),
+            rel(5, "parent", b'p', true),
+            rel(6, "part1", b'r', true),
+            rel(7, "rls", b'r', true),
+        ];
+        rels[2].reads = vec![1];
+        rels[4].children = vec![6];
+        rels[5].parents = vec![5];
+        rels[6].row_security = true;
+        let cat = Catalog::build(1, rels, HashSet::from(["safe_fn".to_string()]));
+        let cache = Cache::new(&Config::default());
+        let r = |sql: &str| cat.resolve("db", &cache.decide(sql.as_bytes()));
+        assert_eq!(r("select * from t").unwrap().len(), 1);
+        assert_eq!(r("select * from untracked"), Err("no_trigger"));
+        assert_eq!(
+            r("select * from v").unwrap().len(),
+            2,
+            "view and its base table"
+        );
+        assert_eq!(r("select * from mv"), Err("materialized_view"));
+        assert_eq!(
+            r("select * from parent").unwrap().len(),
+            2,
+            "parent and partition"
+        );
+        assert_eq!(r("select * from part1").unwrap().len(), 2);
+        assert_eq!(r("select * from rls"), Err("row_security"));
+        assert_eq!(r("select * from nowhere"), Err("unknown_table"));
+        assert_eq!(r("select * from other.t"), Err("unknown_table"));
+        assert!(r("select safe_fn(1) from t").is_ok());
+        assert!(r("select other_fn(1) from t").is_err());
+    }
+}

@@ -1,0 +1,70 @@
+//! `pgtier install-triggers` and `pgtier uninstall-triggers`.
+
+use anyhow::{Context as _, Result};
+
+use super::control;
+use super::triggers::{self, Scope};
+use crate::config::Config;
+
+fn targets(config: &Config) -> Result<Vec<control::ControlTarget>> {
+    let password = config.invalidation.password()?;
+    let targets = control::parse(&config.invalidation.control_urls, password.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if targets.is_empty() {
+        anyhow::bail!(
+            "no control connection configured: pass --control-url postgres://user:pass@host:port/db \
+             (or set invalidation.control_urls)"
+        );
+    }
+    Ok(targets)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")
+}
+
+pub fn install(config: &Config, scope: Scope) -> Result<()> {
+    let targets = targets(config)?;
+    let (tls, ssl) = control::tls_for(config.upstream.tls, config.upstream.tls_ca_file.as_deref())?;
+    runtime()?.block_on(async {
+        for t in &targets {
+            let (client, _driver) = control::connect(t, &tls, ssl, None)
+                .await
+                .with_context(|| format!("cannot connect to {}", t.display))?;
+            let r = triggers::install(&client, &config.invalidation.channel, &scope, false)
+                .await
+                .with_context(|| format!("installing triggers in {}", t.display))?;
+            println!(
+                "{}: triggers on {} table(s); DDL event triggers: {}",
+                t.display,
+                r.tables,
+                if r.event_triggers {
+                    "installed"
+                } else {
+                    "not permitted (periodic rescans detect DDL)"
+                }
+            );
+        }
+        Ok(())
+    })
+}
+
+pub fn uninstall(config: &Config) -> Result<()> {
+    let targets = targets(config)?;
+    let (tls, ssl) = control::tls_for(config.upstream.tls, config.upstream.tls_ca_file.as_deref())?;
+    runtime()?.block_on(async {
+        for t in &targets {
+            let (client, _driver) = control::connect(t, &tls, ssl, None)
+                .await
+                .with_context(|| format!("cannot connect to {}", t.display))?;
+            let n = triggers::uninstall(&client)
+                .await
+                .with_context(|| format!("removing triggers from {}", t.display))?;
+            println!("{}: removed triggers from {n} table(s)", t.display);
+        }
+        Ok(())
+    })
+}

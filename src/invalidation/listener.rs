@@ -1,0 +1,268 @@
+//! The listener: one task per cached database, holding a dedicated connection
+//! with `LISTEN`, applying invalidations in batches, watching its own health, and
+//! keeping the catalog current. While it is not connected and caught up, the
+//! database is served without the cache.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use metrics::{counter, gauge, histogram};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use tokio::sync::mpsc;
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::catalog::Catalog;
+use super::control::{self, ControlTarget};
+use super::payload::{Payload, QualifiedName};
+use super::triggers::{self, Scope};
+use super::DbState;
+use crate::cache::Cache;
+
+static CATALOG_VERSION: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub channel: String,
+    pub instance: u64,
+    pub check_interval: Duration,
+    pub rescan_interval: Duration,
+    pub auto_install: bool,
+    pub scope: Scope,
+}
+
+pub struct Listener {
+    pub db: Arc<DbState>,
+    pub target: ControlTarget,
+    pub tls: MakeRustlsConnect,
+    pub ssl: SslMode,
+    pub settings: Settings,
+    pub cache: Arc<Cache>,
+}
+
+type Timed = (Instant, AsyncMessage);
+
+#[async_trait]
+impl BackgroundService for Listener {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let db = self.db.name.clone();
+        let connected = gauge!("pgtier_listener_connected", "database" => db.clone());
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = self.session(&connected) => r,
+                _ = shutdown.changed() => return,
+            };
+            self.db.go_down();
+            connected.set(0.0);
+            counter!("pgtier_listener_reconnects_total", "database" => db.clone()).increment(1);
+            match result {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(
+                    database = %db, target = %self.target.display, error = %e,
+                    "invalidation listener lost; serving this database without the cache until it is back"
+                ),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Listener {
+    async fn session(&self, connected: &metrics::Gauge) -> anyhow::Result<()> {
+        let (tx, rx) = mpsc::unbounded_channel::<AsyncMessage>();
+        // Stamp each message as it arrives, for the lag figure.
+        let (timed_tx, mut timed_rx) = mpsc::unbounded_channel::<Timed>();
+        let stamper = tokio::spawn(async move {
+            let mut rx = rx;
+            while let Some(m) = rx.recv().await {
+                if timed_tx.send((Instant::now(), m)).is_err() {
+                    break;
+                }
+            }
+        });
+        let (client, driver) =
+            control::connect(&self.target, &self.tls, self.ssl, Some(tx)).await?;
+        let _guard = AbortOnDrop(vec![driver, stamper]);
+        let s = &self.settings;
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", s.channel.replace('"', "\"\"")))
+            .await?;
+        if s.auto_install {
+            let r = triggers::install(&client, &s.channel, &s.scope, true).await?;
+            if r.tables > 0 {
+                tracing::info!(database = %self.db.name, tables = r.tables, "installed invalidation triggers");
+            }
+        }
+        self.reload_catalog(&client).await?;
+        // Entries filled before now may have missed notifications: a new epoch.
+        self.db.come_up();
+        connected.set(1.0);
+        tracing::info!(database = %self.db.name, target = %self.target.display, "invalidation listener connected");
+
+        let mut check = tokio::time::interval(s.check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rescan = tokio::time::interval(s.rescan_interval);
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescan.tick().await;
+        let mut batch: Vec<Timed> = Vec::with_capacity(64);
+        loop {
+            tokio::select! {
+                biased;
+                first = timed_rx.recv() => {
+                    let Some(first) = first else {
+                        anyhow::bail!("connection closed");
+                    };
+                    // Coalesce everything already queued into one batch.
+                    batch.push(first);
+                    while batch.len() < 10_000 {
+                        match timed_rx.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply(&client, &mut batch).await?;
+                }
+                _ = check.tick() => {
+                    // A dead connection must be noticed within seconds, not when
+                    // TCP gives up.
+                    match tokio::time::timeout(s.check_interval, client.simple_query("SELECT 1")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => anyhow::bail!("health check timed out"),
+                    }
+                }
+                _ = rescan.tick() => {
+                    if s.auto_install {
+                        triggers::install(&client, &s.channel, &s.scope, true).await?;
+                    }
+                    self.reload_catalog(&client).await?;
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, client: &Client, batch: &mut Vec<Timed>) -> anyhow::Result<()> {
+        let db = &self.db;
+        let mut tables: HashSet<QualifiedName> = HashSet::new();
+        let mut all = false;
+        let mut ddl = false;
+        let mut fences = Vec::new();
+        let mut oldest: Option<Instant> = None;
+        let n = batch.len();
+        for (at, m) in batch.drain(..) {
+            let AsyncMessage::Notification(note) = m else {
+                continue;
+            };
+            if note.channel() != self.settings.channel {
+                continue;
+            }
+            oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
+            match Payload::parse(note.payload()) {
+                Some(Payload::Write(t)) => tables.extend(t),
+                Some(Payload::Ddl(t)) => {
+                    tables.extend(t);
+                    ddl = true;
+                }
+                Some(Payload::All) => all = true,
+                Some(Payload::Fence { instance, seq }) if instance == self.settings.instance => {
+                    fences.push(seq)
+                }
+                Some(Payload::Fence { .. }) => {}
+                None => {
+                    tracing::warn!(
+                        payload = note.payload(),
+                        "unreadable invalidation payload; invalidating the whole database"
+                    );
+                    all = true;
+                }
+            }
+        }
+        if all {
+            db.invalidate_all();
+        } else {
+            let t: Vec<QualifiedName> = tables.iter().cloned().collect();
+            db.invalidate(&t);
+        }
+        if !tables.is_empty() || all {
+            counter!("pgtier_invalidations_total", "database" => db.name.clone())
+                .increment(if all { 1 } else { tables.len() as u64 });
+        }
+        counter!("pgtier_invalidation_notifications_total", "database" => db.name.clone())
+            .increment(n as u64);
+        if let Some(o) = oldest {
+            let lag = o.elapsed().as_secs_f64();
+            histogram!("pgtier_listener_lag_seconds", "database" => db.name.clone()).record(lag);
+            gauge!("pgtier_listener_lag_last_seconds", "database" => db.name.clone()).set(lag);
+        }
+        // Fences complete only after everything received before them is applied.
+        for seq in fences {
+            db.complete_fence(seq);
+        }
+        if ddl || all {
+            self.cache.clear_descriptions();
+            if ddl {
+                if self.settings.auto_install {
+                    triggers::install(client, &self.settings.channel, &self.settings.scope, true)
+                        .await?;
+                }
+                self.reload_catalog(client).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-read the catalog and invalidate relations that changed under us
+    /// (renamed, dropped, altered, lost their trigger): this also covers DDL
+    /// made where no event trigger reports it.
+    async fn reload_catalog(&self, client: &Client) -> anyhow::Result<()> {
+        let version = CATALOG_VERSION.fetch_add(1, Ordering::Relaxed);
+        let new = Catalog::load(client, version).await?;
+        let old = self.db.catalog.load();
+        let mut changed: Vec<QualifiedName> = Vec::new();
+        for r in &old.relations {
+            let same = new.get(r.oid).is_some_and(|n| {
+                n.schema == r.schema
+                    && n.name == r.name
+                    && n.shape == r.shape
+                    && n.has_trigger == r.has_trigger
+            });
+            if !same {
+                changed.push((r.schema.clone(), r.name.clone()));
+                if let Some(n) = new.get(r.oid) {
+                    changed.push((n.schema.clone(), n.name.clone()));
+                }
+            }
+        }
+        if !changed.is_empty() {
+            tracing::debug!(database = %self.db.name, ?changed, "catalog changed");
+            self.db.invalidate(&changed);
+            self.cache.clear_descriptions();
+        }
+        self.db.set_catalog(new);
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Invalidation through Postgres LISTEN/NOTIFY: triggers report writes, one
+//! listener per cached database applies them, and cached entries carry the
+//! generations of the tables they read, so an entry is dead the moment any of
+//! those generations moves.
+//!
+//! Generations make invalidation O(1) and race-free: a fill snapshots the
+//! generations before its query runs and stores the snapshot in the entry, so a
+//! result computed before a write can never be served after the write's
+//! notification, however the fill and the notification interleave.
+
+pub mod catalog;
+pub mod commands;
+pub mod control;
+pub mod listener;
+pub mod payload;
+pub mod triggers;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::sync::oneshot;
+
+use crate::cache::Decision;
+use catalog::Catalog;
+pub use payload::Payload;
+
+/// Number of generation counters. Tables hash into them; a collision only means
+/// that a write to one table also invalidates another's entries.
+const SLOTS: usize = 1 << 16;
+
+/// Per-table generation counters, shared by all databases.
+pub struct Generations {
+    slots: Box<[AtomicU64]>,
+}
+
+impl Default for Generations {
+    fn default() -> Self {
+        Generations {
+            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Generations {
+    pub fn slot(database: &str, schema: &str, table: &str) -> u32 {
+        use xxhash_rust::xxh3::Xxh3;
+        let mut h = Xxh3::new();
+        for part in [database, schema, table] {
+            h.update(&(part.len() as u32).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        (h.digest() % SLOTS as u64) as u32
+    }
+
+    #[inline]
+    pub fn get(&self, slot: u32) -> u64 {
+        self.slots[slot as usize % SLOTS].load(Ordering::Acquire)
+    }
+
+    pub fn bump(&self, slot: u32) {
+        self.slots[slot as usize % SLOTS].fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// What a cacheable statement depends on in one database.
+#[derive(Debug)]
+pub struct Resolved {
+    /// Generation slots of every table the result reads.
+    pub slots: Box<[u32]>,
+    /// Catalog version the resolution was made against.
+    pub catalog_version: u64,
+}
+
+/// The invalidation state of one cached database.
+pub struct DbState {
+    pub name: String,
+    live: AtomicBool,
+    epoch: AtomicU64,
+    pub catalog: ArcSwap<Catalog>,
+    resolved: moka::sync::Cache<u128, Arc<Result<Resolved, &'static str>>>,
+    fences: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    next_fence: AtomicU64,
+    pub gens: Arc<Generations>,
+}
+
+impl DbState {
+    fn new(name: String, gens: Arc<Generations>) -> DbState {
+        DbState {
+            name,
+            live: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            catalog: ArcSwap::from_pointee(Catalog::default()),
+            resolved: moka::sync::Cache::new(50_000),
+            fences: Mutex::new(HashMap::new()),
+            next_fence: AtomicU64::new(1),
+            gens,
+        }
+    }
+
+    /// The listener is connected and caught up: entries may be served.
+    #[inline]
+    pub fn live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Stop serving (listener lost): nothing from before may be trusted.
+    pub fn go_down(&self) {
+        self.live.store(false, Ordering::Release);
+        // Waiters for fences that will never arrive are released; their sessions
+        // then see the database is down and bypass the cache.
+        if let Ok(mut f) = self.fences.lock() {
+            f.clear();
+        }
+    }
+
+    /// Resume after (re)connecting: a new epoch, so every entry filled before
+    /// (which may have missed a notification) is dead.
+    pub fn come_up(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.live.store(true, Ordering::Release);
+    }
+
+    /// Whether an entry filled under (`epoch`, `deps`) is still current.
+    #[inline]
+    pub fn valid(&self, epoch: u64, deps: &[(u32, u64)]) -> bool {
+        self.live() && epoch == self.epoch() && deps.iter().all(|(s, g)| self.gens.get(*s) == *g)
+    }
+
+    /// Snapshot the generations a fill depends on, before its query runs.
+    pub fn snapshot(&self, slots: &[u32]) -> (u64, Box<[(u32, u64)]>) {
+        let epoch = self.epoch();
+        (
+            epoch,
+            slots.iter().map(|s| (*s, self.gens.get(*s))).collect(),
+        )
+    }
+
+    pub fn invalidate(&self, tables: &[payload::QualifiedName]) {
+        for (schema, table) in tables {
+            self.gens.bump(Generations::slot(&self.name, schema, table));
+        }
+    }
+
+    /// Everything in this database changed.
+    pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn set_catalog(&self, catalog: Catalog) {
+        self.catalog.store(Arc::new(catalog));
+        self.resolved.invalidate_all();
+    }
+
+    /// Can a cacheable statement be cached in this database, and on what does
+    /// its result depend? Decided against the current catalog, once per text.
+    pub fn resolve(
+        &self,
+        text_hash: u128,
+        decision: &Decision,
+    ) -> Arc<Result<Resolved, &'static str>> {
+        let catalog = self.catalog.load();
+        if let Some(r) = self.resolved.get(&text_hash) {
+            match r.as_ref() {
+                Ok(ok) if ok.catalog_version != catalog.version => {}
+                _ => return r,
+            }
+        }
+        let r = Arc::new(catalog.resolve(&self.name, decision).map(|slots| Resolved {
+            slots: slots.into_boxed_slice(),
+            catalog_version: catalog.version,
+        }));
+        self.resolved.insert(text_hash, r.clone());
+        r
+    }
+
+    /// Register a fence; the listener completes it when the notification arrives.
+    pub fn new_fence(&self) -> (u64, oneshot::Receiver<()>) {
+        let seq = self.next_fence.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut f) = self.fences.lock() {
+            f.insert(seq, tx);
+        }
+        (seq, rx)
+    }
+
+    pub fn complete_fence(&self, seq: u64) {
+        let tx = self.fences.lock().ok().and_then(|mut f| f.remove(&seq));
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
+
+    pub fn forget_fence(&self, seq: u64) {
+        if let Ok(mut f) = self.fences.lock() {
+            f.remove(&seq);
+        }
+    }
+}
+
+/// All cached databases of this pgtier instance.
+pub struct Invalidation {
+    pub instance: u64,
+    pub channel: String,
+    dbs: HashMap<String, Arc<DbState>>,
+    pub gens: Arc<Generations>,
+}
+
+impl Invalidation {
+    pub fn new(databases: impl IntoIterator<Item = String>, channel: &str) -> Invalidation {
+        let gens = Arc::new(Generations::default());
+        let instance = {
+            let mut b = [0u8; 8];
+            getrandom_fill(&mut b);
+            u64::from_le_bytes(b) >> 1
+        };
+        Invalidation {
+            instance,
+            channel: channel.to_string(),
+            dbs: databases
+                .into_iter()
+                .map(|d| (d.clone(), Arc::new(DbState::new(d, gens.clone()))))
+                .collect(),
+            gens,
+        }
+    }
+
+    pub fn db(&self, name: &str) -> Option<Arc<DbState>> {
+        self.dbs.get(name).cloned()
+    }
+
+    pub fn databases(&self) -> impl Iterator<Item = &Arc<DbState>> {
+        self.dbs.values()
+    }
+}
+
+/// Randomness for the instance id, without another dependency: the process id,
+/// the clock and a stack address are unique enough to tell instances apart.
+fn getrandom_fill(out: &mut [u8; 8]) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let local = 0u8;
+    let mix =
+        xxhash_rust::xxh3::xxh3_64(format!("{}:{t}:{:p}", std::process::id(), &local).as_bytes());
+    *out = mix.to_le_bytes();
+}

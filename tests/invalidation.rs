@@ -1,0 +1,275 @@
+//! Freshness: writes made anywhere invalidate cached results through the
+//! triggers and the listener; writes through pgtier are visible to the next read
+//! at once; and nothing stale is served while the listener is down.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{direct, fresh_db, pgtier_bin, run_bounded, Pgtier};
+use tokio_postgres::Client;
+
+const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
+
+async fn v(c: &Client, sql: &str) -> String {
+    let rows = c.simple_query(sql).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get(0).unwrap_or("NULL").to_string())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| "<no rows>".into())
+}
+
+/// Read through pgtier until it returns `want`, bounded; returns how long it took.
+async fn until(c: &Client, sql: &str, want: &str) -> Duration {
+    let t = Instant::now();
+    loop {
+        let got = v(c, sql).await;
+        if got == want {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{sql}: still {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Read twice so the entry is cached, and check the second read was a hit.
+async fn warm(p: &Pgtier, c: &Client, sql: &str, want: &str) {
+    assert_eq!(v(c, sql).await, want);
+    let before = p.metrics().await.hits();
+    assert_eq!(v(c, sql).await, want);
+    assert_eq!(
+        p.metrics().await.hits() - before,
+        1.0,
+        "{sql} should be served from the cache"
+    );
+}
+
+#[tokio::test]
+async fn writes_made_directly_invalidate_every_kind_of_statement() {
+    let db = fresh_db("pgtier_inv_direct").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "create table t(id int primary key, v int); insert into t values (1, 10), (2, 20)",
+    )
+    .await
+    .unwrap();
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let c = p.connect(&db).await;
+    let q = "select coalesce(sum(v), 0) from t";
+
+    warm(&p, &c, q, "30").await;
+    d.execute("insert into t values (3, 30)", &[])
+        .await
+        .unwrap();
+    until(&c, q, "60").await;
+
+    warm(&p, &c, q, "60").await;
+    d.execute("update t set v = v + 1", &[]).await.unwrap();
+    until(&c, q, "63").await;
+
+    warm(&p, &c, q, "63").await;
+    d.execute("delete from t where id = 3", &[]).await.unwrap();
+    until(&c, q, "32").await;
+
+    warm(&p, &c, q, "32").await;
+    d.batch_execute("truncate t").await.unwrap();
+    until(&c, q, "0").await;
+
+    // a write inside an explicit transaction is visible only after commit
+    warm(&p, &c, q, "0").await;
+    d.batch_execute("begin; insert into t values (9, 9);")
+        .await
+        .unwrap();
+    assert_eq!(v(&c, q).await, "0");
+    d.batch_execute("commit").await.unwrap();
+    until(&c, q, "9").await;
+}
+
+#[tokio::test]
+async fn writes_through_pgtier_are_read_back_immediately() {
+    let db = fresh_db("pgtier_inv_ryw").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table k(id int primary key, v int); insert into k values (1, 0)")
+        .await
+        .unwrap();
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let mut a = p.connect(&db).await;
+    let b = p.connect(&db).await;
+    let q = "select v from k where id = 1";
+    let stmt = a.prepare("select v from k where id = $1").await.unwrap();
+    for i in 1..=20 {
+        warm(&p, &a, q, &(i - 1).to_string()).await;
+        let _ = b.query_one(&stmt.clone(), &[&1i32]).await;
+        match i % 3 {
+            0 => {
+                a.execute("update k set v = v + 1 where id = 1", &[])
+                    .await
+                    .unwrap();
+            }
+            1 => {
+                a.simple_query("update k set v = v + 1 where id = 1")
+                    .await
+                    .unwrap();
+            }
+            _ => {
+                let tx = a.transaction().await.unwrap();
+                tx.execute("update k set v = v + 1 where id = 1", &[])
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }
+        // no retry: the very next read, in this session and in another, is fresh
+        assert_eq!(
+            v(&a, q).await,
+            i.to_string(),
+            "same session after write {i}"
+        );
+        assert_eq!(
+            v(&b, q).await,
+            i.to_string(),
+            "other session after write {i}"
+        );
+        let got: i32 = a
+            .query_one("select v from k where id = $1", &[&1i32])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, i);
+    }
+}
+
+#[tokio::test]
+async fn partitions_views_and_ddl_invalidate() {
+    let db = fresh_db("pgtier_inv_shapes").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "create table m(id int, region text, v int) partition by list (region);
+         create table m_eu partition of m for values in ('eu');
+         create table m_us partition of m for values in ('us');
+         insert into m values (1, 'eu', 1), (2, 'us', 2);
+         create table base(id int, v int); insert into base values (1, 100);
+         create view top as select id, v * 2 as doubled from base;
+         create table shape(a int); insert into shape values (1);",
+    )
+    .await
+    .unwrap();
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let c = p.connect(&db).await;
+
+    // a write straight into a partition invalidates reads of the parent, and vice versa
+    warm(&p, &c, "select sum(v) from m", "3").await;
+    warm(&p, &c, "select sum(v) from m_eu", "1").await;
+    d.execute("insert into m_eu values (3, 'eu', 10)", &[])
+        .await
+        .unwrap();
+    until(&c, "select sum(v) from m", "13").await;
+    until(&c, "select sum(v) from m_eu", "11").await;
+    warm(&p, &c, "select sum(v) from m_eu", "11").await;
+    d.execute("update m set v = v + 100 where region = 'eu'", &[])
+        .await
+        .unwrap();
+    until(&c, "select sum(v) from m_eu", "211").await;
+
+    // a view is invalidated by writes to its base table
+    warm(&p, &c, "select doubled from top", "200").await;
+    d.execute("update base set v = 7", &[]).await.unwrap();
+    until(&c, "select doubled from top", "14").await;
+
+    // DDL: a new column shows up in SELECT *
+    warm(&p, &c, "select * from shape", "1").await;
+    d.batch_execute("alter table shape add column b int default 5")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let rows = c.simple_query("select * from shape").await.unwrap();
+        let cols = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.len()),
+            _ => None,
+        });
+        if cols == Some(2) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "ALTER TABLE did not invalidate"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // a dropped and recreated table is not served from its old entries
+    warm(&p, &c, "select a from shape", "1").await;
+    d.batch_execute("drop table shape; create table shape(a int); insert into shape values (2);")
+        .await
+        .unwrap();
+    until(&c, "select a from shape", "2").await;
+}
+
+#[tokio::test]
+async fn tables_without_triggers_are_never_cached() {
+    let db = fresh_db("pgtier_inv_notrigger").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table watched(v int); insert into watched values (1); create table unwatched(v int); insert into unwatched values (1);")
+        .await
+        .unwrap();
+    let control = format!("postgres://postgres@127.0.0.1:5432/{db}");
+    let (st, out, err) = run_bounded(
+        Command::new(pgtier_bin()).args([
+            "install-triggers",
+            "--control-url",
+            &control,
+            "--table",
+            "watched",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "{out}{err}");
+    assert!(out.contains("triggers on 1 table(s)"), "{out}");
+    // no auto-install: only `watched` has a trigger
+    let p = Pgtier::start_with(common::PG_PORT, TTL, &["--control-url", &control]);
+    p.wait_listener(&db).await;
+    let c = p.connect(&db).await;
+    for _ in 0..3 {
+        assert_eq!(v(&c, "select v from unwatched").await, "1");
+    }
+    let m = p.metrics().await;
+    assert_eq!(m.hits(), 0.0);
+    assert!(m.bypasses("no_trigger") >= 3.0);
+    warm(&p, &c, "select v from watched", "1").await;
+    // writes to the table without a trigger are still seen at once
+    d.execute("update unwatched set v = 2", &[]).await.unwrap();
+    assert_eq!(v(&c, "select v from unwatched").await, "2");
+
+    // uninstall removes everything
+    let (st, out, err) = run_bounded(
+        Command::new(pgtier_bin()).args(["uninstall-triggers", "--control-url", &control]),
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "{out}{err}");
+    let n: i64 = d
+        .query_one(
+            "select count(*) from pg_trigger where tgname = 'pgtier_notify'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    let schema: i64 = d
+        .query_one(
+            "select count(*) from pg_namespace where nspname = 'pgtier'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(schema, 0);
+}
