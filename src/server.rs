@@ -145,6 +145,7 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
         check_interval: inv.check_interval.0,
         rescan_interval: inv.rescan_interval.0,
         auto_install: inv.auto_install,
+        eager_watch: inv.watch == crate::config::WatchMode::Eager,
         scope: Scope {
             schemas: inv.schemas.clone(),
             tables: inv.tables.clone(),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use super::{split_host_port, ByteSize, Config, ConfigError, Dur, TlsMode};
+use super::{split_host_port, ByteSize, Config, ConfigError, Dur, TlsMode, WatchMode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,6 +86,9 @@ pub struct Options {
     /// Install triggers at start-up and on new tables (invalidation.auto_install).
     #[arg(long, env = "PGTIER_AUTO_INSTALL_TRIGGERS", global = true)]
     pub auto_install_triggers: bool,
+    /// lazy | eager: when writes to a table start being announced (invalidation.watch).
+    #[arg(long, env = "PGTIER_WATCH", global = true)]
+    pub watch: Option<WatchMode>,
     /// Maximum client connections (server.max_client_connections).
     #[arg(long, env = "PGTIER_MAX_CLIENT_CONNECTIONS", global = true)]
     pub max_client_connections: Option<usize>,
@@ -163,6 +166,9 @@ impl Options {
         }
         if self.auto_install_triggers {
             c.invalidation.auto_install = true;
+        }
+        if let Some(v) = self.watch {
+            c.invalidation.watch = v;
         }
         if let Some(v) = self.max_client_connections {
             c.server.max_client_connections = v;

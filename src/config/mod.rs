@@ -69,6 +69,30 @@ pub struct InvalidationConfig {
     /// Longest a client waits after committing a write for pgtier to have
     /// processed its invalidation (read-your-writes).
     pub fence_timeout: Dur,
+    /// When to start announcing writes to a table: `lazy` when pgtier first
+    /// wants to cache a read of it (writers of tables nobody caches pay almost
+    /// nothing), `eager` for every table with a trigger as soon as the listener
+    /// connects (no warm-up misses).
+    pub watch: WatchMode,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    #[default]
+    Lazy,
+    Eager,
+}
+
+impl std::str::FromStr for WatchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lazy" => Ok(WatchMode::Lazy),
+            "eager" => Ok(WatchMode::Eager),
+            _ => Err(format!("'{s}' is not a watch mode; use lazy or eager")),
+        }
+    }
 }
 
 impl Default for InvalidationConfig {
@@ -83,6 +107,7 @@ impl Default for InvalidationConfig {
             check_interval: Dur(std::time::Duration::from_secs(2)),
             rescan_interval: Dur(std::time::Duration::from_secs(10)),
             fence_timeout: Dur(std::time::Duration::from_secs(1)),
+            watch: WatchMode::Lazy,
         }
     }
 }

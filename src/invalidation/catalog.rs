@@ -173,8 +173,16 @@ impl Catalog {
     }
 
     /// The generation slots a cacheable statement depends on, or why it cannot be
-    /// cached in this database.
-    pub fn resolve(&self, database: &str, decision: &Decision) -> Result<Vec<u32>, &'static str> {
+    /// cached in this database. Tables with a trigger that this pgtier does not
+    /// watch yet are added to `unwatched` (and the statement is not cacheable
+    /// until they are).
+    pub fn resolve(
+        &self,
+        database: &str,
+        decision: &Decision,
+        watched: &HashSet<u32>,
+        unwatched: &mut Vec<u32>,
+    ) -> Result<Vec<u32>, &'static str> {
         let read = decision.analysis.read.as_ref().map_err(|n| n.label())?;
         for f in &read.user_functions {
             if !self.immutable.contains(f.as_str()) {
@@ -182,8 +190,13 @@ impl Catalog {
             }
         }
         let mut slots = Vec::new();
+        let mut oids = Vec::new();
         for t in &read.tables {
-            self.resolve_table(database, t, &mut slots)?;
+            self.resolve_table(database, t, &mut slots, &mut oids)?;
+        }
+        unwatched.extend(oids.into_iter().filter(|o| !watched.contains(o)));
+        if !unwatched.is_empty() {
+            return Err("not_watched");
         }
         slots.sort_unstable();
         slots.dedup();
@@ -195,6 +208,7 @@ impl Catalog {
         database: &str,
         t: &TableRef,
         slots: &mut Vec<u32>,
+        oids: &mut Vec<u32>,
     ) -> Result<(), &'static str> {
         let candidates: Vec<usize> = self
             .by_name
@@ -214,7 +228,7 @@ impl Catalog {
         // An unqualified name may be any of them, depending on search_path: all
         // must be cacheable, and the result depends on all of them.
         for i in candidates {
-            self.resolve_relation(database, self.relations[i].oid, slots, 0)?;
+            self.resolve_relation(database, self.relations[i].oid, slots, oids, 0)?;
         }
         Ok(())
     }
@@ -224,6 +238,7 @@ impl Catalog {
         database: &str,
         oid: u32,
         slots: &mut Vec<u32>,
+        oids: &mut Vec<u32>,
         depth: usize,
     ) -> Result<(), &'static str> {
         if depth > 16 {
@@ -238,7 +253,8 @@ impl Catalog {
                 for member in self.family(oid) {
                     match self.get(member) {
                         Some(m) if m.has_trigger => {
-                            slots.push(Generations::slot(database, &m.schema, &m.name))
+                            slots.push(Generations::slot(database, &m.schema, &m.name));
+                            oids.push(member);
                         }
                         Some(_) => return Err("no_trigger"),
                         None => return Err("unknown_table"),
@@ -253,7 +269,7 @@ impl Catalog {
                     return Ok(());
                 }
                 for base in &r.reads {
-                    self.resolve_relation(database, *base, slots, depth + 1)?;
+                    self.resolve_relation(database, *base, slots, oids, depth + 1)?;
                 }
                 Ok(())
             }
@@ -302,7 +318,8 @@ mod tests {
         rels[6].row_security = true;
         let cat = Catalog::build(1, rels, HashSet::from(["safe_fn".to_string()]));
         let cache = Cache::new(&Config::default());
-        let r = |sql: &str| cat.resolve("db", &cache.decide(sql.as_bytes()));
+        let all: HashSet<u32> = (1..=7).collect();
+        let r = |sql: &str| cat.resolve("db", &cache.decide(sql.as_bytes()), &all, &mut Vec::new());
         assert_eq!(r("select * from t").unwrap().len(), 1);
         assert_eq!(r("select * from untracked"), Err("no_trigger"));
         assert_eq!(
@@ -322,5 +339,16 @@ mod tests {
         assert_eq!(r("select * from other.t"), Err("unknown_table"));
         assert!(r("select safe_fn(1) from t").is_ok());
         assert!(r("select other_fn(1) from t").is_err());
+        let mut unwatched = Vec::new();
+        let none = HashSet::new();
+        let res = cat.resolve(
+            "db",
+            &cache.decide(b"select * from parent"),
+            &none,
+            &mut unwatched,
+        );
+        assert_eq!(res, Err("not_watched"));
+        unwatched.sort();
+        assert_eq!(unwatched, vec![5, 6], "a watch covers the whole family");
     }
 }

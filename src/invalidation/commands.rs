@@ -8,8 +8,12 @@ use crate::config::Config;
 
 fn targets(config: &Config) -> Result<Vec<control::ControlTarget>> {
     let password = config.invalidation.password()?;
-    let targets = control::parse(&config.invalidation.control_urls, password.as_deref())
+    let mut targets = control::parse(&config.invalidation.control_urls, password.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
+    // Not "pgtier-control": a running listener should hear about this DDL.
+    for t in &mut targets {
+        t.config.application_name("pgtier-install");
+    }
     if targets.is_empty() {
         anyhow::bail!(
             "no control connection configured: pass --control-url postgres://user:pass@host:port/db \

@@ -34,6 +34,7 @@ pub struct Settings {
     pub rescan_interval: Duration,
     pub auto_install: bool,
     pub scope: Scope,
+    pub eager_watch: bool,
 }
 
 pub struct Listener {
@@ -108,6 +109,10 @@ impl Listener {
             }
         }
         self.reload_catalog(&client).await?;
+        self.db.forget_watches();
+        if s.eager_watch {
+            self.watch_all(&client).await?;
+        }
         // Entries filled before now may have missed notifications: a new epoch.
         self.db.come_up();
         connected.set(1.0);
@@ -145,11 +150,30 @@ impl Listener {
                         Err(_) => anyhow::bail!("health check timed out"),
                     }
                 }
-                _ = rescan.tick() => {
-                    if s.auto_install {
-                        triggers::install(&client, &s.channel, &s.scope, true).await?;
+                _ = self.db.watch_wanted.notified() => {
+                    let wanted = self.db.take_watch_requests();
+                    if !wanted.is_empty() {
+                        match triggers::watch(&client, &wanted, Duration::from_secs(5)).await? {
+                            true => {
+                                tracing::debug!(database = %self.db.name, tables = wanted.len(), "watching tables");
+                                self.db.mark_watched(&wanted);
+                            }
+                            false => tracing::info!(
+                                database = %self.db.name,
+                                "a long-running transaction delays caching of newly used tables"
+                            ),
+                        }
                     }
+                }
+                _ = rescan.tick() => {
                     self.reload_catalog(&client).await?;
+                    if s.auto_install && self.missing_triggers() {
+                        triggers::install(&client, &s.channel, &s.scope, true).await?;
+                        self.reload_catalog(&client).await?;
+                    }
+                    if s.eager_watch {
+                        self.watch_all(&client).await?;
+                    }
                 }
             }
         }
@@ -223,6 +247,32 @@ impl Listener {
             }
         }
         Ok(())
+    }
+
+    /// Watch every table that has a trigger (eager mode).
+    async fn watch_all(&self, client: &Client) -> anyhow::Result<()> {
+        let oids: Vec<u32> = self
+            .db
+            .catalog
+            .load()
+            .relations
+            .iter()
+            .filter(|r| r.has_trigger)
+            .map(|r| r.oid)
+            .collect();
+        if !oids.is_empty() && triggers::watch(client, &oids, Duration::from_secs(5)).await? {
+            self.db.mark_watched(&oids);
+        }
+        Ok(())
+    }
+
+    /// Tables in scope that have no trigger yet (created since the last install).
+    fn missing_triggers(&self) -> bool {
+        self.db.catalog.load().relations.iter().any(|r| {
+            matches!(r.kind, b'r' | b'p')
+                && !r.has_trigger
+                && self.settings.scope.covers(&r.schema, &r.name)
+        })
     }
 
     /// Re-read the catalog and invalidate relations that changed under us

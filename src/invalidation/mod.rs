@@ -15,7 +15,7 @@ pub mod listener;
 pub mod payload;
 pub mod triggers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -83,6 +83,12 @@ pub struct DbState {
     fences: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_fence: AtomicU64,
     pub gens: Arc<Generations>,
+    /// Tables this instance has started watching (writes to them are announced).
+    watched: ArcSwap<HashSet<u32>>,
+    /// Tables a miss wanted cached but that are not watched yet; the listener
+    /// watches them.
+    watch_requests: Mutex<HashSet<u32>>,
+    pub watch_wanted: tokio::sync::Notify,
 }
 
 impl DbState {
@@ -96,6 +102,9 @@ impl DbState {
             fences: Mutex::new(HashMap::new()),
             next_fence: AtomicU64::new(1),
             gens,
+            watched: ArcSwap::from_pointee(HashSet::new()),
+            watch_requests: Mutex::new(HashSet::new()),
+            watch_wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -158,6 +167,29 @@ impl DbState {
         self.resolved.invalidate_all();
     }
 
+    /// Tables requested for watching since the last call.
+    pub fn take_watch_requests(&self) -> Vec<u32> {
+        self.watch_requests
+            .lock()
+            .map(|mut r| r.drain().collect())
+            .unwrap_or_default()
+    }
+
+    /// Record tables as watched; statements on them may be cached from now on.
+    pub fn mark_watched(&self, oids: &[u32]) {
+        let mut set = (**self.watched.load()).clone();
+        set.extend(oids.iter().copied());
+        self.watched.store(Arc::new(set));
+        self.resolved.invalidate_all();
+    }
+
+    /// After reconnecting, watches are re-established on demand (each re-check
+    /// is cheap: the sequence is usually already set).
+    pub fn forget_watches(&self) {
+        self.watched.store(Arc::new(HashSet::new()));
+        self.resolved.invalidate_all();
+    }
+
     /// Can a cacheable statement be cached in this database, and on what does
     /// its result depend? Decided against the current catalog, once per text.
     pub fn resolve(
@@ -172,10 +204,24 @@ impl DbState {
                 _ => return r,
             }
         }
-        let r = Arc::new(catalog.resolve(&self.name, decision).map(|slots| Resolved {
-            slots: slots.into_boxed_slice(),
-            catalog_version: catalog.version,
-        }));
+        let mut unwatched = Vec::new();
+        let watched = self.watched.load();
+        let r = Arc::new(
+            catalog
+                .resolve(&self.name, decision, &watched, &mut unwatched)
+                .map(|slots| Resolved {
+                    slots: slots.into_boxed_slice(),
+                    catalog_version: catalog.version,
+                }),
+        );
+        if !unwatched.is_empty() {
+            // Not cached as a verdict: it changes once the watch is in place.
+            if let Ok(mut req) = self.watch_requests.lock() {
+                req.extend(unwatched);
+            }
+            self.watch_wanted.notify_one();
+            return r;
+        }
         self.resolved.insert(text_hash, r.clone());
         r
     }

@@ -25,7 +25,7 @@ pub struct Scope {
 }
 
 impl Scope {
-    fn covers(&self, schema: &str, name: &str) -> bool {
+    pub fn covers(&self, schema: &str, name: &str) -> bool {
         let schema_ok = self.schemas.is_empty() || self.schemas.iter().any(|s| s == schema);
         let table_ok = self.tables.is_empty()
             || self.tables.iter().any(|t| match t.split_once('.') {
@@ -57,7 +57,13 @@ fn function_sql(channel: &str) -> String {
 CREATE OR REPLACE FUNCTION pgtier.notify_change() RETURNS trigger
 LANGUAGE plpgsql AS $pgtier$
 BEGIN
-  PERFORM pg_notify({ch}, TG_ARGV[0]);
+  -- pgtier-notify-v2. Only tables a pgtier caches are announced: their watch
+  -- sequence (TG_ARGV[1]) stands at 2. A notifying commit serialises with every
+  -- other one (Postgres's notify queue lock is held through the commit), so
+  -- tables nobody caches must not pay for it.
+  IF pg_sequence_last_value(TG_ARGV[1]::oid::regclass) > 1 THEN
+    PERFORM pg_notify({ch}, TG_ARGV[0]);
+  END IF;
   RETURN NULL;
 END
 $pgtier$;
@@ -74,6 +80,11 @@ DECLARE
   t jsonb := '[]'::jsonb;
   r record;
 BEGIN
+  -- pgtier-ddl-v2. pgtier's own listener reloads the catalog after its DDL;
+  -- announcing it would only echo back.
+  IF current_setting('application_name', true) = 'pgtier-control' THEN
+    RETURN;
+  END IF;
   IF TG_EVENT = 'sql_drop' THEN
     FOR r IN SELECT schema_name AS s, object_name AS n FROM pg_event_trigger_dropped_objects()
              WHERE object_type IN ('table', 'view', 'materialized view', 'foreign table') LOOP
@@ -102,8 +113,13 @@ CREATE EVENT TRIGGER pgtier_drop ON sql_drop EXECUTE FUNCTION pgtier.on_ddl();"
     )
 }
 
-/// The CREATE TRIGGER statement for one table.
-pub fn trigger_sql(catalog: &Catalog, oid: u32) -> Option<String> {
+/// The watch sequence of a table: at 2 while some pgtier caches it.
+pub fn watch_sequence(oid: u32) -> String {
+    format!("pgtier.w{oid}")
+}
+
+/// The CREATE TRIGGER statement for one table, given its watch sequence's oid.
+pub fn trigger_sql(catalog: &Catalog, oid: u32, sequence: u32) -> Option<String> {
     let r = catalog.get(oid)?;
     let family: Vec<(String, String)> = catalog
         .family(oid)
@@ -113,7 +129,7 @@ pub fn trigger_sql(catalog: &Catalog, oid: u32) -> Option<String> {
     let payload = Payload::write_payload(&family);
     Some(format!(
         "CREATE OR REPLACE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {}.{} \
-         FOR EACH STATEMENT EXECUTE FUNCTION pgtier.notify_change({})",
+         FOR EACH STATEMENT EXECUTE FUNCTION pgtier.notify_change({}, '{sequence}')",
         quote_ident(&r.schema),
         quote_ident(&r.name),
         quote_literal(&payload)
@@ -150,7 +166,17 @@ pub async fn install(
         if only_missing && r.has_trigger {
             continue;
         }
-        if let Some(sql) = trigger_sql(&catalog, r.oid) {
+        let seq = watch_sequence(r.oid);
+        client
+            .batch_execute(&format!(
+                "CREATE SEQUENCE IF NOT EXISTS {seq} MINVALUE 1 MAXVALUE 2 START 1 NO CYCLE"
+            ))
+            .await?;
+        let seq_oid: i64 = client
+            .query_one("SELECT $1::text::regclass::oid::int8", &[&seq])
+            .await?
+            .get(0);
+        if let Some(sql) = trigger_sql(&catalog, r.oid, seq_oid as u32) {
             client.batch_execute(&sql).await?;
             tables += 1;
         }
@@ -159,6 +185,48 @@ pub async fn install(
         tables,
         event_triggers,
     })
+}
+
+/// Start announcing writes to these tables, then wait until every transaction
+/// that might have written them without announcing it has ended; from then on
+/// results read from them may be cached. Returns false if some old transaction
+/// is still running after `patience`.
+pub async fn watch(
+    client: &Client,
+    oids: &[u32],
+    patience: std::time::Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    for oid in oids {
+        client
+            .execute(
+                "SELECT setval($1::text::regclass, 2)",
+                &[&watch_sequence(*oid)],
+            )
+            .await?;
+    }
+    // A writer whose trigger looked before the setval already has an xid below
+    // this snapshot's xmax; once none is running, every later commit announces.
+    let xmax: String = client
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await?
+        .get(0);
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let done: bool = client
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
+                &[&xmax],
+            )
+            .await?
+            .get(0);
+        if done {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 /// Remove everything `install` created.

@@ -69,7 +69,13 @@ impl Pgtier {
     pub async fn cached(db: &str, toml: &str, args: &[&str]) -> Pgtier {
         require_postgres();
         let control = format!("postgres://postgres@{PG_HOST}:{PG_PORT}/{db}");
-        let mut all = vec!["--control-url", &control, "--auto-install-triggers"];
+        let mut all = vec![
+            "--control-url",
+            &control,
+            "--auto-install-triggers",
+            "--watch",
+            "eager",
+        ];
         all.extend_from_slice(args);
         let p = Self::start_with(PG_PORT, toml, &all);
         p.wait_listener(db).await;

@@ -1,0 +1,267 @@
+//! Staleness checker: writers increment counters directly in Postgres while
+//! readers read them through pgtier; a read is stale when it returns a value older
+//! than one committed more than `bound` before the read began. Then measures
+//! commit-to-visible latency (write directly, poll through pgtier until seen).
+//!
+//!     cargo bench --bench staleness                 # 60 s, 1000 writes/s, 20000 reads/s, 10 ms bound
+//!     STALE_SECS=10 cargo bench --bench staleness   # shorter
+//!
+//! Needs the local Postgres on 127.0.0.1:5432 (see README).
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio_postgres::{Client, NoTls};
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn connect(port: u16, db: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname={db}"),
+        NoTls,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect to port {port}: {e} (is Postgres running? see README)"));
+    tokio::spawn(conn);
+    c
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return; // `cargo test --benches`: nothing to check without a full run
+    }
+    let secs: u64 = env("STALE_SECS", 60);
+    let writes_per_sec: u64 = env("STALE_WRITES", 1000);
+    let reads_per_sec: u64 = env("STALE_READS", 20000);
+    let bound = Duration::from_millis(env("STALE_BOUND_MS", 10));
+    let rows: i32 = env("STALE_ROWS", 1000);
+    let (writers, readers) = (4u64, env("STALE_READERS", 32u64));
+    let db = "pgtier_staleness";
+
+    let admin = connect(5432, "postgres").await;
+    admin
+        .execute(&format!("drop database if exists {db} with (force)"), &[])
+        .await
+        .unwrap();
+    admin
+        .execute(&format!("create database {db}"), &[])
+        .await
+        .unwrap();
+    let d = connect(5432, db).await;
+    d.batch_execute(&format!(
+        "create table counters(id int primary key, v bigint not null); \
+         insert into counters select g, 0 from generate_series(1, {rows}) g"
+    ))
+    .await
+    .unwrap();
+
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("pgtier-stale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut pgtier = Command::new(env!("CARGO_BIN_EXE_pgtier"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            "127.0.0.1:5432",
+        ])
+        .args([
+            "--admin-listen",
+            "",
+            "--default-ttl",
+            "10m",
+            "--log-level",
+            "warn",
+        ])
+        .args([
+            "--control-url",
+            &format!("postgres://postgres@127.0.0.1:5432/{db}"),
+            "--auto-install-triggers",
+        ])
+        .arg("--pid-file")
+        .arg(dir.join("pid"))
+        .arg("--upgrade-sock")
+        .arg(dir.join("sock"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start pgtier");
+    // wait for pgtier and its listener: a repeated read becomes a hit only then
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((c, conn)) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname={db}"),
+            NoTls,
+        )
+        .await
+        {
+            tokio::spawn(conn);
+            if c.simple_query("select v from counters where id = 1")
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "pgtier did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    println!(
+        "staleness: {secs}s, {writes_per_sec} writes/s ({writers} writers, direct), \
+         {reads_per_sec} reads/s ({readers} readers, via pgtier), bound {bound:?}"
+    );
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let mut handles = Vec::new();
+    for _ in 0..writers {
+        let interval = Duration::from_secs_f64(writers as f64 / writes_per_sec as f64);
+        handles.push(tokio::spawn(async move {
+            let c = connect(5432, db).await;
+            let st = c
+                .prepare("update counters set v = v + 1 where id = $1 returning v")
+                .await
+                .unwrap();
+            let mut log: Vec<(i32, i64, Instant)> = Vec::new();
+            let mut next = Instant::now();
+            while Instant::now() < end {
+                let id = rand::thread_rng().gen_range(1..=rows);
+                let v: i64 = c.query_one(&st, &[&id]).await.unwrap().get(0);
+                log.push((id, v, Instant::now()));
+                next += interval;
+                tokio::time::sleep_until(next.into()).await;
+            }
+            (log, Vec::new())
+        }));
+    }
+    for _ in 0..readers {
+        let interval = Duration::from_secs_f64(readers as f64 / reads_per_sec as f64);
+        handles.push(tokio::spawn(async move {
+            let c = connect(port, db).await;
+            let st = c
+                .prepare("select v from counters where id = $1")
+                .await
+                .unwrap();
+            let mut reads: Vec<(i32, i64, Instant)> = Vec::new();
+            let mut next = Instant::now();
+            while Instant::now() < end {
+                let id = rand::thread_rng().gen_range(1..=rows);
+                let t0 = Instant::now();
+                let v: i64 = c.query_one(&st, &[&id]).await.unwrap().get(0);
+                reads.push((id, v, t0));
+                next += interval;
+                if next > Instant::now() {
+                    tokio::time::sleep_until(next.into()).await;
+                } else {
+                    next = Instant::now();
+                }
+            }
+            (Vec::new(), reads)
+        }));
+    }
+    let mut commits: Vec<Vec<(i64, Instant)>> = vec![Vec::new(); rows as usize + 1];
+    let mut reads = Vec::new();
+    for h in handles {
+        let (w, r) = h.await.unwrap();
+        for (id, v, t) in w {
+            commits[id as usize].push((v, t));
+        }
+        reads.extend(r);
+    }
+    for c in &mut commits {
+        c.sort_by_key(|(v, _)| *v);
+    }
+    let commits = Arc::new(commits);
+    let mut stale = 0u64;
+    let mut worst = Duration::ZERO;
+    for (id, v, t0) in &reads {
+        let log = &commits[*id as usize];
+        // newest commit that finished more than `bound` before the read began
+        if let Some((cv, ct)) = log.iter().rev().find(|(_, ct)| *ct + bound < *t0) {
+            if cv > v {
+                stale += 1;
+                worst = worst.max(*t0 - *ct);
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let nwrites: usize = commits.iter().map(|c| c.len()).sum();
+    println!(
+        "  writes {nwrites} ({:.0}/s), reads {} ({:.0}/s), stale reads beyond {bound:?}: {stale}{}",
+        nwrites as f64 / elapsed,
+        reads.len(),
+        reads.len() as f64 / elapsed,
+        if stale > 0 {
+            format!(" (oldest {worst:?})")
+        } else {
+            String::new()
+        }
+    );
+
+    // commit-to-visible latency: the value is cached, a direct write commits, and
+    // a reader polls through pgtier until it sees it
+    let r = connect(port, db).await;
+    let st = r
+        .prepare("select v from counters where id = $1")
+        .await
+        .unwrap();
+    let w = connect(5432, db).await;
+    let mut lat = Vec::new();
+    for i in 0..500 {
+        let id = 1 + (i % rows);
+        let before: i64 = r.query_one(&st, &[&id]).await.unwrap().get(0);
+        let _: i64 = r.query_one(&st, &[&id]).await.unwrap().get(0);
+        w.execute("update counters set v = v + 1 where id = $1", &[&id])
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        loop {
+            let v: i64 = r.query_one(&st, &[&id]).await.unwrap().get(0);
+            if v > before {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "write never became visible"
+            );
+        }
+        lat.push(t0.elapsed());
+    }
+    lat.sort();
+    println!(
+        "  commit-to-visible through pgtier: p50 {:?}  p99 {:?}  max {:?}",
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or_default()
+    );
+    let _ = pgtier.kill();
+    let _ = pgtier.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    if stale > 0 {
+        std::process::exit(1);
+    }
+}
