@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             pgtier::invalidation::commands::install(&config, scope)
         }
         Command::UninstallTriggers => pgtier::invalidation::commands::uninstall(&config),
-        Command::CheckConfig => match toml::to_string_pretty(&config) {
+        Command::CheckConfig => match toml::to_string_pretty(&config.redacted()) {
             Ok(text) => {
                 println!("{text}");
                 Ok(())

@@ -23,9 +23,20 @@ static HOT: OnceLock<Hot> = OnceLock::new();
 /// Install the global recorder (once per process) and register the hot handles.
 pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
-        let handle = PrometheusBuilder::new()
+        // Real histograms (buckets), not summaries: quantiles are computed in
+        // Prometheus, across instances. Buckets in seconds, 50µs to 10s.
+        const BUCKETS: &[f64] = &[
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let builder = || {
+            PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new())
+        };
+        let handle = builder()
             .install_recorder()
-            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+            .unwrap_or_else(|_| builder().build_recorder().handle());
         describe();
         handle
     })
@@ -41,6 +52,12 @@ pub fn hot() -> &'static Hot {
         coalesced: counter!("pgtier_cache_coalesced_total"),
         client_connections: gauge!("pgtier_client_connections"),
     })
+}
+
+/// An L2 lookup and what came of it (hit, miss, unavailable).
+pub fn l2_lookup(outcome: &'static str) {
+    counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => outcome, "reason" => "")
+        .increment(1);
 }
 
 /// A request that was not looked up in the cache, by reason.

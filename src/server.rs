@@ -58,6 +58,10 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
     let live = Arc::new(Live::new(config.clone()));
     let proxy = Arc::new(Proxy::new(live.clone())?);
 
+    if let Some(l2) = proxy.cache.l2.clone() {
+        sessions.on_each(move || l2.clone().warm_up());
+    }
+
     let mut conf = ServerConf::new().context("pingora default configuration")?;
     conf.threads = 1;
     conf.grace_period_seconds = Some(0);

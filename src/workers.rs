@@ -59,6 +59,17 @@ impl Workers {
         self.handles[i].spawn(fut);
     }
 
+    /// Run a task on every worker (e.g. to open per-thread connections).
+    pub fn on_each<F, Fut>(&self, make: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for h in &self.handles {
+            h.spawn(make());
+        }
+    }
+
     /// A handle for tasks that are not sessions (they may run on any worker).
     pub fn handle(&self) -> &Handle {
         &self.handles[0]

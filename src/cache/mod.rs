@@ -4,6 +4,7 @@
 pub mod entry;
 pub mod key;
 pub mod l1;
+pub mod l2;
 pub mod rules;
 
 use std::collections::HashMap;
@@ -84,6 +85,7 @@ impl Drop for FillLease {
 
 pub struct Cache {
     pub l1: L1,
+    pub l2: Option<Arc<l2::L2>>,
     /// Statement descriptions (ParameterDescription + RowDescription/NoData).
     descs: moka::sync::Cache<Key, Bytes>,
     decisions: moka::sync::Cache<u128, Arc<Decision>>,
@@ -101,6 +103,7 @@ impl Cache {
     pub fn new(cfg: &Config) -> Cache {
         Cache {
             l1: L1::new(cfg.l1.max_bytes.0),
+            l2: l2::L2::new(&cfg.l2).map(Arc::new),
             descs: moka::sync::Cache::builder()
                 .max_capacity(16 << 20)
                 .weigher(|_k: &Key, v: &Bytes| (v.len() + 64).min(u32::MAX as usize) as u32)

@@ -330,11 +330,61 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, Default)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct L2Config {
-    /// Redis URL (redis:// or rediss://); unset means no L2.
+    /// Redis URL (redis:// or rediss://, with user:password for AUTH/ACL);
+    /// unset means no L2.
     pub redis_url: Option<String>,
+    /// Use Redis Cluster; `seeds` (or `redis_url`) name the starting nodes.
+    pub cluster: bool,
+    pub seeds: Vec<String>,
+    /// Set to false to keep the URL but stop using L2.
+    pub enabled: bool,
+    /// Keys are `<prefix>:<format version>:<hash>`.
+    pub prefix: String,
+    /// Every Redis call gives up after this long; the request goes on without L2.
+    pub timeout: Dur,
+    pub connect_timeout: Dur,
+    /// Consecutive failures that open the circuit breaker ...
+    pub breaker_failures: u32,
+    /// ... and how long it stays open before one probe is let through.
+    pub breaker_cooldown: Dur,
+    /// Results larger than this are kept in L1 only.
+    pub max_value_size: ByteSize,
+}
+
+impl Default for L2Config {
+    fn default() -> Self {
+        L2Config {
+            redis_url: None,
+            cluster: false,
+            seeds: Vec::new(),
+            enabled: true,
+            prefix: "pgtier".into(),
+            timeout: Dur(std::time::Duration::from_millis(5)),
+            connect_timeout: Dur(std::time::Duration::from_secs(1)),
+            breaker_failures: 5,
+            breaker_cooldown: Dur(std::time::Duration::from_secs(1)),
+            max_value_size: ByteSize(1 << 20),
+        }
+    }
+}
+
+impl L2Config {
+    /// The node URLs to connect to, if L2 is on.
+    pub fn nodes(&self) -> Vec<String> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        let mut nodes = self.seeds.clone();
+        if let Some(u) = &self.redis_url {
+            if !nodes.contains(u) {
+                nodes.insert(0, u.clone());
+            }
+        }
+        nodes
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -441,7 +491,7 @@ impl Config {
         if !self.admin.listen.is_empty() {
             resolve("admin.listen", &self.admin.listen)?;
         }
-        if let Some(url) = &self.l2.redis_url {
+        for url in self.l2.redis_url.iter().chain(self.l2.seeds.iter()) {
             if !(url.starts_with("redis://")
                 || url.starts_with("rediss://")
                 || url.starts_with("unix://"))
@@ -451,6 +501,15 @@ impl Config {
                     format!("'{url}' is not a redis:// or rediss:// URL"),
                 ));
             }
+        }
+        if self.l2.timeout.0.is_zero() {
+            return Err(invalid("l2.timeout", "must be greater than 0"));
+        }
+        if self.l2.breaker_failures == 0 {
+            return Err(invalid("l2.breaker_failures", "must be at least 1"));
+        }
+        if self.l2.prefix.is_empty() || self.l2.prefix.contains(char::is_whitespace) {
+            return Err(invalid("l2.prefix", "must be non-empty, without spaces"));
         }
         for (i, r) in self.cache.rules.iter().enumerate() {
             let key = format!("cache.rules[{i}]");
@@ -519,6 +578,20 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("'{}': {e}", self.log.level)))?;
         Ok(())
+    }
+
+    /// A copy safe to print: passwords in URLs replaced by `****`.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        let hide = |u: &mut String| {
+            if let Ok(re) = regex::Regex::new(r"://([^:/@]*):([^@]*)@") {
+                *u = re.replace(u, "://$1:****@").into_owned();
+            }
+        };
+        c.invalidation.control_urls.iter_mut().for_each(hide);
+        c.l2.redis_url.iter_mut().for_each(hide);
+        c.l2.seeds.iter_mut().for_each(hide);
+        c
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -617,6 +690,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("server.tls_cert"));
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        let mut c = Config::default();
+        c.invalidation.control_urls = vec!["postgres://app:s3cret@db:5432/shop".into()];
+        c.l2.redis_url = Some("redis://default:pw@cache:6379".into());
+        let text = toml::to_string(&c.redacted()).unwrap();
+        assert!(!text.contains("s3cret") && !text.contains(":pw@"), "{text}");
+        assert!(text.contains("postgres://app:****@db:5432/shop"));
     }
 
     #[test]

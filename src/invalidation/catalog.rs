@@ -41,7 +41,8 @@ pub struct Catalog {
 const RELATIONS: &str = "
 SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relrowsecurity,
        EXISTS (SELECT 1 FROM pg_trigger t
-               WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' AND t.tgenabled <> 'D'),
+               WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' AND t.tgenabled <> 'D'
+                 AND t.tgnargs = 2),
        coalesce((SELECT md5(string_agg(a.attname || ':' || a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum))
                  FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -192,6 +193,12 @@ impl Catalog {
         let mut slots = Vec::new();
         let mut oids = Vec::new();
         for t in &read.tables {
+            let maybe_cte = t.schema.is_none() && read.ctes.contains(&t.name);
+            if maybe_cte && !self.by_name.contains_key(&t.name) {
+                continue; // only ever the CTE
+            }
+            // Possibly a table of that name (in the CTE's own body, say): depend
+            // on it, which at worst invalidates more than needed.
             self.resolve_table(database, t, &mut slots, &mut oids)?;
         }
         unwatched.extend(oids.into_iter().filter(|o| !watched.contains(o)));
@@ -338,6 +345,19 @@ mod tests {
         assert_eq!(r("select * from nowhere"), Err("unknown_table"));
         assert_eq!(r("select * from other.t"), Err("unknown_table"));
         assert!(r("select safe_fn(1) from t").is_ok());
+        assert_eq!(
+            r("with c as (select * from t) select * from c")
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            r("with t as (select * from t where id > 0) select * from t")
+                .unwrap()
+                .len(),
+            1,
+            "a CTE named like the table it reads still depends on the table"
+        );
         assert!(r("select other_fn(1) from t").is_err());
         let mut unwatched = Vec::new();
         let none = HashSet::new();

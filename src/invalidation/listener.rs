@@ -3,7 +3,6 @@
 //! keeping the catalog current. While it is not connected and caught up, the
 //! database is served without the cache.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,7 +65,7 @@ impl BackgroundService for Listener {
             match result {
                 Ok(()) => return,
                 Err(e) => tracing::warn!(
-                    database = %db, target = %self.target.display, error = %e,
+                    database = %db, target = %self.target.display, error = format!("{e:#}"),
                     "invalidation listener lost; serving this database without the cache until it is back"
                 ),
             }
@@ -99,9 +98,8 @@ impl Listener {
             control::connect(&self.target, &self.tls, self.ssl, Some(tx)).await?;
         let _guard = AbortOnDrop(vec![driver, stamper]);
         let s = &self.settings;
-        client
-            .batch_execute(&format!("LISTEN \"{}\"", s.channel.replace('"', "\"\"")))
-            .await?;
+        let channel = format!("\"{}\"", s.channel.replace('"', "\"\""));
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
         if s.auto_install {
             let r = triggers::install(&client, &s.channel, &s.scope, true).await?;
             if r.tables > 0 {
@@ -115,6 +113,12 @@ impl Listener {
         }
         // Entries filled before now may have missed notifications: a new epoch.
         self.db.come_up();
+        // Put every instance's L2 versions back in step (ours included: L2 is
+        // used for this database once our own epoch notification comes back).
+        let epoch = super::Invalidation::random();
+        client
+            .batch_execute(&format!("NOTIFY {channel}, '{}'", Payload::epoch(epoch)))
+            .await?;
         connected.set(1.0);
         tracing::info!(database = %self.db.name, target = %self.target.display, "invalidation listener connected");
 
@@ -153,15 +157,15 @@ impl Listener {
                 _ = self.db.watch_wanted.notified() => {
                     let wanted = self.db.take_watch_requests();
                     if !wanted.is_empty() {
-                        match triggers::watch(&client, &wanted, Duration::from_secs(5)).await? {
-                            true => {
-                                tracing::debug!(database = %self.db.name, tables = wanted.len(), "watching tables");
-                                self.db.mark_watched(&wanted);
-                            }
-                            false => tracing::info!(
+                        let now = triggers::watch(&client, &wanted, Duration::from_secs(5)).await?;
+                        if now.is_empty() {
+                            tracing::info!(
                                 database = %self.db.name,
-                                "a long-running transaction delays caching of newly used tables"
-                            ),
+                                "tables not watched yet (a long-running transaction, or triggers to reinstall)"
+                            );
+                        } else {
+                            tracing::debug!(database = %self.db.name, tables = now.len(), "watching tables");
+                            self.db.mark_watched(&now);
                         }
                     }
                 }
@@ -181,12 +185,14 @@ impl Listener {
 
     async fn apply(&self, client: &Client, batch: &mut Vec<Timed>) -> anyhow::Result<()> {
         let db = &self.db;
-        let mut tables: HashSet<QualifiedName> = HashSet::new();
-        let mut all = false;
+        let mut invalidated = 0u64;
         let mut ddl = false;
+        let mut all = false;
         let mut fences = Vec::new();
         let mut oldest: Option<Instant> = None;
         let n = batch.len();
+        // Applied one notification at a time, in stream order: the L2 versions
+        // every instance derives depend on exactly that sequence.
         for (at, m) in batch.drain(..) {
             let AsyncMessage::Notification(note) = m else {
                 continue;
@@ -196,34 +202,37 @@ impl Listener {
             }
             oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
             match Payload::parse(note.payload()) {
-                Some(Payload::Write(t)) => tables.extend(t),
+                Some(Payload::Write(t)) => {
+                    db.invalidate(&t);
+                    invalidated += t.len() as u64;
+                }
                 Some(Payload::Ddl(t)) => {
-                    tables.extend(t);
+                    db.invalidate(&t);
+                    invalidated += t.len() as u64;
                     ddl = true;
                 }
-                Some(Payload::All) => all = true,
+                Some(Payload::All) => {
+                    db.invalidate_all();
+                    all = true;
+                }
                 Some(Payload::Fence { instance, seq }) if instance == self.settings.instance => {
                     fences.push(seq)
                 }
                 Some(Payload::Fence { .. }) => {}
+                Some(Payload::Epoch(e)) => db.set_l2_epoch(e),
                 None => {
                     tracing::warn!(
                         payload = note.payload(),
                         "unreadable invalidation payload; invalidating the whole database"
                     );
+                    db.invalidate_all();
                     all = true;
                 }
             }
         }
-        if all {
-            db.invalidate_all();
-        } else {
-            let t: Vec<QualifiedName> = tables.iter().cloned().collect();
-            db.invalidate(&t);
-        }
-        if !tables.is_empty() || all {
+        if invalidated > 0 || all {
             counter!("pgtier_invalidations_total", "database" => db.name.clone())
-                .increment(if all { 1 } else { tables.len() as u64 });
+                .increment(invalidated.max(1));
         }
         counter!("pgtier_invalidation_notifications_total", "database" => db.name.clone())
             .increment(n as u64);
@@ -239,11 +248,15 @@ impl Listener {
         if ddl || all {
             self.cache.clear_descriptions();
             if ddl {
-                if self.settings.auto_install {
+                self.reload_catalog(client).await?;
+                if self.settings.auto_install && self.missing_triggers() {
                     triggers::install(client, &self.settings.channel, &self.settings.scope, true)
                         .await?;
+                    self.reload_catalog(client).await?;
                 }
-                self.reload_catalog(client).await?;
+                if self.settings.eager_watch {
+                    self.watch_all(client).await?;
+                }
             }
         }
         Ok(())
@@ -260,8 +273,9 @@ impl Listener {
             .filter(|r| r.has_trigger)
             .map(|r| r.oid)
             .collect();
-        if !oids.is_empty() && triggers::watch(client, &oids, Duration::from_secs(5)).await? {
-            self.db.mark_watched(&oids);
+        if !oids.is_empty() {
+            let now = triggers::watch(client, &oids, Duration::from_secs(5)).await?;
+            self.db.mark_watched(&now);
         }
         Ok(())
     }

@@ -7,6 +7,14 @@
 //! generations before its query runs and stores the snapshot in the entry, so a
 //! result computed before a write can never be served after the write's
 //! notification, however the fill and the notification interleave.
+//!
+//! For the shared L2, every instance must agree on table versions without
+//! talking to each other. Postgres delivers notifications to every listener in
+//! the same (commit) order, so each instance derives a table's L2 version by
+//! hashing forward once per notification since the last epoch notification
+//! (`e<n>`, sent by any instance when its listener (re)connects). Instances at
+//! the same point of the stream compute the same L2 keys; a version that has
+//! moved on never maps back to an older key.
 
 pub mod catalog;
 pub mod commands;
@@ -89,6 +97,10 @@ pub struct DbState {
     /// watches them.
     watch_requests: Mutex<HashSet<u32>>,
     pub watch_wanted: tokio::sync::Notify,
+    /// L2 epoch from the last `e` notification; 0 until one is seen (no L2).
+    l2_epoch: AtomicU64,
+    /// L2 table versions per generation slot, advanced by each notification.
+    l2_versions: Box<[AtomicU64]>,
 }
 
 impl DbState {
@@ -105,6 +117,8 @@ impl DbState {
             watched: ArcSwap::from_pointee(HashSet::new()),
             watch_requests: Mutex::new(HashSet::new()),
             watch_wanted: tokio::sync::Notify::new(),
+            l2_epoch: AtomicU64::new(0),
+            l2_versions: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -122,6 +136,7 @@ impl DbState {
     /// Stop serving (listener lost): nothing from before may be trusted.
     pub fn go_down(&self) {
         self.live.store(false, Ordering::Release);
+        self.l2_epoch.store(0, Ordering::Release);
         // Waiters for fences that will never arrive are released; their sessions
         // then see the database is down and bypass the cache.
         if let Ok(mut f) = self.fences.lock() {
@@ -153,13 +168,51 @@ impl DbState {
 
     pub fn invalidate(&self, tables: &[payload::QualifiedName]) {
         for (schema, table) in tables {
-            self.gens.bump(Generations::slot(&self.name, schema, table));
+            let slot = Generations::slot(&self.name, schema, table);
+            // L2 version first: a reader that sees the new L1 generation must
+            // not then compute the old L2 key.
+            let v = &self.l2_versions[slot as usize % SLOTS];
+            v.store(mix(v.load(Ordering::Acquire)), Ordering::Release);
+            self.gens.bump(slot);
         }
     }
 
     /// Everything in this database changed.
     pub fn invalidate_all(&self) {
+        let e = self.l2_epoch.load(Ordering::Acquire);
+        if e != 0 {
+            self.l2_epoch.store(mix(e), Ordering::Release);
+        }
         self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An epoch notification: every instance restarts its L2 versions here.
+    pub fn set_l2_epoch(&self, epoch: u64) {
+        self.l2_epoch.store(0, Ordering::Release);
+        for v in self.l2_versions.iter() {
+            v.store(0, Ordering::Relaxed);
+        }
+        self.l2_epoch.store(epoch.max(1), Ordering::Release);
+    }
+
+    /// The L2 key for a result with L1 key `key` that read `slots`, or None while
+    /// this instance is not in step with the others.
+    pub fn l2_key(&self, key: u128, slots: &[u32]) -> Option<u128> {
+        let epoch = self.l2_epoch.load(Ordering::Acquire);
+        if epoch == 0 || !self.live() {
+            return None;
+        }
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&key.to_le_bytes());
+        h.update(&epoch.to_le_bytes());
+        for s in slots {
+            h.update(
+                &self.l2_versions[*s as usize % SLOTS]
+                    .load(Ordering::Acquire)
+                    .to_le_bytes(),
+            );
+        }
+        Some(h.digest128())
     }
 
     pub fn set_catalog(&self, catalog: Catalog) {
@@ -259,6 +312,13 @@ pub struct Invalidation {
 }
 
 impl Invalidation {
+    /// A fresh random number (epochs, instance ids).
+    pub fn random() -> u64 {
+        let mut b = [0u8; 8];
+        getrandom_fill(&mut b);
+        u64::from_le_bytes(b) | 1
+    }
+
     pub fn new(databases: impl IntoIterator<Item = String>, channel: &str) -> Invalidation {
         let gens = Arc::new(Generations::default());
         let instance = {
@@ -284,6 +344,11 @@ impl Invalidation {
     pub fn databases(&self) -> impl Iterator<Item = &Arc<DbState>> {
         self.dbs.values()
     }
+}
+
+/// Advance an L2 version: deterministic, so every instance lands on the same value.
+fn mix(v: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&v.to_le_bytes()) | 1
 }
 
 /// Randomness for the instance id, without another dependency: the process id,

@@ -6,6 +6,8 @@
 //! - `d[["schema","table"],...]` DDL on these relations (also re-read the catalog)
 //! - `*` everything in this database changed (a payload that would not fit)
 //! - `f<instance>:<n>` a fence sent by a pgtier instance after a session's write
+//! - `e<n>` a pgtier instance (re)connected: every instance restarts its shared
+//!   (L2) table versions from here, so all of them agree again
 
 use serde_json::Value;
 
@@ -20,6 +22,7 @@ pub enum Payload {
     Ddl(Vec<QualifiedName>),
     All,
     Fence { instance: u64, seq: u64 },
+    Epoch(u64),
 }
 
 fn names(json: &str) -> Option<Vec<QualifiedName>> {
@@ -43,6 +46,7 @@ impl Payload {
             "w" => names(rest).map(Payload::Write),
             "d" => names(rest).map(Payload::Ddl),
             "*" => Some(Payload::All),
+            "e" => rest.parse().ok().map(Payload::Epoch),
             "f" => {
                 let (i, n) = rest.split_once(':')?;
                 Some(Payload::Fence {
@@ -73,6 +77,10 @@ impl Payload {
     pub fn fence(instance: u64, seq: u64) -> String {
         format!("f{instance}:{seq}")
     }
+
+    pub fn epoch(n: u64) -> String {
+        format!("e{n}")
+    }
 }
 
 #[cfg(test)]
@@ -95,6 +103,10 @@ mod tests {
             })
         );
         assert_eq!(Payload::parse("*"), Some(Payload::All));
+        assert_eq!(
+            Payload::parse(&Payload::epoch(77)),
+            Some(Payload::Epoch(77))
+        );
         assert_eq!(
             Payload::parse("d[[\"a\",\"b\"]]"),
             Some(Payload::Ddl(vec![("a".into(), "b".into())]))

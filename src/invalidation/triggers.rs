@@ -55,9 +55,13 @@ fn function_sql(channel: &str) -> String {
     format!(
         "CREATE SCHEMA IF NOT EXISTS pgtier;
 CREATE OR REPLACE FUNCTION pgtier.notify_change() RETURNS trigger
-LANGUAGE plpgsql AS $pgtier$
+LANGUAGE plpgsql
+-- Runs with the installer's rights, so writers need no grant on pgtier's
+-- watch sequences; a fixed search_path keeps that safe.
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $pgtier$
 BEGIN
-  -- pgtier-notify-v2. Only tables a pgtier caches are announced: their watch
+  -- pgtier-notify-v3. Only tables a pgtier caches are announced: their watch
   -- sequence (TG_ARGV[1]) stands at 2. A notifying commit serialises with every
   -- other one (Postgres's notify queue lock is held through the commit), so
   -- tables nobody caches must not pay for it.
@@ -189,20 +193,28 @@ pub async fn install(
 
 /// Start announcing writes to these tables, then wait until every transaction
 /// that might have written them without announcing it has ended; from then on
-/// results read from them may be cached. Returns false if some old transaction
-/// is still running after `patience`.
+/// results read from them may be cached. Returns the tables now watched (none
+/// if some old transaction is still running after `patience`).
 pub async fn watch(
     client: &Client,
     oids: &[u32],
     patience: std::time::Duration,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Vec<u32>, tokio_postgres::Error> {
+    let mut set = Vec::with_capacity(oids.len());
     for oid in oids {
-        client
-            .execute(
-                "SELECT setval($1::text::regclass, 2)",
+        // A table whose trigger predates watch sequences has none: skip it (it
+        // stays uncached until its trigger is reinstalled).
+        let ok: bool = client
+            .query_one(
+                "SELECT CASE WHEN to_regclass($1) IS NULL THEN false
+                             ELSE setval($1::text::regclass, 2) > 0 END",
                 &[&watch_sequence(*oid)],
             )
-            .await?;
+            .await?
+            .get(0);
+        if ok {
+            set.push(*oid);
+        }
     }
     // A writer whose trigger looked before the setval already has an xid below
     // this snapshot's xmax; once none is running, every later commit announces.
@@ -220,10 +232,10 @@ pub async fn watch(
             .await?
             .get(0);
         if done {
-            return Ok(true);
+            return Ok(set);
         }
         if std::time::Instant::now() > deadline {
-            return Ok(false);
+            return Ok(Vec::new());
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }

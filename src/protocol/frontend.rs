@@ -118,6 +118,28 @@ impl<'a> Bind<'a> {
         finish(buf, at);
     }
 
+    /// Every non-NULL parameter value, whatever its format (a text parameter
+    /// may well be sent in binary, where its bytes are the text itself).
+    pub fn param_values(&self) -> Vec<&'a [u8]> {
+        let mut r = Reader::new(Self::TAG, self.args);
+        let _ = r.i16_array("parameter formats");
+        let n = r.i16("parameter count").unwrap_or(0).max(0) as usize;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Ok(len) = r.i32("parameter length") else {
+                break;
+            };
+            if len < 0 {
+                continue;
+            }
+            let Ok(v) = r.bytes(len as usize, "parameter value") else {
+                break;
+            };
+            out.push(v);
+        }
+        out
+    }
+
     /// Parameter values sent in text format (NULLs and binary values skipped).
     pub fn text_params(&self) -> Vec<&'a [u8]> {
         let mut r = Reader::new(Self::TAG, self.args);

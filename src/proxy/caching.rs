@@ -23,6 +23,7 @@ use super::replies::Expect;
 use super::statements::Statements;
 use super::tracker::{ReplyTag, Tracker};
 use crate::cache::key::{describe_key, extended_key, session_seed, simple_key, statement_hash};
+use crate::cache::l2::Lookup;
 use crate::cache::rules::Policy;
 use crate::cache::{text_hash, Cache, Claim, Decision, Entry, FillLease, Key, Seed};
 use crate::invalidation::DbState;
@@ -76,6 +77,8 @@ enum CaptureState {
 enum CaptureKind {
     Fill {
         key: Key,
+        /// Where to store it in L2 too, if L2 is in use.
+        l2: Option<u128>,
         policy: Policy,
         decision: Arc<Decision>,
         epoch: u64,
@@ -103,9 +106,22 @@ struct Capture {
 struct Portal {
     name: Range<usize>,
     statement: Range<usize>,
+    /// Text of a statement defined by a Parse in this same request.
+    sql: Option<Range<usize>>,
     key: Option<Key>,
     entry: Option<Arc<Entry>>,
     fill: Option<u16>,
+}
+
+/// What planning found an extended-protocol request to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// Every part can be answered from L1.
+    Hit,
+    /// Answerable except for results missing from L1 (L2 may have them).
+    Missing,
+    /// Must go to the server.
+    No,
 }
 
 /// Per-session cache state.
@@ -137,8 +153,8 @@ pub struct SessionCache {
     // Scratch space reused across requests, so a hit allocates nothing.
     chunks: Vec<Bytes>,
     portals: Vec<Portal>,
-    /// Statements (name, hash) (re)defined by the request being planned.
-    defined: Vec<(Range<usize>, u128)>,
+    /// Statements (name, hash, text) (re)defined by the request being planned.
+    defined: Vec<(Range<usize>, u128, Range<usize>)>,
     inject: BytesMut,
     /// Replies composed by pgtier waiting for their turn behind server replies.
     synthetic: VecDeque<Vec<Bytes>>,
@@ -280,7 +296,11 @@ impl SessionCache {
             }
         }
         if let Some(db) = db {
-            if self.plan_hit(cache, db, &batch) {
+            let mut plan = self.plan_hit(cache, db, &batch);
+            if plan == Plan::Missing && self.l2_lookup(cache, db, &batch).await {
+                plan = self.plan_hit(cache, db, &batch);
+            }
+            if plan == Plan::Hit {
                 self.commit_hit(&batch);
                 self.emit(track, cout);
                 return;
@@ -325,6 +345,28 @@ impl SessionCache {
                 (Ok(policy), None, Some(Ok(resolved))) => {
                     let policy = policy.clone();
                     let snapshot = db.snapshot(&resolved.slots);
+                    let l2key = cache.l2.as_ref().and(db.l2_key(key, &resolved.slots));
+                    if let (Some(l2), Some(k2)) = (&cache.l2, l2key) {
+                        match l2.get(k2).await {
+                            Lookup::Hit(Some(rd), rows) => {
+                                metrics::l2_lookup("hit");
+                                let e = Entry::new(
+                                    Some(rd),
+                                    rows,
+                                    policy.ttl,
+                                    policy.swr,
+                                    decision.analysis.fingerprint,
+                                    snapshot.0,
+                                    snapshot.1,
+                                );
+                                self.reply_simple(&e, track, cout);
+                                cache.insert(key, e);
+                                return;
+                            }
+                            Lookup::Hit(None, _) | Lookup::Miss => metrics::l2_lookup("miss"),
+                            Lookup::Unavailable => metrics::l2_lookup("unavailable"),
+                        }
+                    }
                     let lease = match cache.claim(key) {
                         Claim::Leader(l) => Some(l),
                         Claim::Follower(n) => {
@@ -339,7 +381,7 @@ impl SessionCache {
                         }
                     };
                     hot.l1_miss.increment(1);
-                    tag = self.open_fill(key, policy, decision, snapshot, true, lease);
+                    tag = self.open_fill(key, l2key, policy, decision, snapshot, true, lease);
                 }
                 (Ok(_), Some(why), _) => metrics::bypass(why),
                 (Ok(_), None, None) => {}
@@ -378,14 +420,14 @@ impl SessionCache {
         self.defined
             .iter()
             .rev()
-            .find(|(n, _)| &batch[n.clone()] == name)
-            .map(|(_, h)| *h)
+            .find(|(n, _, _)| &batch[n.clone()] == name)
+            .map(|(_, h, _)| *h)
             .or_else(|| self.statements.get(name).map(|s| s.hash))
     }
 
     /// Try to answer an extended-protocol request entirely from the cache,
     /// filling `self.chunks` with the reply. Touches no session state.
-    fn plan_hit(&mut self, cache: &Cache, db: &DbState, batch: &Bytes) -> bool {
+    fn plan_hit(&mut self, cache: &Cache, db: &DbState, batch: &Bytes) -> Plan {
         self.chunks.clear();
         self.portals.clear();
         self.defined.clear();
@@ -393,10 +435,11 @@ impl SessionCache {
         let public_rules = cache.has_public_rules();
         let mut last = 0u8;
         let mut executes = 0;
+        let mut missing = false;
         for m in messages(batch) {
             last = m.2;
             let Some(msg) = decode(batch, m) else {
-                return false;
+                return Plan::No;
             };
             match msg {
                 Frontend::Parse(p) => {
@@ -405,17 +448,24 @@ impl SessionCache {
                         // Redefining a named statement is an error Postgres must report.
                         if let Some(old) = self.statement_hash(batch, p.name) {
                             if old != hash {
-                                return false;
+                                return Plan::No;
                             }
                         }
                     }
-                    self.defined.push((range_of(batch, p.name), hash));
+                    self.defined
+                        .push((range_of(batch, p.name), hash, range_of(batch, p.query)));
                     self.chunks.push(Bytes::from_static(PARSE_COMPLETE_BYTES));
                 }
                 Frontend::Bind(b) => {
                     let Some(hash) = self.statement_hash(batch, b.statement) else {
-                        return false;
+                        return Plan::No;
                     };
+                    let sql = self
+                        .defined
+                        .iter()
+                        .rev()
+                        .find(|(n, _, _)| batch[n.clone()] == *b.statement)
+                        .map(|(_, _, q)| q.clone());
                     let public = public_rules
                         && self
                             .statements
@@ -428,6 +478,7 @@ impl SessionCache {
                     self.portals.push(Portal {
                         name: range_of(batch, b.portal),
                         statement: range_of(batch, b.statement),
+                        sql,
                         key: Some(key),
                         entry: None,
                         fill: None,
@@ -436,10 +487,10 @@ impl SessionCache {
                 }
                 Frontend::Describe(d) if d.target == Target::Statement => {
                     let Some(hash) = self.statement_hash(batch, d.name) else {
-                        return false;
+                        return Plan::No;
                     };
                     let Some(desc) = cache.describe(&describe_key(self.seed.user, hash)) else {
-                        return false;
+                        return Plan::No;
                     };
                     self.chunks.push(desc);
                 }
@@ -450,20 +501,22 @@ impl SessionCache {
                         .rev()
                         .find(|p| &batch[p.name.clone()] == d.name)
                     else {
-                        return false;
+                        return Plan::No;
                     };
-                    let Some(e) = p.key.and_then(|k| fresh(cache, db, &k, now)) else {
-                        return false;
-                    };
-                    let Some(rd) = e.row_desc.clone() else {
-                        return false;
-                    };
-                    p.entry = Some(e);
-                    self.chunks.push(rd);
+                    match p.key.and_then(|k| fresh(cache, db, &k, now)) {
+                        Some(e) => {
+                            let Some(rd) = e.row_desc.clone() else {
+                                return Plan::No;
+                            };
+                            p.entry = Some(e);
+                            self.chunks.push(rd);
+                        }
+                        None => missing = true,
+                    }
                 }
                 Frontend::Execute(x) => {
                     if x.max_rows != 0 {
-                        return false;
+                        return Plan::No;
                     }
                     let Some(p) = self
                         .portals
@@ -471,35 +524,106 @@ impl SessionCache {
                         .rev()
                         .find(|p| &batch[p.name.clone()] == x.portal)
                     else {
-                        return false;
+                        return Plan::No;
                     };
                     let entry = match p.entry.take() {
-                        Some(e) => e,
-                        None => match p.key.and_then(|k| fresh(cache, db, &k, now)) {
-                            Some(e) => e,
-                            None => return false,
-                        },
+                        Some(e) => Some(e),
+                        None => p.key.and_then(|k| fresh(cache, db, &k, now)),
                     };
-                    self.chunks.push(entry.rows.clone());
-                    executes += 1;
+                    match entry {
+                        Some(e) => {
+                            self.chunks.push(e.rows.clone());
+                            executes += 1;
+                        }
+                        None => missing = true,
+                    }
                 }
                 Frontend::Close(c) if c.target == Target::Statement => {
                     // The server must close what it knows; only ours can be closed here.
                     if self.statements.get(c.name).is_some_and(|s| s.on_server) {
-                        return false;
+                        return Plan::No;
                     }
                     self.chunks.push(Bytes::from_static(CLOSE_COMPLETE_BYTES));
                 }
                 Frontend::Close(_) => self.chunks.push(Bytes::from_static(CLOSE_COMPLETE_BYTES)),
                 Frontend::Sync => self.chunks.push(Bytes::from_static(READY_IDLE_BYTES)),
-                _ => return false,
+                _ => return Plan::No,
             }
         }
         if last != b'S' {
-            return false;
+            return Plan::No;
+        }
+        if missing {
+            return Plan::Missing;
         }
         metrics::hot().l1_hit.increment(executes);
-        true
+        Plan::Hit
+    }
+
+    /// Look the results missing from L1 up in L2 (concurrently); those found go
+    /// into L1. True if all were found.
+    async fn l2_lookup(&mut self, cache: &Cache, db: &DbState, batch: &Bytes) -> bool {
+        let Some(l2) = &cache.l2 else { return false };
+        let mut wanted = Vec::new();
+        for i in 0..self.portals.len() {
+            let p = &self.portals[i];
+            let (Some(key), None) = (p.key, &p.entry) else {
+                continue;
+            };
+            let (decision, sql_hash) = match &p.sql {
+                Some(q) => {
+                    let sql = &batch[q.clone()];
+                    (cache.decide(sql), text_hash(sql))
+                }
+                None => {
+                    let name = batch[p.statement.clone()].to_vec();
+                    let Some((_, d)) = self.statement_decision(cache, &name) else {
+                        return false;
+                    };
+                    let Some(s) = self.statements.get(&name) else {
+                        return false;
+                    };
+                    (d, text_hash(s.sql()))
+                }
+            };
+            let Some(policy) = decision.cacheable().cloned() else {
+                return false;
+            };
+            let resolved = db.resolve(sql_hash, &decision);
+            let Ok(resolved) = resolved.as_ref() else {
+                return false;
+            };
+            let snapshot = db.snapshot(&resolved.slots);
+            let Some(k2) = db.l2_key(key, &resolved.slots) else {
+                return false;
+            };
+            wanted.push((key, k2, policy, decision.analysis.fingerprint, snapshot));
+        }
+        if wanted.is_empty() {
+            return false;
+        }
+        let lookups = futures_util::future::join_all(wanted.iter().map(|w| l2.get(w.1))).await;
+        let mut all = true;
+        for ((key, _, policy, shape, (epoch, deps)), found) in wanted.into_iter().zip(lookups) {
+            match found {
+                Lookup::Hit(rd, rows) => {
+                    metrics::l2_lookup("hit");
+                    cache.insert(
+                        key,
+                        Entry::new(rd, rows, policy.ttl, policy.swr, shape, epoch, deps),
+                    );
+                }
+                Lookup::Miss => {
+                    metrics::l2_lookup("miss");
+                    all = false;
+                }
+                Lookup::Unavailable => {
+                    metrics::l2_lookup("unavailable");
+                    all = false;
+                }
+            }
+        }
+        all
     }
 
     /// Apply the statement bookkeeping of a request answered from the cache.
@@ -615,6 +739,7 @@ impl SessionCache {
                     let mut portal = Portal {
                         name: range_of(&batch, b.portal),
                         statement: range_of(&batch, b.statement),
+                        sql: None,
                         key: None,
                         entry: None,
                         fill: None,
@@ -703,11 +828,12 @@ impl SessionCache {
             }
         };
         let snapshot = db.snapshot(&resolved.slots);
-        if b.text_params().iter().any(|v| is_time_literal(v)) {
+        if b.param_values().iter().any(|v| is_time_literal(v)) {
             metrics::bypass("time_literal");
             return None;
         }
         let key = extended_key(self.seed.pick(policy.public), hash, b.args);
+        let l2key = cache.l2.as_ref().and(db.l2_key(key, &resolved.slots));
         let lease = match cache.claim(key) {
             Claim::Leader(l) => Some(l),
             Claim::Follower(_) => {
@@ -716,7 +842,7 @@ impl SessionCache {
             }
         };
         metrics::hot().l1_miss.increment(1);
-        match self.open_fill(key, policy, decision, snapshot, false, lease) {
+        match self.open_fill(key, l2key, policy, decision, snapshot, false, lease) {
             ReplyTag::Fill(slot) => Some(slot),
             _ => None,
         }
@@ -735,7 +861,7 @@ impl SessionCache {
                     // A named re-Parse must meet the old definition, as Postgres would.
                     let name = p.name;
                     if name.is_empty() {
-                        self.defined.push((range_of(batch, name), 0));
+                        self.defined.push((range_of(batch, name), 0, 0..0));
                         continue;
                     }
                     name
@@ -744,7 +870,11 @@ impl SessionCache {
                 Some(Frontend::Describe(d)) if d.target == Target::Statement => d.name,
                 _ => continue,
             };
-            if self.defined.iter().any(|(n, _)| batch[n.clone()] == *name) {
+            if self
+                .defined
+                .iter()
+                .any(|(n, _, _)| batch[n.clone()] == *name)
+            {
                 continue;
             }
             if let Some(s) = self.statements.get_mut(name) {
@@ -755,7 +885,7 @@ impl SessionCache {
                 }
             }
             if let Some(Frontend::Parse(p)) = decode(batch, m) {
-                self.defined.push((range_of(batch, p.name), 0));
+                self.defined.push((range_of(batch, p.name), 0, 0..0));
             }
         }
         n
@@ -793,9 +923,11 @@ impl SessionCache {
         ReplyTag::Effects
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn open_fill(
         &mut self,
         key: Key,
+        l2: Option<u128>,
         policy: Policy,
         decision: Arc<Decision>,
         (epoch, deps): (u64, Box<[(u32, u64)]>),
@@ -810,6 +942,7 @@ impl SessionCache {
             request: self.current_request,
             kind: CaptureKind::Fill {
                 key,
+                l2,
                 policy,
                 decision,
                 epoch,
@@ -930,6 +1063,7 @@ impl SessionCache {
             match c.kind {
                 CaptureKind::Fill {
                     key,
+                    l2,
                     policy,
                     decision,
                     epoch,
@@ -938,6 +1072,9 @@ impl SessionCache {
                     ..
                 } => {
                     if stored && (!simple || c.row_desc.is_some()) {
+                        if let (Some(tier), Some(k2)) = (&cache.l2, l2) {
+                            tier.put(k2, c.row_desc.as_deref(), &c.buf, policy.ttl + policy.swr);
+                        }
                         cache.insert(
                             key,
                             Entry::new(

@@ -69,7 +69,12 @@ impl NotCacheable {
 /// A cacheable read: what invalidation and the rules need to know.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Read {
+    /// Every relation named, CTE references included: a CTE may share its name
+    /// with a table that its own body (or another scope) reads, so which one a
+    /// reference means is left to the catalog (`ctes` says which names may be
+    /// CTEs).
     pub tables: Vec<TableRef>,
+    pub ctes: Vec<String>,
     /// Functions that are not built-ins; the catalog must show them immutable.
     pub user_functions: Vec<String>,
 }
@@ -128,12 +133,16 @@ pub fn is_safe_builtin(name: &str) -> bool {
 
 const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
 
-/// Whether a text value is one of the special date/time inputs evaluated at run time.
+/// Whether a value contains one of the special date/time inputs that are
+/// evaluated when the query runs ('now', 'today 10:00', 'tomorrow', ...), as a
+/// word of its own. Errs on the side of "yes": a text that merely mentions
+/// "today" is not cached either.
 pub fn is_time_literal(v: &[u8]) -> bool {
-    let t = v.trim_ascii();
-    TIME_WORDS
-        .iter()
-        .any(|w| t.eq_ignore_ascii_case(w.as_bytes()))
+    v.split(|b| !b.is_ascii_alphabetic()).any(|word| {
+        TIME_WORDS
+            .iter()
+            .any(|w| word.eq_ignore_ascii_case(w.as_bytes()))
+    })
 }
 
 fn is_system_schema(s: &str) -> bool {
@@ -273,8 +282,6 @@ impl Facts {
                 _ => {}
             }
         }
-        f.tables
-            .retain(|t| t.schema.is_some() || !f.ctes.contains(&t.name));
         f
     }
 
@@ -404,8 +411,11 @@ impl Facts {
         let mut tables = self.tables.clone();
         tables.sort();
         tables.dedup();
+        let mut ctes: Vec<String> = self.ctes.iter().cloned().collect();
+        ctes.sort();
         Ok(Read {
             tables,
+            ctes,
             user_functions,
         })
     }
@@ -545,12 +555,9 @@ mod tests {
         assert!(r.user_functions.is_empty());
         assert!(read("TABLE accounts").is_ok());
         assert!(read("values (1), (2)").is_ok());
-        assert!(
-            read("with x as (select * from t) select * from x")
-                .unwrap()
-                .tables
-                == vec![t(None, "t")]
-        );
+        let r = read("with x as (select * from t) select * from x").unwrap();
+        assert_eq!(r.tables, vec![t(None, "t"), t(None, "x")]);
+        assert_eq!(r.ctes, vec!["x".to_string()]);
         assert!(read("select count(*) from generate_series(1, 10)").is_ok());
     }
 
@@ -587,6 +594,15 @@ mod tests {
             NotCacheable::SystemCatalog
         );
         assert_eq!(v("select 'now'::timestamptz"), NotCacheable::TimeLiteral);
+        assert_eq!(
+            v("select 'today 10:00'::timestamp"),
+            NotCacheable::TimeLiteral
+        );
+        assert_eq!(
+            v("select timestamptz 'Tomorrow 01:00 UTC'"),
+            NotCacheable::TimeLiteral
+        );
+        assert!(read("select 'nowhere'::text").is_ok());
         assert_eq!(
             v("select * from t tablesample bernoulli (10)"),
             NotCacheable::TableSample

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod redis;
 
 use std::fs::File;
 use std::io::Read;

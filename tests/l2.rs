@@ -1,0 +1,346 @@
+//! The shared Redis tier: instances share results, invalidation reaches every
+//! instance's view of Redis, and Redis failing (down, paused, corrupt) never
+//! reaches a client.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisCluster, RedisServer};
+use common::{direct, fresh_db, Metrics, Pgtier};
+use tokio_postgres::Client;
+
+fn l2(m: &Metrics, outcome: &str) -> f64 {
+    m.get(
+        "pgtier_cache_lookups_total",
+        &[("tier", "l2"), ("outcome", outcome)],
+    )
+}
+
+async fn v(c: &Client, sql: &str) -> String {
+    let rows = c.simple_query(sql).await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get(0).unwrap_or("NULL").to_string())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+async fn until(c: &Client, sql: &str, want: &str) {
+    let t = Instant::now();
+    loop {
+        let got = v(c, sql).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{sql}: still {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Wait (bounded) until an instance has stored `n` values in Redis.
+async fn stored(p: &Pgtier, n: f64) {
+    let t = Instant::now();
+    while p
+        .metrics()
+        .await
+        .get("pgtier_l2_writes_total", &[("result", "stored")])
+        < n
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "L2 write never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn table(db: &str) -> Client {
+    let d = direct(db).await;
+    d.batch_execute(
+        "create table t(id int primary key, v int); insert into t select g, g from generate_series(1, 100) g",
+    )
+    .await
+    .unwrap();
+    d
+}
+
+#[tokio::test]
+async fn instances_share_results_and_invalidations() {
+    let redis = RedisServer::start();
+    let db = fresh_db("pgtier_l2_share").await;
+    let d = table(&db).await;
+    let url = redis.url();
+    let a = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"10m\"\n", &["--redis", &url]).await;
+    // B keeps nothing in L1: every read of B goes to Redis
+    let b = Pgtier::cached(
+        &db,
+        "[cache]\ndefault_ttl = \"10m\"\n",
+        &["--redis", &url, "--l1-max-bytes", "0"],
+    )
+    .await;
+    let ca = a.connect(&db).await;
+    let cb = b.connect(&db).await;
+    let q = "select v from t where id = 5";
+
+    assert_eq!(v(&ca, q).await, "5");
+    stored(&a, 1.0).await;
+    let before = b.metrics().await;
+    assert_eq!(v(&cb, q).await, "5");
+    let after = b.metrics().await;
+    assert_eq!(
+        l2(&after, "hit") - l2(&before, "hit"),
+        1.0,
+        "B should get A's result from Redis"
+    );
+    assert_eq!(after.misses() - before.misses(), 0.0);
+
+    // a write invalidates both views, B's (Redis only) included
+    d.execute("update t set v = 50 where id = 5", &[])
+        .await
+        .unwrap();
+    until(&ca, q, "50").await;
+    until(&cb, q, "50").await;
+    // and the fresh value is shared again
+    let before = b.metrics().await;
+    assert_eq!(v(&cb, q).await, "50");
+    assert!(l2(&b.metrics().await, "hit") - l2(&before, "hit") <= 1.0);
+
+    // fill race across instances: A's slow read starts before a write and
+    // finishes after it; its (old) result must never be served afterwards
+    let slow = "select v, (select count(*) from generate_series(1, 3000000)) from t where id = 6";
+    let ca2 = a.connect(&db).await;
+    let reader = tokio::spawn(async move {
+        let rows = ca2.simple_query(slow).await.unwrap();
+        rows.len()
+    });
+    let t = Instant::now();
+    loop {
+        let n: i64 = d
+            .query_one(
+                "select count(*) from pg_stat_activity where state = 'active' and query like 'select v, (select count(*)%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "slow read never started"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    d.execute("update t set v = 60 where id = 6", &[])
+        .await
+        .unwrap();
+    reader.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await; // let A's background L2 write land, if any
+    until(&cb, slow, "60").await;
+    until(&ca, slow, "60").await;
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_or_paused_never_fails_a_client() {
+    let mut redis = RedisServer::start();
+    let db = fresh_db("pgtier_l2_faults").await;
+    let _d = table(&db).await;
+    let p = Pgtier::cached(
+        &db,
+        "[cache]\ndefault_ttl = \"10m\"\n[l2]\ntimeout = \"5ms\"\nbreaker_cooldown = \"200ms\"\n",
+        &["--redis", &redis.url()],
+    )
+    .await;
+
+    // Readers recording failures and latencies: two over a hot set (served
+    // from L1), two issuing ever new statements (each an L1 miss, so an L2
+    // lookup, then Postgres).
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_panic = StopOnDrop(stop.clone());
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for r in 0..4 {
+        let c = p.connect(&db).await;
+        let (stop, failures) = (stop.clone(), failures.clone());
+        readers.push(tokio::spawn(async move {
+            let st = c
+                .prepare("select v from t where id = $1 and $2::int >= 0")
+                .await
+                .unwrap();
+            let mut lat = Vec::new();
+            let mut i: i32 = r;
+            while !stop.load(Ordering::Relaxed) {
+                let id = 1 + (i % 100);
+                let fresh = if r % 2 == 0 { 0 } else { i };
+                i += 7;
+                let t = Instant::now();
+                match c.query_one(&st, &[&id, &fresh]).await {
+                    Ok(row) => assert_eq!(row.get::<_, i32>(0), id),
+                    Err(_) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let phase = |ms| tokio::time::sleep(Duration::from_millis(ms));
+    phase(500).await;
+    let m0 = p.metrics().await;
+    assert!(
+        l2(&m0, "hit") + l2(&m0, "miss") > 0.0,
+        "L2 in use before the fault"
+    );
+
+    // Redis dies: L1 hits go on, misses go to Postgres
+    redis.kill();
+    phase(700).await;
+    let m1 = p.metrics().await;
+    assert!(
+        m1.hits() > m0.hits(),
+        "L1 hits continue while Redis is down"
+    );
+
+    // Redis comes back on the same address: L2 is used again without a restart
+    redis.restart();
+    let t = Instant::now();
+    loop {
+        let m = p.metrics().await;
+        let answered = |m: &Metrics| l2(m, "miss") + l2(m, "hit");
+        let stored = |m: &Metrics| m.get("pgtier_l2_writes_total", &[("result", "stored")]);
+        if answered(&m) > answered(&m1) && stored(&m) > stored(&m1) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "L2 never came back");
+        phase(20).await;
+    }
+
+    // Redis accepts connections but never answers
+    redis.pause();
+    let paused_at = Instant::now();
+    phase(700).await;
+    redis.resume();
+    let paused_for = paused_at.elapsed();
+    phase(300).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lat: Vec<Duration> = Vec::new();
+    for r in readers {
+        lat.extend(r.await.unwrap());
+    }
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "a client saw an error caused by Redis"
+    );
+    lat.sort();
+    let p99 = lat[lat.len() * 99 / 100];
+    eprintln!(
+        "reads {} p99 {p99:?} (Redis paused for {paused_for:?})",
+        lat.len()
+    );
+    // timeout (5 ms) + 5 ms, with room for a debug build on a loaded machine
+    assert!(p99 < Duration::from_millis(10), "p99 read latency {p99:?}");
+    let m = p.metrics().await;
+    assert!(
+        m.get("pgtier_l2_errors_total", &[]) > 0.0,
+        "the faults were seen"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_value_is_a_miss_and_gets_replaced() {
+    let redis = RedisServer::start();
+    let db = fresh_db("pgtier_l2_corrupt").await;
+    let _d = table(&db).await;
+    let p = Pgtier::cached(
+        &db,
+        "[cache]\ndefault_ttl = \"10m\"\n",
+        &["--redis", &redis.url(), "--l1-max-bytes", "0"],
+    )
+    .await;
+    let c = p.connect(&db).await;
+    let q = "select v from t where id = 9";
+    assert_eq!(v(&c, q).await, "9");
+    stored(&p, 1.0).await;
+    let keys = redis.cli(&["--scan", "--pattern", "pgtier:2:*"]);
+    let key = keys.lines().next().expect("a key in Redis").to_string();
+    redis.cli(&["set", &key, "not a pgtier value"]);
+    let before = p.metrics().await;
+    assert_eq!(
+        v(&c, q).await,
+        "9",
+        "the corrupt value must not reach the client"
+    );
+    let after = p.metrics().await;
+    assert_eq!(
+        after.get("pgtier_l2_errors_total", &[("kind", "corrupt")]),
+        1.0
+    );
+    assert_eq!(after.misses() - before.misses(), 1.0);
+    stored(&p, 2.0).await;
+    let value = redis.cli(&["getrange", &key, "0", "3"]);
+    assert_eq!(value.trim(), "PGT2", "the value was replaced by a good one");
+    let before = p.metrics().await;
+    assert_eq!(v(&c, q).await, "9");
+    assert_eq!(l2(&p.metrics().await, "hit") - l2(&before, "hit"), 1.0);
+}
+
+#[tokio::test]
+async fn works_against_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let db = fresh_db("pgtier_l2_cluster").await;
+    let _d = table(&db).await;
+    let seeds = cluster.seeds();
+    let toml = format!(
+        "[cache]\ndefault_ttl = \"10m\"\n[l2]\ncluster = true\nseeds = [{}]\n",
+        seeds
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let a = Pgtier::cached(&db, &toml, &[]).await;
+    let b = Pgtier::cached(&db, &toml, &["--l1-max-bytes", "0"]).await;
+    let ca = a.connect(&db).await;
+    let cb = b.connect(&db).await;
+    for id in 1..=30 {
+        assert_eq!(
+            v(&ca, &format!("select v from t where id = {id}")).await,
+            id.to_string()
+        );
+    }
+    stored(&a, 30.0).await;
+    let before = b.metrics().await;
+    for id in 1..=30 {
+        assert_eq!(
+            v(&cb, &format!("select v from t where id = {id}")).await,
+            id.to_string()
+        );
+    }
+    let hits = l2(&b.metrics().await, "hit") - l2(&before, "hit");
+    assert_eq!(hits, 30.0, "B reads A's results from the cluster");
+    let counts = cluster.key_counts();
+    assert!(
+        counts.iter().filter(|&&n| n > 0).count() >= 2,
+        "keys spread over masters: {counts:?}"
+    );
+}
