@@ -35,6 +35,11 @@ use crate::protocol::frontend::{Frontend, Target};
 use crate::protocol::TxStatus;
 use crate::sql::{is_time_literal, SessionEffect};
 
+/// An entry fetched from L2 for this request.
+fn prefetched(list: &[(Key, Arc<Entry>)], key: &Key) -> Option<Arc<Entry>> {
+    list.iter().find(|(k, _)| k == key).map(|(_, e)| e.clone())
+}
+
 /// (start, end, tag) of each whole message in an already framed buffer.
 fn messages(buf: &[u8]) -> impl Iterator<Item = (usize, usize, u8)> + '_ {
     let mut at = 0;
@@ -158,6 +163,9 @@ pub struct SessionCache {
     inject: BytesMut,
     /// Replies composed by pgtier waiting for their turn behind server replies.
     synthetic: VecDeque<Vec<Bytes>>,
+    /// Results just fetched from L2 for the request being planned (L1 may be
+    /// too small to hold them even for a moment).
+    prefetched: Vec<(Key, Arc<Entry>)>,
     /// The request number captures opened now belong to.
     current_request: u64,
 }
@@ -189,6 +197,7 @@ impl SessionCache {
             defined: Vec::with_capacity(4),
             inject: BytesMut::new(),
             synthetic: VecDeque::new(),
+            prefetched: Vec::new(),
             current_request: 0,
         }
     }
@@ -300,6 +309,7 @@ impl SessionCache {
             if plan == Plan::Missing && self.l2_lookup(cache, db, &batch).await {
                 plan = self.plan_hit(cache, db, &batch);
             }
+            self.prefetched.clear();
             if plan == Plan::Hit {
                 self.commit_hit(&batch);
                 self.emit(track, cout);
@@ -503,7 +513,9 @@ impl SessionCache {
                     else {
                         return Plan::No;
                     };
-                    match p.key.and_then(|k| fresh(cache, db, &k, now)) {
+                    match p.key.and_then(|k| {
+                        fresh(cache, db, &k, now).or_else(|| prefetched(&self.prefetched, &k))
+                    }) {
                         Some(e) => {
                             let Some(rd) = e.row_desc.clone() else {
                                 return Plan::No;
@@ -528,7 +540,9 @@ impl SessionCache {
                     };
                     let entry = match p.entry.take() {
                         Some(e) => Some(e),
-                        None => p.key.and_then(|k| fresh(cache, db, &k, now)),
+                        None => p.key.and_then(|k| {
+                            fresh(cache, db, &k, now).or_else(|| prefetched(&self.prefetched, &k))
+                        }),
                     };
                     match entry {
                         Some(e) => {
@@ -608,10 +622,11 @@ impl SessionCache {
             match found {
                 Lookup::Hit(rd, rows) => {
                     metrics::l2_lookup("hit");
-                    cache.insert(
-                        key,
-                        Entry::new(rd, rows, policy.ttl, policy.swr, shape, epoch, deps),
-                    );
+                    let e = Arc::new(Entry::new(
+                        rd, rows, policy.ttl, policy.swr, shape, epoch, deps,
+                    ));
+                    cache.l1.insert(key, e.clone());
+                    self.prefetched.push((key, e));
                 }
                 Lookup::Miss => {
                     metrics::l2_lookup("miss");
