@@ -1,17 +1,35 @@
 //! Structured logs through `tracing` (text or JSON), also capturing pingora's `log`
-//! records.
+//! records. The filter can be changed at run time (config reload).
 
-use tracing_subscriber::EnvFilter;
+use std::sync::OnceLock;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::{LogConfig, LogFormat};
 
+static HANDLE: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
 pub fn init(cfg: &LogConfig) {
     let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match cfg.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let ok = match cfg.format {
+        LogFormat::Text => registry.with(fmt).try_init().is_ok(),
+        LogFormat::Json => registry.with(fmt.json()).try_init().is_ok(),
     };
+    if ok {
+        let _ = HANDLE.set(handle);
+    }
+}
+
+/// Change the log filter (validated by config checks beforehand).
+pub fn set_level(level: &str) -> Result<(), String> {
+    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    match HANDLE.get() {
+        Some(h) => h.reload(filter).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
 }

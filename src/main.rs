@@ -5,6 +5,23 @@ use std::process::ExitCode;
 use clap::Parser;
 use pgtier::config::cli::{Cli, Command};
 
+/// Print a SCRAM-SHA-256 verifier for `admin.users[].password`.
+fn hash_password(password: Option<String>) -> anyhow::Result<()> {
+    let password = match password {
+        Some(p) => p,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+    };
+    if password.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    println!("{}", pgtier::admin::scram::hash_password(&password));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.opts.load() {
@@ -16,7 +33,8 @@ fn main() -> ExitCode {
     };
     pgtier::logging::init(&config.log);
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => pgtier::server::run(config, cli.opts.upgrade),
+        Command::Run => pgtier::server::run(config, cli.opts.clone()),
+        Command::HashPassword { password } => hash_password(password),
         Command::InstallTriggers { schemas, tables } => {
             let mut scope = pgtier::invalidation::triggers::Scope {
                 schemas: config.invalidation.schemas.clone(),

@@ -1,9 +1,11 @@
 //! Prometheus metrics. Hot-path counters are registered once and kept as
 //! handles, so counting a cache hit is one atomic add, not a registry lookup.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use metrics::{counter, gauge, Counter, Gauge};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Handles to the counters touched on every request.
@@ -15,6 +17,15 @@ pub struct Hot {
     pub fills_aborted: Counter,
     pub coalesced: Counter,
     pub client_connections: Gauge,
+    pub upstream_connections: Gauge,
+    /// Time from a complete request to its reply being queued, by source.
+    pub latency_l1: Histogram,
+    pub latency_l2: Histogram,
+    pub latency_upstream: Histogram,
+    pub client_bytes_in: Counter,
+    pub client_bytes_out: Counter,
+    pub upstream_bytes_in: Counter,
+    pub upstream_bytes_out: Counter,
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -51,6 +62,14 @@ pub fn hot() -> &'static Hot {
         fills_aborted: counter!("pgtier_cache_fills_total", "result" => "aborted"),
         coalesced: counter!("pgtier_cache_coalesced_total"),
         client_connections: gauge!("pgtier_client_connections"),
+        upstream_connections: gauge!("pgtier_upstream_connections"),
+        latency_l1: histogram!("pgtier_query_duration_seconds", "source" => "l1"),
+        latency_l2: histogram!("pgtier_query_duration_seconds", "source" => "l2"),
+        latency_upstream: histogram!("pgtier_query_duration_seconds", "source" => "upstream"),
+        client_bytes_in: counter!("pgtier_bytes_total", "peer" => "client", "direction" => "in"),
+        client_bytes_out: counter!("pgtier_bytes_total", "peer" => "client", "direction" => "out"),
+        upstream_bytes_in: counter!("pgtier_bytes_total", "peer" => "upstream", "direction" => "in"),
+        upstream_bytes_out: counter!("pgtier_bytes_total", "peer" => "upstream", "direction" => "out"),
     })
 }
 
@@ -82,6 +101,60 @@ fn describe() {
         "Misses that waited for an identical miss already running in another session"
     );
     describe_gauge!("pgtier_client_connections", "Open client connections");
+    describe_gauge!(
+        "pgtier_upstream_connections",
+        "Open connections to Postgres for client sessions"
+    );
+    metrics::describe_histogram!(
+        "pgtier_query_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from a complete client request to its reply, by source (l1, l2, upstream)"
+    );
+    describe_counter!(
+        "pgtier_bytes_total",
+        "Bytes moved, by peer (client, upstream) and direction"
+    );
+    describe_counter!(
+        "pgtier_l2_errors_total",
+        "Redis calls that failed, by kind (timeout, error, corrupt)"
+    );
+    describe_gauge!(
+        "pgtier_l2_breaker_state",
+        "L2 circuit breaker: 0 closed, 1 open, 2 half-open"
+    );
+    describe_counter!(
+        "pgtier_l2_writes_total",
+        "Results written to Redis, by result"
+    );
+    describe_counter!(
+        "pgtier_invalidations_total",
+        "Table invalidations applied, by database"
+    );
+    describe_counter!(
+        "pgtier_invalidation_notifications_total",
+        "Notifications received on the invalidation channel, by database"
+    );
+    describe_gauge!(
+        "pgtier_listener_connected",
+        "1 while the invalidation listener of a database is connected"
+    );
+    metrics::describe_histogram!(
+        "pgtier_listener_lag_seconds",
+        metrics::Unit::Seconds,
+        "Time from a notification's arrival to its invalidation being applied"
+    );
+    describe_counter!(
+        "pgtier_listener_reconnects_total",
+        "Invalidation listener reconnections, by database"
+    );
+    describe_counter!(
+        "pgtier_fence_timeouts_total",
+        "Read-your-writes fences that timed out"
+    );
+    describe_counter!(
+        "pgtier_config_reloads_total",
+        "Configuration reloads, by result (ok, error)"
+    );
     describe_gauge!("pgtier_l1_entries", "Entries in the L1 cache");
     describe_gauge!(
         "pgtier_l1_bytes",
@@ -89,10 +162,133 @@ fn describe() {
     );
 }
 
-/// Render the exposition text, refreshing gauges that are sampled rather than counted.
-pub fn render(cache: &crate::cache::Cache) -> String {
+/// Render the exposition text, refreshing gauges that are sampled rather than
+/// counted, and appending the top statement shapes.
+pub fn render(cache: &crate::cache::Cache, top: usize) -> String {
     cache.l1.sync();
     gauge!("pgtier_l1_entries").set(cache.l1.entry_count() as f64);
     gauge!("pgtier_l1_bytes").set(cache.l1.weighted_bytes() as f64);
-    install().render()
+    let mut out = install().render();
+    let shapes = top_shapes(top);
+    if !shapes.is_empty() {
+        use std::fmt::Write;
+        for (name, help, kind) in [
+            (
+                "pgtier_statement_calls_total",
+                "Requests per statement shape (top shapes by traffic)",
+                "counter",
+            ),
+            (
+                "pgtier_statement_hits_total",
+                "Cache hits per statement shape",
+                "counter",
+            ),
+            (
+                "pgtier_statement_misses_total",
+                "Cache misses per statement shape",
+                "counter",
+            ),
+            (
+                "pgtier_statement_duration_seconds",
+                "Time per request, per statement shape",
+                "summary",
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (shape, st) in &shapes {
+                let label = format!("{{shape=\"{shape:016x}\"}}");
+                let _ = match name {
+                    "pgtier_statement_calls_total" => writeln!(out, "{name}{label} {}", st.calls),
+                    "pgtier_statement_hits_total" => writeln!(out, "{name}{label} {}", st.hits),
+                    "pgtier_statement_misses_total" => writeln!(out, "{name}{label} {}", st.misses),
+                    _ => writeln!(
+                        out,
+                        "{name}_sum{label} {}\n{name}_count{label} {}",
+                        st.seconds, st.calls
+                    ),
+                };
+            }
+        }
+    }
+    out
+}
+
+/// Traffic of one statement shape (pg_query fingerprint).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShapeStat {
+    pub calls: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub seconds: f64,
+}
+
+/// Per-shape tables, one per worker thread (uncontended locks), summed on read.
+type ShapeTable = Arc<Mutex<HashMap<u64, ShapeStat>>>;
+
+/// Shapes tracked per worker; beyond that, traffic is counted under shape 0.
+const MAX_SHAPES: usize = 10_000;
+
+fn tables() -> &'static Mutex<Vec<ShapeTable>> {
+    static ALL: OnceLock<Mutex<Vec<ShapeTable>>> = OnceLock::new();
+    ALL.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+thread_local! {
+    static LOCAL: ShapeTable = {
+        let t: ShapeTable = Arc::new(Mutex::new(HashMap::new()));
+        if let Ok(mut all) = tables().lock() {
+            all.push(t.clone());
+        }
+        t
+    };
+}
+
+/// Outcome of one request for per-shape statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Other,
+}
+
+pub fn shape(shape: u64, outcome: Outcome, took: Duration) {
+    LOCAL.with(|t| {
+        if let Ok(mut m) = t.lock() {
+            let key = if m.len() >= MAX_SHAPES && !m.contains_key(&shape) {
+                0
+            } else {
+                shape
+            };
+            let s = m.entry(key).or_default();
+            s.calls += 1;
+            match outcome {
+                Outcome::Hit => s.hits += 1,
+                Outcome::Miss => s.misses += 1,
+                Outcome::Other => {}
+            }
+            s.seconds += took.as_secs_f64();
+        }
+    });
+}
+
+/// The busiest shapes, summed over workers.
+pub fn top_shapes(n: usize) -> Vec<(u64, ShapeStat)> {
+    let mut sum: HashMap<u64, ShapeStat> = HashMap::new();
+    if let Ok(all) = tables().lock() {
+        for t in all.iter() {
+            if let Ok(m) = t.lock() {
+                for (k, v) in m.iter() {
+                    let s = sum.entry(*k).or_default();
+                    s.calls += v.calls;
+                    s.hits += v.hits;
+                    s.misses += v.misses;
+                    s.seconds += v.seconds;
+                }
+            }
+        }
+    }
+    let mut v: Vec<(u64, ShapeStat)> = sum.into_iter().collect();
+    v.sort_by(|a, b| b.1.calls.cmp(&a.1.calls).then(a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
 }

@@ -34,7 +34,8 @@ const QUICK: u8 = 1;
 const GRACEFUL: u8 = 2;
 
 /// Runs pgtier until a signal stops it.
-pub fn run(config: Config, upgrade: bool) -> Result<()> {
+pub fn run(config: Config, options: crate::config::cli::Options) -> Result<()> {
+    let upgrade = options.upgrade;
     if !upgrade {
         // Pingora panics in a service thread when it cannot bind; check first so the
         // user gets one clear line instead.
@@ -56,9 +57,9 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
 
     crate::metrics::install();
     let live = Arc::new(Live::new(config.clone()));
-    let proxy = Arc::new(Proxy::new(live.clone())?);
+    let proxy = Arc::new(Proxy::new(live.clone(), options)?);
 
-    if let Some(l2) = proxy.cache.l2.clone() {
+    if let Some(l2) = proxy.cache.l2() {
         sessions.on_each(move || l2.clone().warm_up());
     }
 
@@ -95,6 +96,10 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
         admin.add_tcp(&config.admin.listen);
         server.add_service(admin);
     }
+    server.add_service(background_service(
+        "pgtier config reload (SIGHUP)",
+        Sighup(proxy.clone()),
+    ));
     for listener in listeners(&config, &proxy)? {
         let name = format!("pgtier invalidation listener ({})", listener.db.name);
         server.add_service(background_service(&name, listener));
@@ -134,6 +139,27 @@ pub fn run(config: Config, upgrade: bool) -> Result<()> {
     }
     tracing::info!("pgtier stopped");
     Ok(())
+}
+
+/// Re-reads the configuration on SIGHUP.
+struct Sighup(Arc<Proxy>);
+
+#[async_trait]
+impl pingora_core::services::background::BackgroundService for Sighup {
+    async fn start(&self, mut shutdown: pingora_core::server::ShutdownWatch) {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot watch SIGHUP; reload with the admin console's RELOAD");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let _ = self.0.reload();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }
 
 /// One listener per control URL (cached database).

@@ -33,7 +33,7 @@ impl ServeHttp for AdminHttp {
             "/metrics" => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                crate::metrics::render(&self.proxy.cache),
+                crate::metrics::render(&self.proxy.cache, self.proxy.config().admin.top_shapes),
             ),
             "/health" => text(StatusCode::OK, "text/plain", "ok\n".into()),
             "/ready" => match self.proxy.readiness().await {

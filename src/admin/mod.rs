@@ -1,3 +1,5 @@
 //! Operator interfaces: the HTTP endpoint (metrics and probes).
 
+pub mod console;
 pub mod http;
+pub mod scram;

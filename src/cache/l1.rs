@@ -28,52 +28,71 @@ impl Expiry<Key, Arc<Entry>> for EntryExpiry {
     }
 }
 
+type Store = Cache<Key, Arc<Entry>>;
+
+/// The moka cache behind an atomic pointer, so a reload can change its memory
+/// bound (by starting an empty cache) without stopping readers.
 pub struct L1 {
-    cache: Cache<Key, Arc<Entry>>,
+    cache: arc_swap::ArcSwap<Store>,
+}
+
+fn build(max_bytes: u64) -> Store {
+    Cache::builder()
+        .max_capacity(max_bytes)
+        .weigher(|_k: &Key, v: &Arc<Entry>| v.weight())
+        .expire_after(EntryExpiry)
+        .build()
 }
 
 impl L1 {
     pub fn new(max_bytes: u64) -> L1 {
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_k: &Key, v: &Arc<Entry>| v.weight())
-            .expire_after(EntryExpiry)
-            .build();
-        L1 { cache }
+        L1 {
+            cache: arc_swap::ArcSwap::from_pointee(build(max_bytes)),
+        }
+    }
+
+    /// Start over with a new memory bound (entries are dropped).
+    pub fn resize(&self, max_bytes: u64) {
+        self.cache.store(Arc::new(build(max_bytes)));
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.cache.load().policy().max_capacity().unwrap_or(0)
     }
 
     #[inline]
     pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.cache.get(key)
+        self.cache.load().get(key)
     }
 
     pub fn insert(&self, key: Key, entry: Arc<Entry>) {
-        self.cache.insert(key, entry);
+        self.cache.load().insert(key, entry);
     }
 
     pub fn remove(&self, key: &Key) {
-        self.cache.invalidate(key);
+        self.cache.load().invalidate(key);
     }
 
     pub fn clear(&self) {
-        self.cache.invalidate_all();
+        self.cache.load().invalidate_all();
     }
 
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.cache.load().entry_count()
     }
 
     /// Weighted size (payload plus overhead) as moka accounts it.
     pub fn weighted_bytes(&self) -> u64 {
-        self.cache.weighted_size()
+        self.cache.load().weighted_size()
     }
 
     /// Let moka apply pending evictions now (tests and stats want exact figures).
     pub fn sync(&self) {
-        self.cache.run_pending_tasks();
+        self.cache.load().run_pending_tasks();
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (Arc<Key>, Arc<Entry>)> + '_ {
-        self.cache.iter()
+    /// Every entry (for the admin console).
+    pub fn entries(&self) -> Vec<(Arc<Key>, Arc<Entry>)> {
+        self.cache.load().iter().collect()
     }
 }

@@ -6,6 +6,7 @@ pub mod key;
 pub mod l1;
 pub mod l2;
 pub mod rules;
+pub mod shapes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -85,7 +86,7 @@ impl Drop for FillLease {
 
 pub struct Cache {
     pub l1: L1,
-    pub l2: Option<Arc<l2::L2>>,
+    l2: arc_swap::ArcSwapOption<l2::L2>,
     /// Statement descriptions (ParameterDescription + RowDescription/NoData).
     descs: moka::sync::Cache<Key, Bytes>,
     decisions: moka::sync::Cache<u128, Arc<Decision>>,
@@ -103,7 +104,7 @@ impl Cache {
     pub fn new(cfg: &Config) -> Cache {
         Cache {
             l1: L1::new(cfg.l1.max_bytes.0),
-            l2: l2::L2::new(&cfg.l2).map(Arc::new),
+            l2: arc_swap::ArcSwapOption::from(l2::L2::new(&cfg.l2).map(Arc::new)),
             descs: moka::sync::Cache::builder()
                 .max_capacity(16 << 20)
                 .weigher(|_k: &Key, v: &Bytes| (v.len() + 64).min(u32::MAX as usize) as u32)
@@ -118,9 +119,21 @@ impl Cache {
         }
     }
 
+    /// The shared tier, if configured.
+    pub fn l2(&self) -> Option<Arc<l2::L2>> {
+        self.l2.load_full()
+    }
+
     /// Apply a new configuration: rules change, so earlier decisions and entries
-    /// made under the old ones are dropped.
-    pub fn reconfigure(&self, cfg: &Config) {
+    /// made under the old ones are dropped; L1 is rebuilt if its bound changed,
+    /// L2 reconnected if its settings did.
+    pub fn reconfigure(&self, old: &Config, cfg: &Config) {
+        if old.l1.max_bytes != cfg.l1.max_bytes {
+            self.l1.resize(cfg.l1.max_bytes.0);
+        }
+        if serde_json::to_string(&old.l2).ok() != serde_json::to_string(&cfg.l2).ok() {
+            self.l2.store(l2::L2::new(&cfg.l2).map(Arc::new));
+        }
         use std::sync::atomic::Ordering;
         self.rules.store(Arc::new(Rules::new(&cfg.cache)));
         self.max_entry_bytes
@@ -129,9 +142,13 @@ impl Cache {
             .store(Arc::new(cfg.cache.coalesce_wait.0));
         self.system_catalogs
             .store(cfg.cache.system_catalogs, Ordering::Relaxed);
-        self.decisions.invalidate_all();
-        self.l1.clear();
-        self.descs.invalidate_all();
+        // Entries made under other rules (a table now `cache = false`, a longer
+        // TTL) must not outlive them.
+        if serde_json::to_string(&old.cache).ok() != serde_json::to_string(&cfg.cache).ok() {
+            self.decisions.invalidate_all();
+            self.l1.clear();
+            self.descs.invalidate_all();
+        }
     }
 
     pub fn has_public_rules(&self) -> bool {
@@ -185,6 +202,9 @@ impl Cache {
                 .decide(&text, analysis.fingerprint, &read.tables)
                 .map_err(Bypass::Rule),
         };
+        if let Ok(policy) = &verdict {
+            shapes::remember(analysis.fingerprint, &text, policy);
+        }
         Decision { analysis, verdict }
     }
 

@@ -40,6 +40,12 @@ pub enum Command {
     },
     /// Remove the triggers, event triggers and the pgtier schema.
     UninstallTriggers,
+    /// Print a SCRAM-SHA-256 verifier for an admin console password (read from
+    /// stdin unless given), for `admin.users[].password`.
+    HashPassword {
+        #[arg(long)]
+        password: Option<String>,
+    },
 }
 
 #[derive(Debug, Args, Clone, Default)]

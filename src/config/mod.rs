@@ -320,14 +320,29 @@ impl UpstreamConfig {
 pub struct AdminConfig {
     /// HTTP endpoint for /metrics, /health and /ready; empty disables it.
     pub listen: String,
+    /// Statement shapes exported with per-shape metrics (the busiest ones).
+    pub top_shapes: usize,
+    /// Who may use the admin console (database `pgtier`); empty = console off.
+    pub users: Vec<AdminUser>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9930".into(),
+            top_shapes: 20,
+            users: Vec::new(),
         }
     }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminUser {
+    pub name: String,
+    /// A SCRAM-SHA-256 verifier (`pgtier hash-password` prints one), never the
+    /// password itself.
+    pub password: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -543,6 +558,20 @@ impl Config {
                         format!("'{t}' is not name or schema.name"),
                     ));
                 }
+            }
+        }
+        for (i, u) in self.admin.users.iter().enumerate() {
+            if crate::admin::scram::Verifier::parse(&u.password).is_none() {
+                return Err(invalid(
+                    &format!("admin.users[{i}].password"),
+                    "must be a SCRAM-SHA-256 verifier (run `pgtier hash-password`), not a plain password",
+                ));
+            }
+            if u.name.is_empty() {
+                return Err(invalid(
+                    &format!("admin.users[{i}].name"),
+                    "must not be empty",
+                ));
             }
         }
         let password = self.invalidation.password()?;

@@ -168,6 +168,14 @@ pub struct SessionCache {
     prefetched: Vec<(Key, Arc<Entry>)>,
     /// The request number captures opened now belong to.
     current_request: u64,
+    /// When the request being handled was complete, for latency figures.
+    started: Instant,
+    /// Shapes of the cached results in the reply being composed, and whether
+    /// any came from L2.
+    hit_shapes: Vec<u64>,
+    from_l2: bool,
+    /// Requests sent to Postgres: (request number, start, shape, outcome).
+    upstream: VecDeque<(u64, Instant, u64, metrics::Outcome)>,
 }
 
 impl SessionCache {
@@ -199,6 +207,10 @@ impl SessionCache {
             synthetic: VecDeque::new(),
             prefetched: Vec::new(),
             current_request: 0,
+            started: Instant::now(),
+            hit_shapes: Vec::with_capacity(4),
+            from_l2: false,
+            upstream: VecDeque::new(),
         }
     }
 
@@ -249,6 +261,16 @@ impl SessionCache {
 
     /// Send a reply composed by pgtier: now, or after the replies still due.
     fn emit(&mut self, track: &mut Tracker, cout: &mut OutQueue) {
+        let took = self.started.elapsed();
+        let hot = metrics::hot();
+        if self.from_l2 {
+            hot.latency_l2.record(took);
+        } else {
+            hot.latency_l1.record(took);
+        }
+        for s in self.hit_shapes.drain(..) {
+            metrics::shape(s, metrics::Outcome::Hit, took);
+        }
         if track.replies.is_empty() {
             for c in self.chunks.drain(..) {
                 cout.push(c);
@@ -295,6 +317,9 @@ impl SessionCache {
         };
         let state_bypass = self.bypass_reason(db, track);
         self.current_request = track.requests_sent + 1;
+        self.started = Instant::now();
+        self.hit_shapes.clear();
+        self.from_l2 = false;
         let db = db.filter(|_| state_bypass.is_none());
         if first.1 == batch.len() {
             if let Some(Frontend::Query(q)) = decode(&batch, first) {
@@ -355,11 +380,13 @@ impl SessionCache {
                 (Ok(policy), None, Some(Ok(resolved))) => {
                     let policy = policy.clone();
                     let snapshot = db.snapshot(&resolved.slots);
-                    let l2key = cache.l2.as_ref().and(db.l2_key(key, &resolved.slots));
-                    if let (Some(l2), Some(k2)) = (&cache.l2, l2key) {
+                    let l2tier = cache.l2();
+                    let l2key = l2tier.as_ref().and(db.l2_key(key, &resolved.slots));
+                    if let (Some(l2), Some(k2)) = (&l2tier, l2key) {
                         match l2.get(k2).await {
                             Lookup::Hit(Some(rd), rows) => {
                                 metrics::l2_lookup("hit");
+                                self.from_l2 = true;
                                 let e = Entry::new(
                                     Some(rd),
                                     rows,
@@ -408,6 +435,14 @@ impl SessionCache {
         if tag == ReplyTag::None {
             tag = self.effects_tag();
         }
+        let outcome = if matches!(tag, ReplyTag::Fill(_)) {
+            metrics::Outcome::Miss
+        } else {
+            metrics::Outcome::Other
+        };
+        let shape = cache.decide(sql).analysis.fingerprint;
+        self.upstream
+            .push_back((self.current_request, self.started, shape, outcome));
         track.expect(Expect::Query, false, tag);
         track.open_batch = false;
         sout.push(batch.clone());
@@ -416,6 +451,7 @@ impl SessionCache {
     /// A simple-protocol hit: RowDescription, rows, ReadyForQuery.
     fn reply_simple(&mut self, e: &Entry, track: &mut Tracker, cout: &mut OutQueue) {
         self.chunks.clear();
+        self.hit_shapes.push(e.shape);
         if let Some(rd) = &e.row_desc {
             self.chunks.push(rd.clone());
         }
@@ -439,6 +475,7 @@ impl SessionCache {
     /// filling `self.chunks` with the reply. Touches no session state.
     fn plan_hit(&mut self, cache: &Cache, db: &DbState, batch: &Bytes) -> Plan {
         self.chunks.clear();
+        self.hit_shapes.clear();
         self.portals.clear();
         self.defined.clear();
         let now = Instant::now();
@@ -547,6 +584,7 @@ impl SessionCache {
                     match entry {
                         Some(e) => {
                             self.chunks.push(e.rows.clone());
+                            self.hit_shapes.push(e.shape);
                             executes += 1;
                         }
                         None => missing = true,
@@ -568,6 +606,7 @@ impl SessionCache {
             return Plan::No;
         }
         if missing {
+            self.hit_shapes.clear();
             return Plan::Missing;
         }
         metrics::hot().l1_hit.increment(executes);
@@ -577,7 +616,7 @@ impl SessionCache {
     /// Look the results missing from L1 up in L2 (concurrently); those found go
     /// into L1. True if all were found.
     async fn l2_lookup(&mut self, cache: &Cache, db: &DbState, batch: &Bytes) -> bool {
-        let Some(l2) = &cache.l2 else { return false };
+        let Some(l2) = cache.l2() else { return false };
         let mut wanted = Vec::new();
         for i in 0..self.portals.len() {
             let p = &self.portals[i];
@@ -622,6 +661,7 @@ impl SessionCache {
             match found {
                 Lookup::Hit(rd, rows) => {
                     metrics::l2_lookup("hit");
+                    self.from_l2 = true;
                     let e = Arc::new(Entry::new(
                         rd, rows, policy.ttl, policy.swr, shape, epoch, deps,
                     ));
@@ -821,6 +861,21 @@ impl SessionCache {
         if !self.inject.is_empty() {
             sout.push(self.inject.split().freeze());
         }
+        if !track.open_batch {
+            let outcome = if self.portals.iter().any(|p| p.fill.is_some()) {
+                metrics::Outcome::Miss
+            } else {
+                metrics::Outcome::Other
+            };
+            let shape = self
+                .portals
+                .first()
+                .map(|p| batch[p.statement.clone()].to_vec())
+                .and_then(|name| self.statements.get(&name).and_then(|s| s.decision.clone()))
+                .map_or(0, |d| d.analysis.fingerprint);
+            self.upstream
+                .push_back((self.current_request, self.started, shape, outcome));
+        }
         sout.push(batch);
     }
 
@@ -848,7 +903,7 @@ impl SessionCache {
             return None;
         }
         let key = extended_key(self.seed.pick(policy.public), hash, b.args);
-        let l2key = cache.l2.as_ref().and(db.l2_key(key, &resolved.slots));
+        let l2key = cache.l2().and(db.l2_key(key, &resolved.slots));
         let lease = match cache.claim(key) {
             Claim::Leader(l) => Some(l),
             Claim::Follower(_) => {
@@ -1067,6 +1122,15 @@ impl SessionCache {
         request: u64,
     ) -> bool {
         let committed = status == TxStatus::Idle && !error;
+        while let Some(&(req, started, shape, outcome)) = self.upstream.front() {
+            if req > request {
+                break;
+            }
+            self.upstream.pop_front();
+            let took = started.elapsed();
+            metrics::hot().latency_upstream.record(took);
+            metrics::shape(shape, outcome, took);
+        }
         let mut i = 0;
         while i < self.captures.len() {
             if self.captures[i].request > request {
@@ -1087,7 +1151,7 @@ impl SessionCache {
                     ..
                 } => {
                     if stored && (!simple || c.row_desc.is_some()) {
-                        if let (Some(tier), Some(k2)) = (&cache.l2, l2) {
+                        if let (Some(tier), Some(k2)) = (cache.l2(), l2) {
                             tier.put(k2, c.row_desc.as_deref(), &c.buf, policy.ttl + policy.swr);
                         }
                         cache.insert(

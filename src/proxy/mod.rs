@@ -28,9 +28,25 @@ use session::Session;
 use startup::{fatal, ClientStream, Opened, StartupError};
 use upstream::Upstream;
 
+/// What the admin console shows about an open session.
+pub struct SessionInfo {
+    pub id: u64,
+    pub peer: String,
+    pub user: String,
+    pub database: String,
+    pub since: std::time::SystemTime,
+    /// Transaction status byte of the last ReadyForQuery (I, T, E).
+    pub state: std::sync::atomic::AtomicU8,
+    pub requests: AtomicU64,
+}
+
 /// State shared by all sessions of one pgtier process.
 pub struct Proxy {
     pub config: Arc<Live>,
+    /// The command line, re-applied over the file on reload.
+    pub options: crate::config::cli::Options,
+    /// Open sessions, for the admin console.
+    pub sessions_info: std::sync::Mutex<std::collections::HashMap<u64, Arc<SessionInfo>>>,
     pub cache: Arc<Cache>,
     pub invalidation: Arc<Invalidation>,
     pub upstream: Upstream,
@@ -41,7 +57,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Live>) -> anyhow::Result<Self> {
+    pub fn new(config: Arc<Live>, options: crate::config::cli::Options) -> anyhow::Result<Self> {
         let snap = config.load();
         let tls_acceptor = match (&snap.server.tls_cert, &snap.server.tls_key) {
             (Some(c), Some(k)) => Some(TlsAcceptor::from(tls::server_config(c, k)?)),
@@ -52,6 +68,8 @@ impl Proxy {
             .into_iter()
             .map(|t| t.database);
         Ok(Proxy {
+            options,
+            sessions_info: std::sync::Mutex::new(std::collections::HashMap::new()),
             cache: Arc::new(Cache::new(&snap)),
             invalidation: Arc::new(Invalidation::new(databases, &snap.invalidation.channel)),
             upstream: Upstream::new(&snap.upstream)?,
@@ -71,9 +89,79 @@ impl Proxy {
         self.sessions.load(Ordering::Acquire)
     }
 
-    /// Whether pgtier can serve: the upstream accepts connections.
+    /// Whether pgtier can serve: the upstream accepts connections and every
+    /// invalidation listener is connected.
     pub async fn readiness(&self) -> Result<(), String> {
-        self.upstream.probe().await.map_err(|e| e.to_string())
+        self.upstream.probe().await.map_err(|e| e.to_string())?;
+        let down: Vec<&str> = self
+            .invalidation
+            .databases()
+            .filter(|d| !d.live())
+            .map(|d| d.name.as_str())
+            .collect();
+        if !down.is_empty() {
+            return Err(format!(
+                "invalidation listener not connected for: {}",
+                down.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Re-read the configuration (SIGHUP, admin RELOAD). An invalid file
+    /// changes nothing; settings that only take effect at start are kept and
+    /// reported.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        let result = self.reload_inner();
+        let label = if result.is_ok() { "ok" } else { "error" };
+        ::metrics::counter!("pgtier_config_reloads_total", "result" => label).increment(1);
+        match &result {
+            Ok(notes) => tracing::info!(?notes, "configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration")
+            }
+        }
+        result
+    }
+
+    fn reload_inner(&self) -> Result<Vec<String>, String> {
+        let old = self.config();
+        let mut new = self.options.load().map_err(|e| e.to_string())?;
+        let mut notes = Vec::new();
+        macro_rules! fixed {
+            ($($f:tt).+, $key:expr) => {
+                if serde_json::to_string(&new.$($f).+).ok() != serde_json::to_string(&old.$($f).+).ok() {
+                    notes.push(format!("{} changed: takes effect after a restart", $key));
+                    new.$($f).+ = old.$($f).+.clone();
+                }
+            };
+        }
+        fixed!(server.listen, "server.listen");
+        fixed!(server.workers, "server.workers");
+        fixed!(server.tls_cert, "server.tls_cert");
+        fixed!(server.tls_key, "server.tls_key");
+        fixed!(server.upgrade_sock, "server.upgrade_sock");
+        fixed!(server.pid_file, "server.pid_file");
+        fixed!(upstream, "upstream");
+        fixed!(admin.listen, "admin.listen");
+        fixed!(invalidation, "invalidation");
+        fixed!(log.format, "log.format");
+        crate::logging::set_level(&new.log.level)?;
+        self.cache.reconfigure(&old, &new);
+        self.config.store(new);
+        Ok(notes)
+    }
+
+    fn register(&self, info: Arc<SessionInfo>) {
+        if let Ok(mut m) = self.sessions_info.lock() {
+            m.insert(info.id, info);
+        }
+    }
+
+    fn unregister(&self, id: u64) {
+        if let Ok(mut m) = self.sessions_info.lock() {
+            m.remove(&id);
+        }
     }
 
     /// Wait until no session is open, or the deadline passes. Returns the number
@@ -102,10 +190,13 @@ impl Proxy {
             .unwrap_or_default();
         let span = tracing::info_span!("session", id, %peer);
         let _guard = SessionGuard::enter(&self);
-        self.clone().serve_inner(id, stream).instrument(span).await;
+        self.clone()
+            .serve_inner(id, peer, stream)
+            .instrument(span)
+            .await;
     }
 
-    async fn serve_inner(self: Arc<Self>, id: u64, stream: ClientStream) {
+    async fn serve_inner(self: Arc<Self>, id: u64, peer: String, stream: ClientStream) {
         let cfg = self.config();
         let auth_timeout = cfg.server.auth_timeout.0;
         let opened = match tokio::time::timeout(auth_timeout, startup::accept(stream, &self)).await
@@ -130,6 +221,10 @@ impl Proxy {
             return;
         };
         let mut client = *client;
+        if startup.database() == Some(crate::admin::console::DATABASE) {
+            crate::admin::console::serve(self, client, startup, cin, negotiate).await;
+            return;
+        }
         if self.active_sessions() > cfg.server.max_client_connections {
             fatal(&mut client, "53300", "sorry, too many clients already").await;
             return;
@@ -171,9 +266,24 @@ impl Proxy {
             database = startup.database(),
             "session started"
         );
-        Session::new(id, self, client, cin, server, sin, startup, hello)
+        let info = Arc::new(SessionInfo {
+            id,
+            peer,
+            user: startup.user().unwrap_or_default().to_string(),
+            database: startup.database().unwrap_or_default().to_string(),
+            since: std::time::SystemTime::now(),
+            state: std::sync::atomic::AtomicU8::new(b'I'),
+            requests: AtomicU64::new(0),
+        });
+        self.register(info.clone());
+        let hot = crate::metrics::hot();
+        hot.upstream_connections.increment(1.0);
+        let proxy = self.clone();
+        Session::new(id, self, client, cin, server, sin, startup, hello, info)
             .run()
             .await;
+        hot.upstream_connections.decrement(1.0);
+        proxy.unregister(id);
     }
 }
 
@@ -183,12 +293,14 @@ struct SessionGuard<'a>(&'a Proxy);
 impl<'a> SessionGuard<'a> {
     fn enter(p: &'a Proxy) -> Self {
         p.sessions.fetch_add(1, Ordering::AcqRel);
+        crate::metrics::hot().client_connections.increment(1.0);
         SessionGuard(p)
     }
 }
 
 impl Drop for SessionGuard<'_> {
     fn drop(&mut self) {
+        crate::metrics::hot().client_connections.decrement(1.0);
         if self.0.sessions.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }

@@ -22,6 +22,7 @@ use super::startup::{ClientConn, ServerHello};
 use super::tracker::Tracker;
 use super::upstream::ServerConn;
 use super::Proxy;
+use crate::metrics;
 use crate::protocol::backend::{self, ErrorResponse, Severity};
 use crate::protocol::codec::peek_header;
 use crate::protocol::frontend::{self, Frontend};
@@ -70,6 +71,7 @@ struct Fence {
 
 pub struct Session {
     pub id: u64,
+    info: Arc<super::SessionInfo>,
     fence: Option<Fence>,
     proxy: Arc<Proxy>,
     client: ClientConn,
@@ -104,6 +106,7 @@ impl Session {
         sin: BytesMut,
         startup: StartupMessage,
         hello: ServerHello,
+        info: Arc<super::SessionInfo>,
     ) -> Self {
         let max_message = proxy.config.load().server.max_message_size.0 as usize;
         let user = startup.user().unwrap_or_default().to_string();
@@ -112,6 +115,7 @@ impl Session {
         let mut cache = SessionCache::new(&database, &user, &startup.params, db);
         cache.reseed(&hello.params);
         Session {
+            info,
             fence: None,
             cache,
             id,
@@ -228,25 +232,40 @@ impl Session {
                 }
             }
         }
+        let hot = metrics::hot();
         if !self.sout.is_empty() {
-            if let Poll::Ready(Err(e)) = self.sout.poll_write(&mut self.server, cx) {
+            let before = self.sout.len();
+            let r = self.sout.poll_write(&mut self.server, cx);
+            hot.upstream_bytes_out
+                .increment((before - self.sout.len()) as u64);
+            if let Poll::Ready(Err(e)) = r {
                 return Poll::Ready(Event::ServerWrite(e));
             }
         }
         if !self.cout.is_empty() && self.fence.is_none() {
-            if let Poll::Ready(Err(e)) = self.cout.poll_write(&mut self.client, cx) {
+            let before = self.cout.len();
+            let r = self.cout.poll_write(&mut self.client, cx);
+            hot.client_bytes_out
+                .increment((before - self.cout.len()) as u64);
+            if let Poll::Ready(Err(e)) = r {
                 return Poll::Ready(Event::ClientWrite(e));
             }
         }
         if self.may_read_server() {
             if let Poll::Ready(r) = poll_read_into(&mut self.server, cx, &mut self.sin, READ_CHUNK)
             {
+                if let Ok(n) = &r {
+                    hot.upstream_bytes_in.increment(*n as u64);
+                }
                 return Poll::Ready(Event::Server(r));
             }
         }
         if self.may_read_client() {
             if let Poll::Ready(r) = poll_read_into(&mut self.client, cx, &mut self.cin, READ_CHUNK)
             {
+                if let Ok(n) = &r {
+                    hot.client_bytes_in.increment(*n as u64);
+                }
                 return Poll::Ready(Event::Client(r));
             }
         }
@@ -261,6 +280,9 @@ impl Session {
         }
         let batch = self.cin.split_to(self.scanned).freeze();
         self.scanned = 0;
+        self.info
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.track.params_changed || self.cache.settings_changed {
             self.track.params_changed = false;
             self.cache.settings_changed = false;
@@ -382,6 +404,10 @@ impl Session {
                     }
                     if let Some((expect, tag)) = front {
                         if h.tag == backend::READY_FOR_QUERY {
+                            self.info.state.store(
+                                self.track.tx.as_byte(),
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                             let error = std::mem::take(&mut self.track.error_in_request);
                             let fence = self.cache.on_ready(
                                 &self.proxy.cache,
