@@ -366,10 +366,20 @@ impl SessionCache {
                 .and_then(|d| d.cacheable())
                 .is_some_and(|p| p.public);
             let key = simple_key(self.seed.pick(public), sql);
-            if let Some(e) = fresh(cache, db, &key, Instant::now()) {
-                hot.l1_hit.increment(1);
-                self.reply_simple(&e, track, cout);
-                return;
+            if let Some(e) = cache.l1.get(&key).filter(|e| db.valid(e.epoch, &e.deps)) {
+                let now = Instant::now();
+                if now < e.fresh_until {
+                    hot.l1_hit.increment(1);
+                    self.reply_simple(&e, track, cout);
+                    return;
+                }
+                if now < e.stale_until {
+                    // Stale-while-revalidate: answer now, refresh behind it.
+                    hot.l1_stale.increment(1);
+                    self.reply_simple(&e, track, cout);
+                    self.refresh_simple(cache, db, batch, sql, key, track, sout);
+                    return;
+                }
             }
             let hash = text_hash(sql);
             let decision = decision.unwrap_or_else(|| cache.decide_hashed(hash, sql));
@@ -445,6 +455,37 @@ impl SessionCache {
             .push_back((self.current_request, self.started, shape, outcome));
         track.expect(Expect::Query, false, tag);
         track.open_batch = false;
+        sout.push(batch.clone());
+    }
+
+    /// Re-run a stale entry's query on this session's connection, its replies
+    /// captured for the cache and not relayed (one refresh per key at a time).
+    #[allow(clippy::too_many_arguments)]
+    fn refresh_simple(
+        &mut self,
+        cache: &Cache,
+        db: &DbState,
+        batch: &Bytes,
+        sql: &[u8],
+        key: Key,
+        track: &mut Tracker,
+        sout: &mut OutQueue,
+    ) {
+        if !track.replies.is_empty() {
+            return;
+        }
+        let Claim::Leader(lease) = cache.claim(key) else {
+            return;
+        };
+        let hash = text_hash(sql);
+        let decision = cache.decide_hashed(hash, sql);
+        let Ok(policy) = decision.verdict.clone() else { return };
+        let resolved = db.resolve(hash, &decision);
+        let Ok(resolved) = resolved.as_ref() else { return };
+        let snapshot = db.snapshot(&resolved.slots);
+        let l2key = cache.l2().and(db.l2_key(key, &resolved.slots));
+        let tag = self.open_fill(key, l2key, policy, decision, snapshot, true, Some(lease));
+        track.expect(Expect::Query, true, tag);
         sout.push(batch.clone());
     }
 

@@ -52,8 +52,9 @@ pub enum Route<T> {
         front: Option<(Expect, T)>,
         done: bool,
     },
-    /// The reply belongs to a message the proxy injected: do not relay it.
-    Swallow,
+    /// The reply belongs to a message the proxy sent itself: do not relay it
+    /// (it may still be captured).
+    Swallow { front: (Expect, T) },
     /// The server sent something the queue did not expect: stop tracking.
     Desync(String),
 }
@@ -151,7 +152,9 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
             Some(e) if want.contains(&e.expect) => {
                 self.queue.pop_front();
                 if e.swallow {
-                    Route::Swallow
+                    Route::Swallow {
+                        front: (e.expect, e.tag),
+                    }
                 } else {
                     Route::Relay {
                         front: Some((e.expect, e.tag)),
@@ -169,7 +172,9 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
 
     fn front_relay(&self, done: bool) -> Route<T> {
         match self.queue.front() {
-            Some(e) if e.swallow => Route::Swallow,
+            Some(e) if e.swallow => Route::Swallow {
+                front: (e.expect, e.tag),
+            },
             Some(e) => Route::Relay {
                 front: Some((e.expect, e.tag)),
                 done,
@@ -257,7 +262,9 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
                 Some(e) if e.expect.ends_with_ready() => {
                     self.queue.pop_front();
                     if e.swallow {
-                        Route::Swallow
+                        Route::Swallow {
+                            front: (e.expect, e.tag),
+                        }
                     } else {
                         Route::Relay {
                             front: Some((e.expect, e.tag)),
@@ -318,7 +325,12 @@ mod tests {
         q.push(Expect::Bind, false, ());
         q.push(Expect::Execute, false, ());
         q.push(Expect::Sync, false, ());
-        assert_eq!(q.on_server(b'1'), Route::Swallow);
+        assert_eq!(
+            q.on_server(b'1'),
+            Route::Swallow {
+                front: (Expect::Parse, ())
+            }
+        );
         assert!(relayed(&q.on_server(b'2')));
     }
 

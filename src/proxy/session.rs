@@ -390,43 +390,42 @@ impl Session {
                 .track
                 .on_server(h.tag, &msg[5..])
                 .map_err(End::ServerProtocol)?;
-            match route {
-                Route::Swallow => {
-                    self.cout.push_from(&mut self.sin, relay);
-                    relay = 0;
-                    self.sin.advance(h.total_len);
-                    continue;
-                }
-                Route::Relay { front, .. } => {
-                    let request = self.track.requests_done + 1;
-                    if h.tag == backend::ERROR_RESPONSE {
-                        self.cache.on_error(request);
-                    }
-                    if let Some((expect, tag)) = front {
-                        if h.tag == backend::READY_FOR_QUERY {
-                            self.info.state.store(
-                                self.track.tx.as_byte(),
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
-                            let error = std::mem::take(&mut self.track.error_in_request);
-                            let fence = self.cache.on_ready(
-                                &self.proxy.cache,
-                                tag,
-                                self.track.tx,
-                                error,
-                                self.track.requests_done,
-                            );
-                            if fence {
-                                self.start_fence();
-                            }
-                        } else {
-                            self.cache.on_reply(expect, tag, h.tag, msg, max_entry);
-                        }
-                    }
-                }
-                Route::Desync(_) => {}
+            let (front, swallow) = match route {
+                Route::Swallow { front } => (Some(front), true),
+                Route::Relay { front, .. } => (front, false),
+                Route::Desync(_) => (None, false),
+            };
+            let request = self.track.requests_done + u64::from(h.tag != backend::READY_FOR_QUERY);
+            if h.tag == backend::ERROR_RESPONSE {
+                self.cache.on_error(request);
             }
-            relay += h.total_len;
+            if let Some((expect, tag)) = front {
+                if h.tag == backend::READY_FOR_QUERY {
+                    self.info
+                        .state
+                        .store(self.track.tx.as_byte(), std::sync::atomic::Ordering::Relaxed);
+                    let error = std::mem::take(&mut self.track.error_in_request);
+                    let fence = self.cache.on_ready(
+                        &self.proxy.cache,
+                        tag,
+                        self.track.tx,
+                        error,
+                        self.track.requests_done,
+                    );
+                    if fence {
+                        self.start_fence();
+                    }
+                } else {
+                    self.cache.on_reply(expect, tag, h.tag, msg, max_entry);
+                }
+            }
+            if swallow {
+                self.cout.push_from(&mut self.sin, relay);
+                relay = 0;
+                self.sin.advance(h.total_len);
+            } else {
+                relay += h.total_len;
+            }
             // Replies pgtier composed for requests queued behind this one are due now.
             while self.track.replies.pop_synthetic().is_some() {
                 self.cout.push_from(&mut self.sin, relay);
