@@ -592,18 +592,29 @@ async fn stale_while_revalidate_serves_then_refreshes() {
     let c = p.connect(&db).await;
     let q = "select 40 + 2";
     let stale = |m: &common::Metrics| {
-        m.get("pgtier_cache_lookups_total", &[("tier", "l1"), ("outcome", "stale")])
+        m.get(
+            "pgtier_cache_lookups_total",
+            &[("tier", "l1"), ("outcome", "stale")],
+        )
     };
-    let stored =
-        |m: &common::Metrics| m.get("pgtier_cache_fills_total", &[("result", "stored")]);
-    assert_eq!(texts(&c.simple_query(q).await.unwrap()), vec![vec![Some("42".into())]]);
-    assert_eq!(texts(&c.simple_query(q).await.unwrap()), vec![vec![Some("42".into())]]);
+    let stored = |m: &common::Metrics| m.get("pgtier_cache_fills_total", &[("result", "stored")]);
+    assert_eq!(
+        texts(&c.simple_query(q).await.unwrap()),
+        vec![vec![Some("42".into())]]
+    );
+    assert_eq!(
+        texts(&c.simple_query(q).await.unwrap()),
+        vec![vec![Some("42".into())]]
+    );
     assert_eq!(p.metrics().await.hits(), 1.0);
     // past the TTL, within the stale window: answered from the cache at once,
     // and refreshed behind the answer
     let t = Instant::now();
     loop {
-        assert_eq!(texts(&c.simple_query(q).await.unwrap()), vec![vec![Some("42".into())]]);
+        assert_eq!(
+            texts(&c.simple_query(q).await.unwrap()),
+            vec![vec![Some("42".into())]]
+        );
         if stale(&p.metrics().await) == 1.0 {
             break;
         }
@@ -613,12 +624,26 @@ async fn stale_while_revalidate_serves_then_refreshes() {
     assert!(t.elapsed() >= Duration::from_millis(500));
     let t = Instant::now();
     while stored(&p.metrics().await) < 2.0 {
-        assert!(t.elapsed() < Duration::from_secs(5), "no refresh after a stale hit");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no refresh after a stale hit"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let before = p.metrics().await;
-    assert_eq!(texts(&c.simple_query(q).await.unwrap()), vec![vec![Some("42".into())]]);
+    assert_eq!(
+        texts(&c.simple_query(q).await.unwrap()),
+        vec![vec![Some("42".into())]]
+    );
     let after = p.metrics().await;
-    assert_eq!(after.hits() - before.hits(), 1.0, "the refreshed entry is fresh");
-    assert_eq!(after.misses(), 1.0, "the refresh was not a client-visible miss");
+    assert_eq!(
+        after.hits() - before.hits(),
+        1.0,
+        "the refreshed entry is fresh"
+    );
+    assert_eq!(
+        after.misses(),
+        1.0,
+        "the refresh was not a client-visible miss"
+    );
 }

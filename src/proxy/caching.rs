@@ -479,9 +479,13 @@ impl SessionCache {
         };
         let hash = text_hash(sql);
         let decision = cache.decide_hashed(hash, sql);
-        let Ok(policy) = decision.verdict.clone() else { return };
+        let Ok(policy) = decision.verdict.clone() else {
+            return;
+        };
         let resolved = db.resolve(hash, &decision);
-        let Ok(resolved) = resolved.as_ref() else { return };
+        let Ok(resolved) = resolved.as_ref() else {
+            return;
+        };
         let snapshot = db.snapshot(&resolved.slots);
         let l2key = cache.l2().and(db.l2_key(key, &resolved.slots));
         let tag = self.open_fill(key, l2key, policy, decision, snapshot, true, Some(lease));

@@ -401,9 +401,10 @@ impl Session {
             }
             if let Some((expect, tag)) = front {
                 if h.tag == backend::READY_FOR_QUERY {
-                    self.info
-                        .state
-                        .store(self.track.tx.as_byte(), std::sync::atomic::Ordering::Relaxed);
+                    self.info.state.store(
+                        self.track.tx.as_byte(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                     let error = std::mem::take(&mut self.track.error_in_request);
                     let fence = self.cache.on_ready(
                         &self.proxy.cache,
