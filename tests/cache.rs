@@ -6,41 +6,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::sql::{raw_rows, texts};
 use common::{direct, fresh_db, run_bounded, Pgtier};
-use tokio_postgres::SimpleQueryMessage;
-
-fn texts(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// Any column as its raw bytes (binary format through the extended protocol).
-#[derive(Debug, PartialEq)]
-struct Raw(Vec<u8>);
-
-impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
-    fn from_sql(
-        _: &tokio_postgres::types::Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(raw.to_vec()))
-    }
-    fn accepts(_: &tokio_postgres::types::Type) -> bool {
-        true
-    }
-}
-
-fn raw_rows(rows: &[tokio_postgres::Row]) -> Vec<Vec<Option<Raw>>> {
-    rows.iter()
-        .map(|r| (0..r.len()).map(|i| r.get::<_, Option<Raw>>(i)).collect())
-        .collect()
-}
 
 async fn setup_types_table(db: &str) {
     let d = direct(db).await;

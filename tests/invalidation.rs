@@ -7,57 +7,10 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::sql::{first, until, warm};
 use common::{direct, fresh_db, pgtier_bin, run_bounded, Pgtier};
-use tokio_postgres::Client;
 
 const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
-
-async fn v(c: &Client, sql: &str) -> String {
-    let rows = c.simple_query(sql).await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some(r.get(0).unwrap_or("NULL").to_string())
-            }
-            _ => None,
-        })
-        .unwrap_or_else(|| "<no rows>".into())
-}
-
-/// Read through pgtier until it returns `want`, bounded; returns how long it took.
-async fn until(c: &Client, sql: &str, want: &str) -> Duration {
-    let t = Instant::now();
-    loop {
-        let got = v(c, sql).await;
-        if got == want {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{sql}: still {got}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// Read until a repeated read is served from the cache.
-async fn warm(p: &Pgtier, c: &Client, sql: &str, want: &str) {
-    // Background work (a catalog re-read after DDL, say) may invalidate the
-    // first fill; the entry must become cached within a bounded time.
-    let t = Instant::now();
-    loop {
-        assert_eq!(v(c, sql).await, want);
-        let before = p.metrics().await.hits();
-        assert_eq!(v(c, sql).await, want);
-        if p.metrics().await.hits() - before == 1.0 {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{sql} is never served from the cache"
-        );
-    }
-}
 
 #[tokio::test]
 async fn writes_made_directly_invalidate_every_kind_of_statement() {
@@ -118,7 +71,7 @@ async fn writes_made_directly_invalidate_every_kind_of_statement() {
     d.batch_execute("begin; insert into t values (9, 9);")
         .await
         .unwrap();
-    assert_eq!(v(&c, q).await, "0");
+    assert_eq!(first(&c, q).await, "0");
     d.batch_execute("commit").await.unwrap();
     until(&c, q, "9").await;
 }
@@ -159,12 +112,12 @@ async fn writes_through_pgtier_are_read_back_immediately() {
         }
         // no retry: the very next read, in this session and in another, is fresh
         assert_eq!(
-            v(&a, q).await,
+            first(&a, q).await,
             i.to_string(),
             "same session after write {i}"
         );
         assert_eq!(
-            v(&b, q).await,
+            first(&b, q).await,
             i.to_string(),
             "other session after write {i}"
         );
@@ -268,7 +221,7 @@ async fn tables_without_triggers_are_never_cached() {
     p.wait_listener(&db).await;
     let c = p.connect(&db).await;
     for _ in 0..3 {
-        assert_eq!(v(&c, "select v from unwatched").await, "1");
+        assert_eq!(first(&c, "select v from unwatched").await, "1");
     }
     let m = p.metrics().await;
     assert_eq!(m.hits(), 0.0);
@@ -276,7 +229,7 @@ async fn tables_without_triggers_are_never_cached() {
     // lazy watching (the default): the first read asks for `watched` to be
     // watched and is not cached; once the watch is in place reads are
     let before = p.metrics().await;
-    assert_eq!(v(&c, "select v from watched").await, "1");
+    assert_eq!(first(&c, "select v from watched").await, "1");
     assert_eq!(
         p.metrics().await.bypasses("not_watched") - before.bypasses("not_watched"),
         1.0
@@ -284,7 +237,7 @@ async fn tables_without_triggers_are_never_cached() {
     let t = Instant::now();
     loop {
         let h = p.metrics().await.hits();
-        assert_eq!(v(&c, "select v from watched").await, "1");
+        assert_eq!(first(&c, "select v from watched").await, "1");
         if p.metrics().await.hits() > h {
             break;
         }
@@ -298,7 +251,7 @@ async fn tables_without_triggers_are_never_cached() {
     until(&c, "select v from watched", "5").await;
     // writes to the table without a trigger are still seen at once
     d.execute("update unwatched set v = 2", &[]).await.unwrap();
-    assert_eq!(v(&c, "select v from unwatched").await, "2");
+    assert_eq!(first(&c, "select v from unwatched").await, "2");
 
     // uninstall removes everything
     let (st, out, err) = run_bounded(

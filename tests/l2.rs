@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisCluster, RedisServer};
+use common::sql::{first, until};
 use common::{direct, fresh_db, Metrics, Pgtier};
 use tokio_postgres::Client;
 
@@ -17,33 +18,6 @@ fn l2(m: &Metrics, outcome: &str) -> f64 {
         "pgtier_cache_lookups_total",
         &[("tier", "l2"), ("outcome", outcome)],
     )
-}
-
-async fn v(c: &Client, sql: &str) -> String {
-    let rows = c.simple_query(sql).await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some(r.get(0).unwrap_or("NULL").to_string())
-            }
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
-async fn until(c: &Client, sql: &str, want: &str) {
-    let t = Instant::now();
-    loop {
-        let got = v(c, sql).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{sql}: still {got}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 /// Wait (bounded) until an instance has stored `n` values in Redis.
@@ -91,10 +65,10 @@ async fn instances_share_results_and_invalidations() {
     let cb = b.connect(&db).await;
     let q = "select v from t where id = 5";
 
-    assert_eq!(v(&ca, q).await, "5");
+    assert_eq!(first(&ca, q).await, "5");
     stored(&a, 1.0).await;
     let before = b.metrics().await;
-    assert_eq!(v(&cb, q).await, "5");
+    assert_eq!(first(&cb, q).await, "5");
     let after = b.metrics().await;
     assert_eq!(
         l2(&after, "hit") - l2(&before, "hit"),
@@ -111,7 +85,7 @@ async fn instances_share_results_and_invalidations() {
     until(&cb, q, "50").await;
     // and the fresh value is shared again
     let before = b.metrics().await;
-    assert_eq!(v(&cb, q).await, "50");
+    assert_eq!(first(&cb, q).await, "50");
     assert!(l2(&b.metrics().await, "hit") - l2(&before, "hit") <= 1.0);
 
     // fill race across instances: A's slow read starts before a write and
@@ -279,14 +253,14 @@ async fn a_corrupt_value_is_a_miss_and_gets_replaced() {
     .await;
     let c = p.connect(&db).await;
     let q = "select v from t where id = 9";
-    assert_eq!(v(&c, q).await, "9");
+    assert_eq!(first(&c, q).await, "9");
     stored(&p, 1.0).await;
     let keys = redis.cli(&["--scan", "--pattern", "pgtier:2:*"]);
     let key = keys.lines().next().expect("a key in Redis").to_string();
     redis.cli(&["set", &key, "not a pgtier value"]);
     let before = p.metrics().await;
     assert_eq!(
-        v(&c, q).await,
+        first(&c, q).await,
         "9",
         "the corrupt value must not reach the client"
     );
@@ -300,7 +274,7 @@ async fn a_corrupt_value_is_a_miss_and_gets_replaced() {
     let value = redis.cli(&["getrange", &key, "0", "3"]);
     assert_eq!(value.trim(), "PGT2", "the value was replaced by a good one");
     let before = p.metrics().await;
-    assert_eq!(v(&c, q).await, "9");
+    assert_eq!(first(&c, q).await, "9");
     assert_eq!(l2(&p.metrics().await, "hit") - l2(&before, "hit"), 1.0);
 }
 
@@ -324,7 +298,7 @@ async fn works_against_a_redis_cluster() {
     let cb = b.connect(&db).await;
     for id in 1..=30 {
         assert_eq!(
-            v(&ca, &format!("select v from t where id = {id}")).await,
+            first(&ca, &format!("select v from t where id = {id}")).await,
             id.to_string()
         );
     }
@@ -332,7 +306,7 @@ async fn works_against_a_redis_cluster() {
     let before = b.metrics().await;
     for id in 1..=30 {
         assert_eq!(
-            v(&cb, &format!("select v from t where id = {id}")).await,
+            first(&cb, &format!("select v from t where id = {id}")).await,
             id.to_string()
         );
     }

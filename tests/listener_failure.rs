@@ -7,49 +7,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::sql::{first, until, warm};
 use common::{direct, fresh_db, Pgtier};
-use tokio_postgres::Client;
-
-async fn v(c: &Client, sql: &str) -> String {
-    let rows = c.simple_query(sql).await.unwrap();
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some(r.get(0).unwrap_or("NULL").to_string())
-            }
-            _ => None,
-        })
-        .unwrap_or_else(|| "<no rows>".into())
-}
-
-async fn until(c: &Client, sql: &str, want: &str) {
-    let t = Instant::now();
-    while v(c, sql).await != want {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{sql} never returned {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-async fn warm(p: &Pgtier, c: &Client, sql: &str, want: &str) {
-    // Background work (a catalog re-read after DDL, say) may invalidate the
-    // first fill; the entry must become cached within a bounded time.
-    let t = Instant::now();
-    loop {
-        assert_eq!(v(c, sql).await, want);
-        let before = p.metrics().await.hits();
-        assert_eq!(v(c, sql).await, want);
-        if p.metrics().await.hits() - before == 1.0 {
-            return;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{sql} is never served from the cache"
-        );
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_loss_never_serves_stale_and_caching_resumes() {
@@ -104,7 +63,7 @@ async fn listener_loss_never_serves_stale_and_caching_resumes() {
     let mut reads = Vec::new();
     while !writer.is_finished() {
         let start = Instant::now();
-        let got: i32 = v(&c, q).await.parse().unwrap();
+        let got: i32 = first(&c, q).await.parse().unwrap();
         reads.push((start, got));
     }
     let log = writer.await.unwrap();

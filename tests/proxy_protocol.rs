@@ -7,21 +7,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
+use common::sql::{texts, Raw};
 use common::{direct, Pgtier, PG_PORT};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use rust_decimal::Decimal;
-use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
-
-fn rows_text(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect()
-}
+use tokio_postgres::{AsyncMessage, NoTls};
 
 #[tokio::test]
 async fn simple_query_and_multi_statement() {
@@ -31,15 +21,15 @@ async fn simple_query_and_multi_statement() {
     let sql = "select 1 as a, 'x'::text as b; select generate_series(1,3) as n; select null::int";
     let via = c.simple_query(sql).await.unwrap();
     let dir = d.simple_query(sql).await.unwrap();
-    assert_eq!(rows_text(&via), rows_text(&dir));
-    assert_eq!(rows_text(&via).len(), 5);
+    assert_eq!(texts(&via), texts(&dir));
+    assert_eq!(texts(&via).len(), 5);
     // an empty query and a statement without rows
     c.simple_query("").await.unwrap();
     c.simple_query("set application_name = 'pgtier-test'")
         .await
         .unwrap();
     let r = c.simple_query("show application_name").await.unwrap();
-    assert_eq!(rows_text(&r), vec![vec![Some("pgtier-test".to_string())]]);
+    assert_eq!(texts(&r), vec![vec![Some("pgtier-test".to_string())]]);
 }
 
 #[tokio::test]
@@ -112,8 +102,8 @@ async fn text_and_binary_results_match_direct() {
     let sql = sql.replace("uuid_nil()", "'00000000-0000-0000-0000-000000000000'::uuid");
     // text results through the simple protocol
     assert_eq!(
-        rows_text(&c.simple_query(&sql).await.unwrap()),
-        rows_text(&d.simple_query(&sql).await.unwrap())
+        texts(&c.simple_query(&sql).await.unwrap()),
+        texts(&d.simple_query(&sql).await.unwrap())
     );
     // binary results through the extended protocol: compare the raw column bytes
     let via = c.query_one(sql.as_str(), &[]).await.unwrap();
@@ -124,25 +114,9 @@ async fn text_and_binary_results_match_direct() {
         format!("{:?}", dir.columns())
     );
     for i in 0..via.len() {
-        let a: Option<RawValue> = via.get(i);
-        let b: Option<RawValue> = dir.get(i);
+        let a: Option<Raw> = via.get(i);
+        let b: Option<Raw> = dir.get(i);
         assert_eq!(a, b, "column {i}");
-    }
-}
-
-/// Any column as its raw binary bytes.
-#[derive(Debug, PartialEq)]
-struct RawValue(Vec<u8>);
-
-impl<'a> tokio_postgres::types::FromSql<'a> for RawValue {
-    fn from_sql(
-        _: &tokio_postgres::types::Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(RawValue(raw.to_vec()))
-    }
-    fn accepts(_: &tokio_postgres::types::Type) -> bool {
-        true
     }
 }
 

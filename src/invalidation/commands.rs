@@ -30,15 +30,31 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start a runtime")
 }
 
-pub fn install(config: &Config, scope: Scope) -> Result<()> {
+/// Run `f` with a connection to each configured database in turn.
+fn each_database<F, Fut>(config: &Config, mut f: F) -> Result<()>
+where
+    F: FnMut(control::ControlTarget, tokio_postgres::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let targets = targets(config)?;
     let (tls, ssl) = control::tls_for(config.upstream.tls, config.upstream.tls_ca_file.as_deref())?;
     runtime()?.block_on(async {
-        for t in &targets {
-            let (client, _driver) = control::connect(t, &tls, ssl, None)
+        for t in targets {
+            let (client, _driver) = control::connect(&t, &tls, ssl, None)
                 .await
                 .with_context(|| format!("cannot connect to {}", t.display))?;
-            let r = triggers::install(&client, &config.invalidation.channel, &scope, false)
+            f(t, client).await?;
+        }
+        Ok(())
+    })
+}
+
+pub fn install(config: &Config, scope: Scope) -> Result<()> {
+    each_database(config, |t, client| {
+        let scope = scope.clone();
+        let channel = config.invalidation.channel.clone();
+        async move {
+            let r = triggers::install(&client, &channel, &scope, false)
                 .await
                 .with_context(|| format!("installing triggers in {}", t.display))?;
             println!(
@@ -51,24 +67,17 @@ pub fn install(config: &Config, scope: Scope) -> Result<()> {
                     "not permitted (periodic rescans detect DDL)"
                 }
             );
+            Ok(())
         }
-        Ok(())
     })
 }
 
 pub fn uninstall(config: &Config) -> Result<()> {
-    let targets = targets(config)?;
-    let (tls, ssl) = control::tls_for(config.upstream.tls, config.upstream.tls_ca_file.as_deref())?;
-    runtime()?.block_on(async {
-        for t in &targets {
-            let (client, _driver) = control::connect(t, &tls, ssl, None)
-                .await
-                .with_context(|| format!("cannot connect to {}", t.display))?;
-            let n = triggers::uninstall(&client)
-                .await
-                .with_context(|| format!("removing triggers from {}", t.display))?;
-            println!("{}: removed triggers from {n} table(s)", t.display);
-        }
+    each_database(config, |t, client| async move {
+        let n = triggers::uninstall(&client)
+            .await
+            .with_context(|| format!("removing triggers from {}", t.display))?;
+        println!("{}: removed triggers from {n} table(s)", t.display);
         Ok(())
     })
 }

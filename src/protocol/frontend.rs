@@ -139,38 +139,6 @@ impl<'a> Bind<'a> {
         }
         out
     }
-
-    /// Parameter values sent in text format (NULLs and binary values skipped).
-    pub fn text_params(&self) -> Vec<&'a [u8]> {
-        let mut r = Reader::new(Self::TAG, self.args);
-        let formats = r.i16_array("parameter formats").unwrap_or(&[]);
-        let n = r.i16("parameter count").unwrap_or(0).max(0) as usize;
-        let format_of = |i: usize| -> i16 {
-            match formats.len() / 2 {
-                0 => 0,
-                1 => i16::from_be_bytes([formats[0], formats[1]]),
-                _ => formats
-                    .get(i * 2..i * 2 + 2)
-                    .map_or(0, |f| i16::from_be_bytes([f[0], f[1]])),
-            }
-        };
-        let mut out = Vec::new();
-        for i in 0..n {
-            let Ok(len) = r.i32("parameter length") else {
-                break;
-            };
-            if len < 0 {
-                continue;
-            }
-            let Ok(v) = r.bytes(len as usize, "parameter value") else {
-                break;
-            };
-            if format_of(i) == 0 {
-                out.push(v);
-            }
-        }
-        out
-    }
 }
 
 /// Describe or Close target: a prepared statement ('S') or a portal ('P').

@@ -35,9 +35,28 @@ use crate::protocol::frontend::{Frontend, Target};
 use crate::protocol::TxStatus;
 use crate::sql::{is_time_literal, SessionEffect};
 
-/// An entry fetched from L2 for this request.
-fn prefetched(list: &[(Key, Arc<Entry>)], key: &Key) -> Option<Arc<Entry>> {
-    list.iter().find(|(k, _)| k == key).map(|(_, e)| e.clone())
+/// A servable entry: from L1, or fetched from L2 for this request.
+fn usable(
+    cache: &Cache,
+    db: &DbState,
+    prefetched: &[(Key, Arc<Entry>)],
+    key: &Key,
+    now: Instant,
+) -> Option<Arc<Entry>> {
+    fresh(cache, db, key, now).or_else(|| {
+        prefetched
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, e)| e.clone())
+    })
+}
+
+/// The portal of that name bound last in the request being planned.
+fn find_portal<'p>(portals: &'p mut [Portal], batch: &[u8], name: &[u8]) -> Option<&'p mut Portal> {
+    portals
+        .iter_mut()
+        .rev()
+        .find(|p| batch[p.name.clone()] == *name)
 }
 
 /// (start, end, tag) of each whole message in an already framed buffer.
@@ -587,17 +606,13 @@ impl SessionCache {
                     self.chunks.push(desc);
                 }
                 Frontend::Describe(d) => {
-                    let Some(p) = self
-                        .portals
-                        .iter_mut()
-                        .rev()
-                        .find(|p| &batch[p.name.clone()] == d.name)
-                    else {
+                    let Some(p) = find_portal(&mut self.portals, batch, d.name) else {
                         return Plan::No;
                     };
-                    match p.key.and_then(|k| {
-                        fresh(cache, db, &k, now).or_else(|| prefetched(&self.prefetched, &k))
-                    }) {
+                    match p
+                        .key
+                        .and_then(|k| usable(cache, db, &self.prefetched, &k, now))
+                    {
                         Some(e) => {
                             let Some(rd) = e.row_desc.clone() else {
                                 return Plan::No;
@@ -612,19 +627,14 @@ impl SessionCache {
                     if x.max_rows != 0 {
                         return Plan::No;
                     }
-                    let Some(p) = self
-                        .portals
-                        .iter_mut()
-                        .rev()
-                        .find(|p| &batch[p.name.clone()] == x.portal)
-                    else {
+                    let Some(p) = find_portal(&mut self.portals, batch, x.portal) else {
                         return Plan::No;
                     };
                     let entry = match p.entry.take() {
                         Some(e) => Some(e),
-                        None => p.key.and_then(|k| {
-                            fresh(cache, db, &k, now).or_else(|| prefetched(&self.prefetched, &k))
-                        }),
+                        None => p
+                            .key
+                            .and_then(|k| usable(cache, db, &self.prefetched, &k, now)),
                     };
                     match entry {
                         Some(e) => {

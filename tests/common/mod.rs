@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod redis;
+pub mod sql;
 
 use std::fs::File;
 use std::io::Read;
