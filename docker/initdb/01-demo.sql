@@ -12,15 +12,8 @@ CREATE ROLE app LOGIN PASSWORD 'app';
 GRANT CONNECT, TEMPORARY ON DATABASE app TO app;
 GRANT USAGE, CREATE ON SCHEMA public TO app;
 
--- pgtier's write triggers read a per-table "watch" sequence in schema pgtier that
--- the control role creates, and they run as the writing role. Without SELECT on
--- those sequences, every INSERT/UPDATE/DELETE by `app` on a triggered table fails
--- with "permission denied for sequence". Pre-create the schema (pgtier uses
--- CREATE SCHEMA IF NOT EXISTS) and grant it to `app` for sequences made later.
-CREATE SCHEMA IF NOT EXISTS pgtier;
-GRANT USAGE ON SCHEMA pgtier TO app;
-ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA pgtier
-    GRANT SELECT ON SEQUENCES TO app;
+-- pgtier's write trigger function is SECURITY DEFINER (it runs with the control
+-- role's rights), so `app` needs no grants on pgtier's own objects.
 
 SET ROLE app;
 
