@@ -16,6 +16,11 @@ pub struct Hot {
     pub fills: Counter,
     pub fills_aborted: Counter,
     pub coalesced: Counter,
+    pub l2_hit: Counter,
+    pub l2_miss: Counter,
+    pub l2_unavailable: Counter,
+    /// Requests on databases pgtier does not cache (no listener configured).
+    pub bypass_no_listener: Counter,
     pub client_connections: Gauge,
     pub upstream_connections: Gauge,
     /// Time from a complete request to its reply being queued, by source.
@@ -61,6 +66,10 @@ pub fn hot() -> &'static Hot {
         fills: counter!("pgtier_cache_fills_total", "result" => "stored"),
         fills_aborted: counter!("pgtier_cache_fills_total", "result" => "aborted"),
         coalesced: counter!("pgtier_cache_coalesced_total"),
+        l2_hit: counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => "hit", "reason" => ""),
+        l2_miss: counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => "miss", "reason" => ""),
+        l2_unavailable: counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => "unavailable", "reason" => ""),
+        bypass_no_listener: counter!("pgtier_cache_lookups_total", "tier" => "l1", "outcome" => "bypass", "reason" => "no_listener"),
         client_connections: gauge!("pgtier_client_connections"),
         upstream_connections: gauge!("pgtier_upstream_connections"),
         latency_l1: histogram!("pgtier_query_duration_seconds", "source" => "l1"),
@@ -75,8 +84,14 @@ pub fn hot() -> &'static Hot {
 
 /// An L2 lookup and what came of it (hit, miss, unavailable).
 pub fn l2_lookup(outcome: &'static str) {
-    counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => outcome, "reason" => "")
-        .increment(1);
+    let hot = hot();
+    match outcome {
+        "hit" => hot.l2_hit.increment(1),
+        "miss" => hot.l2_miss.increment(1),
+        "unavailable" => hot.l2_unavailable.increment(1),
+        other => counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => other, "reason" => "")
+            .increment(1),
+    }
 }
 
 /// A request that was not looked up in the cache, by reason.

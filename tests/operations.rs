@@ -122,6 +122,24 @@ async fn metrics_count_exactly_what_happened() {
         "query text leaked into metrics"
     );
 
+    // a database with no listener is forwarded without analysis, counted as such
+    let other = p.connect("test").await;
+    let m3 = p.metrics().await;
+    other
+        .batch_execute("set search_path = public")
+        .await
+        .unwrap();
+    let rows = other.simple_query("select 41 + 1").await.unwrap();
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("42"))
+    );
+    let m4 = p.metrics().await;
+    assert_eq!(
+        lookups(&m4, "bypass", "no_listener") - lookups(&m3, "bypass", "no_listener"),
+        2.0
+    );
+    assert_eq!(lookups(&m4, "miss", "") - lookups(&m3, "miss", ""), 0.0);
+
     let (h, body) = p.http_get("/health").await;
     assert_eq!((h, body.trim()), (200, "ok"));
     let (r, _) = p.http_get("/ready").await;

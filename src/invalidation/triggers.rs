@@ -54,17 +54,16 @@ fn function_sql(channel: &str) -> String {
     let ch = quote_literal(channel);
     format!(
         "CREATE SCHEMA IF NOT EXISTS pgtier;
+GRANT USAGE ON SCHEMA pgtier TO PUBLIC;
 CREATE OR REPLACE FUNCTION pgtier.notify_change() RETURNS trigger
-LANGUAGE plpgsql
--- Runs with the installer's rights, so writers need no grant on pgtier's
--- watch sequences; a fixed search_path keeps that safe.
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $pgtier$
+LANGUAGE plpgsql AS $pgtier$
 BEGIN
-  -- pgtier-notify-v3. Only tables a pgtier caches are announced: their watch
+  -- pgtier-notify-v4. Only tables a pgtier caches are announced: their watch
   -- sequence (TG_ARGV[1]) stands at 2. A notifying commit serialises with every
   -- other one (Postgres's notify queue lock is held through the commit), so
-  -- tables nobody caches must not pay for it.
+  -- tables nobody caches must not pay for it. (Not SECURITY DEFINER: that
+  -- costs every write a privilege and search_path switch; writers instead may
+  -- read the watch sequences, which say nothing but whether pgtier caches.)
   IF pg_sequence_last_value(TG_ARGV[1]::oid::regclass) > 1 THEN
     PERFORM pg_notify({ch}, TG_ARGV[0]);
   END IF;
@@ -173,7 +172,8 @@ pub async fn install(
         let seq = watch_sequence(r.oid);
         client
             .batch_execute(&format!(
-                "CREATE SEQUENCE IF NOT EXISTS {seq} MINVALUE 1 MAXVALUE 2 START 1 NO CYCLE"
+                "CREATE SEQUENCE IF NOT EXISTS {seq} MINVALUE 1 MAXVALUE 2 START 1 NO CYCLE;
+                 GRANT SELECT ON SEQUENCE {seq} TO PUBLIC"
             ))
             .await?;
         let seq_oid: i64 = client

@@ -339,10 +339,17 @@ impl SessionCache {
         self.started = Instant::now();
         self.hit_shapes.clear();
         self.from_l2 = false;
+        // A database without a listener is never served from cache, whatever
+        // the session does, so its statements need no analysis at all.
+        let watched = db.is_some();
         let db = db.filter(|_| state_bypass.is_none());
         if first.1 == batch.len() {
             if let Some(Frontend::Query(q)) = decode(&batch, first) {
                 let sql = range_of(&batch, q.sql);
+                if !watched {
+                    self.forward_unwatched(batch, track, sout);
+                    return;
+                }
                 self.simple(cache, db, &batch, sql, state_bypass, track, cout, sout)
                     .await;
                 return;
@@ -361,6 +368,21 @@ impl SessionCache {
             }
         }
         self.forward_extended(cache, db, batch, state_bypass, track, sout);
+    }
+
+    /// Forward a simple query on a session whose database pgtier does not
+    /// cache: no parse (each distinct text would cost one), no shape of its own.
+    fn forward_unwatched(&mut self, batch: Bytes, track: &mut Tracker, sout: &mut OutQueue) {
+        metrics::hot().bypass_no_listener.increment(1);
+        self.upstream.push_back((
+            self.current_request,
+            self.started,
+            0,
+            metrics::Outcome::Other,
+        ));
+        track.expect(Expect::Query, false, ReplyTag::None);
+        track.open_batch = false;
+        sout.push(batch);
     }
 
     #[allow(clippy::too_many_arguments)]
