@@ -34,6 +34,20 @@ async fn connect(port: u16, db: &str) -> Client {
     c
 }
 
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let req = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+    out
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -80,6 +94,7 @@ async fn main() {
     .unwrap();
 
     let port = free_port();
+    let admin_port = free_port();
     let dir = std::env::temp_dir().join(format!("pgtier-stale-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut pgtier = Command::new(env!("CARGO_BIN_EXE_pgtier"))
@@ -91,7 +106,7 @@ async fn main() {
         ])
         .args([
             "--admin-listen",
-            "",
+            &format!("127.0.0.1:{admin_port}"),
             "--default-ttl",
             "10m",
             "--log-level",
@@ -258,6 +273,15 @@ async fn main() {
         pct(&lat, 0.99),
         lat.last().copied().unwrap_or_default()
     );
+    // pgtier's own view of the listener, to tell its lag from Postgres's delivery
+    for line in scrape(admin_port).await.lines() {
+        if line.starts_with("pgtier_listener_")
+            || line.starts_with("pgtier_fence")
+            || line.starts_with("pgtier_invalidation_notifications_total")
+        {
+            println!("  {line}");
+        }
+    }
     let _ = pgtier.kill();
     let _ = pgtier.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -97,8 +97,20 @@ pub fn l2_lookup(outcome: &'static str) {
 /// A request that was not looked up in the cache, by reason.
 pub fn bypass(reason: &'static str) {
     tracing::debug!(reason, "cache bypass");
-    counter!("pgtier_cache_lookups_total", "tier" => "l1", "outcome" => "bypass", "reason" => reason)
-        .increment(1);
+    thread_local! {
+        // Handles by reason, so a bypass costs no registry lookup (reasons are
+        // a small fixed set of static strings).
+        static BYPASS: std::cell::RefCell<HashMap<&'static str, Counter>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    BYPASS.with(|m| {
+        m.borrow_mut()
+            .entry(reason)
+            .or_insert_with(|| {
+                counter!("pgtier_cache_lookups_total", "tier" => "l1", "outcome" => "bypass", "reason" => reason)
+            })
+            .increment(1)
+    });
 }
 
 fn describe() {

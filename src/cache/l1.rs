@@ -34,6 +34,9 @@ type Store = Cache<Key, Arc<Entry>>;
 /// bound (by starting an empty cache) without stopping readers.
 pub struct L1 {
     cache: arc_swap::ArcSwap<Store>,
+    /// False when sized to 0 (L2 only): skip moka entirely rather than insert
+    /// every L2 hit only for it to be evicted at once.
+    enabled: std::sync::atomic::AtomicBool,
 }
 
 fn build(max_bytes: u64) -> Store {
@@ -48,12 +51,20 @@ impl L1 {
     pub fn new(max_bytes: u64) -> L1 {
         L1 {
             cache: arc_swap::ArcSwap::from_pointee(build(max_bytes)),
+            enabled: (max_bytes > 0).into(),
         }
     }
 
     /// Start over with a new memory bound (entries are dropped).
     pub fn resize(&self, max_bytes: u64) {
         self.cache.store(Arc::new(build(max_bytes)));
+        self.enabled
+            .store(max_bytes > 0, std::sync::atomic::Ordering::Release);
+    }
+
+    #[inline]
+    fn enabled(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -62,11 +73,16 @@ impl L1 {
 
     #[inline]
     pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+        if !self.enabled() {
+            return None;
+        }
         self.cache.load().get(key)
     }
 
     pub fn insert(&self, key: Key, entry: Arc<Entry>) {
-        self.cache.load().insert(key, entry);
+        if self.enabled() {
+            self.cache.load().insert(key, entry);
+        }
     }
 
     pub fn remove(&self, key: &Key) {

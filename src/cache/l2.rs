@@ -98,6 +98,10 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// through after the cooldown.
 struct Breaker {
     failures: AtomicU32,
+    /// When (ms since `origin`) the last counted failure was seen. Requests that
+    /// were already in flight then fail for the same reason (one stall times out
+    /// every pipelined request on the connection), so they do not count again.
+    last_failure: AtomicU64,
     /// Milliseconds since `origin` until which the breaker is open; 0 = closed.
     open_until: AtomicU64,
     probing: AtomicBool,
@@ -144,10 +148,17 @@ impl Breaker {
         self.probing.store(false, Ordering::Release);
     }
 
+    /// A request that started at `started` (see [`Breaker::now_ms`]) failed.
     /// Returns true when this failure (re)opens the breaker.
-    fn failure(&self) -> bool {
-        let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+    fn failure(&self, started: u64) -> bool {
         let was_probe = self.probing.swap(false, Ordering::AcqRel);
+        let now = self.now_ms();
+        let same_event = started < self.last_failure.load(Ordering::Acquire);
+        if same_event && !was_probe {
+            return false;
+        }
+        self.last_failure.fetch_max(now, Ordering::AcqRel);
+        let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.threshold || was_probe {
             let until = self.now_ms() + self.cooldown.as_millis() as u64;
             if self.open_until.swap(until, Ordering::AcqRel) == 0 {
@@ -200,6 +211,7 @@ impl L2 {
             max_value: cfg.max_value_size.0 as usize,
             breaker: Breaker {
                 failures: AtomicU32::new(0),
+                last_failure: AtomicU64::new(0),
                 open_until: AtomicU64::new(0),
                 probing: AtomicBool::new(false),
                 threshold: cfg.breaker_failures,
@@ -266,9 +278,9 @@ impl L2 {
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "cannot connect to Redis");
-                        this.fail();
+                        this.fail(this.breaker.now_ms());
                     }
-                    Err(_) => this.fail(),
+                    Err(_) => this.fail(this.breaker.now_ms()),
                 }
                 CONNECTING.with(|c| *c.borrow_mut() = false);
             });
@@ -285,8 +297,9 @@ impl L2 {
         });
     }
 
-    fn fail(&self) {
-        if self.breaker.failure() {
+    /// A call begun at `started` (ms, the breaker's clock) failed.
+    fn fail(&self, started: u64) {
+        if self.breaker.failure(started) {
             self.conn_gen.fetch_add(1, Ordering::AcqRel);
         }
     }
@@ -301,6 +314,7 @@ impl L2 {
             return Lookup::Unavailable;
         };
         let cmd = redis::cmd("GET").arg(self.key(hash)).to_owned();
+        let started = self.breaker.now_ms();
         match tokio::time::timeout(self.timeout, conn.query::<Option<Vec<u8>>>(&cmd)).await {
             Ok(Ok(v)) => {
                 self.breaker.success();
@@ -318,7 +332,7 @@ impl L2 {
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "Redis GET failed");
                 counter!("pgtier_l2_errors_total", "kind" => "error").increment(1);
-                self.fail();
+                self.fail(started);
                 if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
                     // Start over with a fresh connection on the next attempt rather
                     // than rely on the client's own reconnect schedule.
@@ -328,7 +342,7 @@ impl L2 {
             }
             Err(_) => {
                 counter!("pgtier_l2_errors_total", "kind" => "timeout").increment(1);
-                self.fail();
+                self.fail(started);
                 Lookup::Unavailable
             }
         }
@@ -370,6 +384,52 @@ impl L2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn breaker(threshold: u32) -> Breaker {
+        Breaker {
+            failures: AtomicU32::new(0),
+            last_failure: AtomicU64::new(0),
+            open_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            threshold,
+            cooldown: Duration::from_secs(60),
+            origin: Instant::now() - Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn one_stall_counts_once_however_many_requests_it_times_out() {
+        let b = breaker(3);
+        let before = b.now_ms() - 10;
+        // eight pipelined requests, all in flight when the connection stalled
+        assert!(!b.failure(before));
+        for _ in 0..7 {
+            assert!(
+                !b.failure(before),
+                "requests of the same stall opened the breaker"
+            );
+        }
+        assert!(b.allow());
+        // requests begun after each failure are independent evidence
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(!b.failure(b.now_ms()));
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(
+            b.failure(b.now_ms()),
+            "three independent failures must open it"
+        );
+        assert!(!b.allow());
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let b = breaker(2);
+        assert!(!b.failure(b.now_ms()));
+        b.success();
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(!b.failure(b.now_ms()));
+        assert!(b.allow());
+    }
 
     #[test]
     fn values_roundtrip_and_damage_is_detected() {

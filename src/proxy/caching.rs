@@ -154,6 +154,10 @@ pub struct SessionCache {
     /// The invalidation state of this session's database; none means the
     /// database has no listener and is never cached.
     db: Option<Arc<DbState>>,
+    /// Whether the session's database has a listener at all. Fixed for the
+    /// session: without one nothing is ever served from cache, so statements
+    /// need no analysis.
+    watched: bool,
     /// A write committed in this transaction: a fence follows its end.
     wrote: bool,
     /// A fence is outstanding: nothing may be answered from the cache.
@@ -206,6 +210,7 @@ impl SessionCache {
     ) -> SessionCache {
         SessionCache {
             seed: Seed::default(),
+            watched: db.is_some(),
             db,
             wrote: false,
             fencing: false,
@@ -339,14 +344,11 @@ impl SessionCache {
         self.started = Instant::now();
         self.hit_shapes.clear();
         self.from_l2 = false;
-        // A database without a listener is never served from cache, whatever
-        // the session does, so its statements need no analysis at all.
-        let watched = db.is_some();
         let db = db.filter(|_| state_bypass.is_none());
         if first.1 == batch.len() {
             if let Some(Frontend::Query(q)) = decode(&batch, first) {
                 let sql = range_of(&batch, q.sql);
-                if !watched {
+                if !self.watched {
                     self.forward_unwatched(batch, track, sout);
                     return;
                 }
@@ -898,7 +900,9 @@ impl SessionCache {
                         .rev()
                         .find(|p| batch[p.name.clone()] == *x.portal)
                         .map(|p| (p.statement.clone(), p.fill));
-                    if let Some((stmt, fill)) = portal {
+                    if !self.watched {
+                        metrics::hot().bypass_no_listener.increment(1);
+                    } else if let Some((stmt, fill)) = portal {
                         if let Some((_, d)) = self.statement_decision(cache, &batch[stmt]) {
                             self.note_effects(&d);
                             if fill.is_none() {
@@ -921,7 +925,7 @@ impl SessionCache {
                     // Closing an unknown statement is not an error: nothing to replay.
                     self.statements.remove(c.name);
                 }
-                Frontend::Query(q) => {
+                Frontend::Query(q) if self.watched => {
                     let d = cache.decide(q.sql);
                     self.note_effects(&d);
                 }
@@ -947,6 +951,7 @@ impl SessionCache {
             let shape = self
                 .portals
                 .first()
+                .filter(|_| self.watched)
                 .map(|p| batch[p.statement.clone()].to_vec())
                 .and_then(|name| self.statements.get(&name).and_then(|s| s.decision.clone()))
                 .map_or(0, |d| d.analysis.fingerprint);
