@@ -43,8 +43,8 @@ async fn writes_made_directly_invalidate_every_kind_of_statement() {
     d.batch_execute("truncate t").await.unwrap();
     until(&c, q, "0").await;
 
-    // a role with no rights on pgtier's objects writes (the trigger runs with
-    // the installer's rights) and is announced like anyone else
+    // a role that was granted nothing on pgtier's objects writes (the watch
+    // sequences the trigger reads are readable by PUBLIC) and is announced too
     d.batch_execute(
         "do $$ begin
            if not exists (select from pg_roles where rolname = 'pgtier_plain_writer') then
@@ -277,4 +277,47 @@ async fn tables_without_triggers_are_never_cached() {
         .unwrap()
         .get(0);
     assert_eq!(schema, 0);
+}
+
+#[tokio::test]
+async fn invalidations_apply_while_the_listener_waits_to_watch_a_table() {
+    let db = fresh_db("pgtier_inv_busy").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table hot(id int primary key, v int); insert into hot values (1, 1)")
+        .await
+        .unwrap();
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let c = p.connect(&db).await;
+    let q = "select v from hot where id = 1";
+    warm(&p, &c, q, "1").await;
+
+    // A transaction with an xid stays open, then a new table appears: the
+    // listener installs its trigger and watches it, which has to wait that
+    // transaction out (up to 5 s) on the listener's own connection.
+    let old = direct(&db).await;
+    old.batch_execute("begin; select pg_current_xact_id();")
+        .await
+        .unwrap();
+    d.batch_execute("create table cold(id int primary key, v int)")
+        .await
+        .unwrap();
+
+    // Meanwhile writes to the watched table must still invalidate at once.
+    let t = Instant::now();
+    for v in 2..=4 {
+        d.execute("update hot set v = $1 where id = 1", &[&v])
+            .await
+            .unwrap();
+        let took = until(&c, q, &v.to_string()).await;
+        assert!(
+            took < Duration::from_secs(1),
+            "invalidation held up {took:?} behind the listener's own queries"
+        );
+        warm(&p, &c, q, &v.to_string()).await;
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the test must finish while the old transaction still blocks the watch"
+    );
+    old.batch_execute("rollback").await.unwrap();
 }

@@ -45,8 +45,6 @@ pub struct Listener {
     pub cache: Arc<Cache>,
 }
 
-type Timed = (Instant, AsyncMessage);
-
 #[async_trait]
 impl BackgroundService for Listener {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -84,19 +82,15 @@ impl BackgroundService for Listener {
 impl Listener {
     async fn session(&self, connected: &metrics::Gauge) -> anyhow::Result<()> {
         let (tx, rx) = mpsc::unbounded_channel::<AsyncMessage>();
-        // Stamp each message as it arrives, for the lag figure.
-        let (timed_tx, mut timed_rx) = mpsc::unbounded_channel::<Timed>();
-        let stamper = tokio::spawn(async move {
-            let mut rx = rx;
-            while let Some(m) = rx.recv().await {
-                if timed_tx.send((Instant::now(), m)).is_err() {
-                    break;
-                }
-            }
-        });
+        // Notifications take effect here, one by one as the connection delivers
+        // them, never queued behind this loop's own queries (health checks,
+        // watching tables, catalog scans can each take a while under load).
+        // Only the slow follow-up of DDL goes on to the loop.
+        let (ddl_tx, mut ddl_rx) = mpsc::unbounded_channel::<()>();
+        let applier = tokio::spawn(Applier::new(self).run(rx, ddl_tx));
         let (client, driver) =
             control::connect(&self.target, &self.tls, self.ssl, Some(tx)).await?;
-        let _guard = AbortOnDrop(vec![driver, stamper]);
+        let _guard = AbortOnDrop(vec![driver, applier]);
         let s = &self.settings;
         let channel = format!("\"{}\"", s.channel.replace('"', "\"\""));
         client.batch_execute(&format!("LISTEN {channel}")).await?;
@@ -127,23 +121,16 @@ impl Listener {
         let mut rescan = tokio::time::interval(s.rescan_interval);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.tick().await;
-        let mut batch: Vec<Timed> = Vec::with_capacity(64);
         loop {
             tokio::select! {
                 biased;
-                first = timed_rx.recv() => {
-                    let Some(first) = first else {
+                ddl = ddl_rx.recv() => {
+                    if ddl.is_none() {
                         anyhow::bail!("connection closed");
-                    };
-                    // Coalesce everything already queued into one batch.
-                    batch.push(first);
-                    while batch.len() < 10_000 {
-                        match timed_rx.try_recv() {
-                            Ok(m) => batch.push(m),
-                            Err(_) => break,
-                        }
                     }
-                    self.apply(&client, &mut batch).await?;
+                    // Everything DDL asks for is done once for all queued.
+                    while ddl_rx.try_recv().is_ok() {}
+                    self.after_ddl(&client).await?;
                 }
                 _ = check.tick() => {
                     // A dead connection must be noticed within seconds, not when
@@ -183,81 +170,15 @@ impl Listener {
         }
     }
 
-    async fn apply(&self, client: &Client, batch: &mut Vec<Timed>) -> anyhow::Result<()> {
-        let db = &self.db;
-        let mut invalidated = 0u64;
-        let mut ddl = false;
-        let mut all = false;
-        let mut fences = Vec::new();
-        let mut oldest: Option<Instant> = None;
-        let n = batch.len();
-        // Applied one notification at a time, in stream order: the L2 versions
-        // every instance derives depend on exactly that sequence.
-        for (at, m) in batch.drain(..) {
-            let AsyncMessage::Notification(note) = m else {
-                continue;
-            };
-            if note.channel() != self.settings.channel {
-                continue;
-            }
-            oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
-            match Payload::parse(note.payload()) {
-                Some(Payload::Write(t)) => {
-                    db.invalidate(&t);
-                    invalidated += t.len() as u64;
-                }
-                Some(Payload::Ddl(t)) => {
-                    db.invalidate(&t);
-                    invalidated += t.len() as u64;
-                    ddl = true;
-                }
-                Some(Payload::All) => {
-                    db.invalidate_all();
-                    all = true;
-                }
-                Some(Payload::Fence { instance, seq }) if instance == self.settings.instance => {
-                    fences.push(seq)
-                }
-                Some(Payload::Fence { .. }) => {}
-                Some(Payload::Epoch(e)) => db.set_l2_epoch(e),
-                None => {
-                    tracing::warn!(
-                        payload = note.payload(),
-                        "unreadable invalidation payload; invalidating the whole database"
-                    );
-                    db.invalidate_all();
-                    all = true;
-                }
-            }
+    /// The catalog side of DDL: re-read it, put triggers on new tables, watch them.
+    async fn after_ddl(&self, client: &Client) -> anyhow::Result<()> {
+        self.reload_catalog(client).await?;
+        if self.settings.auto_install && self.missing_triggers() {
+            triggers::install(client, &self.settings.channel, &self.settings.scope, true).await?;
+            self.reload_catalog(client).await?;
         }
-        if invalidated > 0 || all {
-            counter!("pgtier_invalidations_total", "database" => db.name.clone())
-                .increment(invalidated.max(1));
-        }
-        counter!("pgtier_invalidation_notifications_total", "database" => db.name.clone())
-            .increment(n as u64);
-        if let Some(o) = oldest {
-            let lag = o.elapsed().as_secs_f64();
-            histogram!("pgtier_listener_lag_seconds", "database" => db.name.clone()).record(lag);
-            gauge!("pgtier_listener_lag_last_seconds", "database" => db.name.clone()).set(lag);
-        }
-        // Fences complete only after everything received before them is applied.
-        for seq in fences {
-            db.complete_fence(seq);
-        }
-        if ddl || all {
-            self.cache.clear_descriptions();
-            if ddl {
-                self.reload_catalog(client).await?;
-                if self.settings.auto_install && self.missing_triggers() {
-                    triggers::install(client, &self.settings.channel, &self.settings.scope, true)
-                        .await?;
-                    self.reload_catalog(client).await?;
-                }
-                if self.settings.eager_watch {
-                    self.watch_all(client).await?;
-                }
-            }
+        if self.settings.eager_watch {
+            self.watch_all(client).await?;
         }
         Ok(())
     }
@@ -318,6 +239,91 @@ impl Listener {
         }
         self.db.set_catalog(new);
         Ok(())
+    }
+}
+
+/// Applies notifications the moment they arrive, in stream order: the L2
+/// versions every instance derives depend on exactly that order, and a fence
+/// completes only after everything received before it has taken effect.
+struct Applier {
+    db: Arc<DbState>,
+    cache: Arc<Cache>,
+    channel: String,
+    instance: u64,
+    invalidations: metrics::Counter,
+    notifications: metrics::Counter,
+    lag: metrics::Histogram,
+    lag_last: metrics::Gauge,
+}
+
+impl Applier {
+    fn new(l: &Listener) -> Applier {
+        let name = l.db.name.clone();
+        Applier {
+            db: l.db.clone(),
+            cache: l.cache.clone(),
+            channel: l.settings.channel.clone(),
+            instance: l.settings.instance,
+            invalidations: counter!("pgtier_invalidations_total", "database" => name.clone()),
+            notifications: counter!("pgtier_invalidation_notifications_total", "database" => name.clone()),
+            lag: histogram!("pgtier_listener_lag_seconds", "database" => name.clone()),
+            lag_last: gauge!("pgtier_listener_lag_last_seconds", "database" => name),
+        }
+    }
+
+    async fn run(
+        self,
+        mut rx: mpsc::UnboundedReceiver<AsyncMessage>,
+        ddl: mpsc::UnboundedSender<()>,
+    ) {
+        while let Some(m) = rx.recv().await {
+            let AsyncMessage::Notification(note) = m else {
+                continue;
+            };
+            if note.channel() != self.channel {
+                continue;
+            }
+            let at = Instant::now();
+            self.notifications.increment(1);
+            let mut schema_changed = false;
+            match Payload::parse(note.payload()) {
+                Some(Payload::Write(t)) => {
+                    self.db.invalidate(&t);
+                    self.invalidations.increment(t.len() as u64);
+                }
+                Some(Payload::Ddl(t)) => {
+                    self.db.invalidate(&t);
+                    self.invalidations.increment(t.len() as u64);
+                    self.cache.clear_descriptions();
+                    schema_changed = true;
+                }
+                Some(Payload::All) => {
+                    self.db.invalidate_all();
+                    self.invalidations.increment(1);
+                    self.cache.clear_descriptions();
+                }
+                Some(Payload::Fence { instance, seq }) if instance == self.instance => {
+                    self.db.complete_fence(seq)
+                }
+                Some(Payload::Fence { .. }) => {}
+                Some(Payload::Epoch(e)) => self.db.set_l2_epoch(e),
+                None => {
+                    tracing::warn!(
+                        payload = note.payload(),
+                        "unreadable invalidation payload; invalidating the whole database"
+                    );
+                    self.db.invalidate_all();
+                    self.invalidations.increment(1);
+                    self.cache.clear_descriptions();
+                }
+            }
+            let lag = at.elapsed().as_secs_f64();
+            self.lag.record(lag);
+            self.lag_last.set(lag);
+            if schema_changed && ddl.send(()).is_err() {
+                return;
+            }
+        }
     }
 }
 
