@@ -90,20 +90,24 @@ impl Listener {
         let applier = tokio::spawn(Applier::new(self).run(rx, ddl_tx));
         let (client, driver) =
             control::connect(&self.target, &self.tls, self.ssl, Some(tx)).await?;
-        let _guard = AbortOnDrop(vec![driver, applier]);
+        // Postgres delivers notifications only while the listening backend is
+        // idle: catalog scans and table watching run on a second connection so
+        // they never hold a notification back.
+        let (work, work_driver) = control::connect(&self.target, &self.tls, self.ssl, None).await?;
+        let _guard = AbortOnDrop(vec![driver, work_driver, applier]);
         let s = &self.settings;
         let channel = format!("\"{}\"", s.channel.replace('"', "\"\""));
         client.batch_execute(&format!("LISTEN {channel}")).await?;
         if s.auto_install {
-            let r = triggers::install(&client, &s.channel, &s.scope, true).await?;
+            let r = triggers::install(&work, &s.channel, &s.scope, true).await?;
             if r.tables > 0 {
                 tracing::info!(database = %self.db.name, tables = r.tables, "installed invalidation triggers");
             }
         }
-        self.reload_catalog(&client).await?;
+        self.reload_catalog(&work).await?;
         self.db.forget_watches();
         if s.eager_watch {
-            self.watch_all(&client).await?;
+            self.watch_all(&work).await?;
         }
         // Entries filled before now may have missed notifications: a new epoch.
         self.db.come_up();
@@ -130,12 +134,16 @@ impl Listener {
                     }
                     // Everything DDL asks for is done once for all queued.
                     while ddl_rx.try_recv().is_ok() {}
-                    self.after_ddl(&client).await?;
+                    self.after_ddl(&work).await?;
                 }
                 _ = check.tick() => {
                     // A dead connection must be noticed within seconds, not when
                     // TCP gives up.
-                    match tokio::time::timeout(s.check_interval, client.simple_query("SELECT 1")).await {
+                    let both = async {
+                        client.simple_query("SELECT 1").await?;
+                        work.simple_query("SELECT 1").await
+                    };
+                    match tokio::time::timeout(s.check_interval, both).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Err(e.into()),
                         Err(_) => anyhow::bail!("health check timed out"),
@@ -144,7 +152,7 @@ impl Listener {
                 _ = self.db.watch_wanted.notified() => {
                     let wanted = self.db.take_watch_requests();
                     if !wanted.is_empty() {
-                        let now = triggers::watch(&client, &wanted, Duration::from_secs(5)).await?;
+                        let now = triggers::watch(&work, &wanted, Duration::from_secs(5)).await?;
                         if now.is_empty() {
                             tracing::info!(
                                 database = %self.db.name,
@@ -157,13 +165,13 @@ impl Listener {
                     }
                 }
                 _ = rescan.tick() => {
-                    self.reload_catalog(&client).await?;
+                    self.reload_catalog(&work).await?;
                     if s.auto_install && self.missing_triggers() {
-                        triggers::install(&client, &s.channel, &s.scope, true).await?;
-                        self.reload_catalog(&client).await?;
+                        triggers::install(&work, &s.channel, &s.scope, true).await?;
+                        self.reload_catalog(&work).await?;
                     }
                     if s.eager_watch {
-                        self.watch_all(&client).await?;
+                        self.watch_all(&work).await?;
                     }
                 }
             }
