@@ -16,11 +16,10 @@ pub struct Hot {
     pub fills: Counter,
     pub fills_aborted: Counter,
     pub coalesced: Counter,
+    /// L2 lookups by outcome (unavailable: breaker open, not connected, failed).
     pub l2_hit: Counter,
     pub l2_miss: Counter,
     pub l2_unavailable: Counter,
-    /// Requests on databases pgtier does not cache (no listener configured).
-    pub bypass_no_listener: Counter,
     pub client_connections: Gauge,
     pub upstream_connections: Gauge,
     /// Time from a complete request to its reply being queued, by source.
@@ -69,7 +68,6 @@ pub fn hot() -> &'static Hot {
         l2_hit: counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => "hit", "reason" => ""),
         l2_miss: counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => "miss", "reason" => ""),
         l2_unavailable: counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => "unavailable", "reason" => ""),
-        bypass_no_listener: counter!("pgtier_cache_lookups_total", "tier" => "l1", "outcome" => "bypass", "reason" => "no_listener"),
         client_connections: gauge!("pgtier_client_connections"),
         upstream_connections: gauge!("pgtier_upstream_connections"),
         latency_l1: histogram!("pgtier_query_duration_seconds", "source" => "l1"),
@@ -80,18 +78,6 @@ pub fn hot() -> &'static Hot {
         upstream_bytes_in: counter!("pgtier_bytes_total", "peer" => "upstream", "direction" => "in"),
         upstream_bytes_out: counter!("pgtier_bytes_total", "peer" => "upstream", "direction" => "out"),
     })
-}
-
-/// An L2 lookup and what came of it (hit, miss, unavailable).
-pub fn l2_lookup(outcome: &'static str) {
-    let hot = hot();
-    match outcome {
-        "hit" => hot.l2_hit.increment(1),
-        "miss" => hot.l2_miss.increment(1),
-        "unavailable" => hot.l2_unavailable.increment(1),
-        other => counter!("pgtier_cache_lookups_total", "tier" => "l2", "outcome" => other, "reason" => "")
-            .increment(1),
-    }
 }
 
 /// A request that was not looked up in the cache, by reason.

@@ -160,7 +160,7 @@ impl Breaker {
         self.last_failure.fetch_max(now, Ordering::AcqRel);
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.threshold || was_probe {
-            let until = self.now_ms() + self.cooldown.as_millis() as u64;
+            let until = now + self.cooldown.as_millis() as u64;
             if self.open_until.swap(until, Ordering::AcqRel) == 0 {
                 tracing::warn!(failures = n, "Redis failing; L2 bypassed (circuit open)");
             }

@@ -305,21 +305,18 @@ impl Applier {
                     self.cache.clear_descriptions();
                     schema_changed = true;
                 }
-                Some(Payload::All) => {
-                    self.db.invalidate_all();
-                    self.invalidations.increment(1);
-                    self.cache.clear_descriptions();
-                }
                 Some(Payload::Fence { instance, seq }) if instance == self.instance => {
                     self.db.complete_fence(seq)
                 }
                 Some(Payload::Fence { .. }) => {}
                 Some(Payload::Epoch(e)) => self.db.set_l2_epoch(e),
-                None => {
-                    tracing::warn!(
-                        payload = note.payload(),
-                        "unreadable invalidation payload; invalidating the whole database"
-                    );
+                all @ (Some(Payload::All) | None) => {
+                    if all.is_none() {
+                        tracing::warn!(
+                            payload = note.payload(),
+                            "unreadable invalidation payload; invalidating the whole database"
+                        );
+                    }
                     self.db.invalidate_all();
                     self.invalidations.increment(1);
                     self.cache.clear_descriptions();

@@ -375,7 +375,7 @@ impl SessionCache {
     /// Forward a simple query on a session whose database pgtier does not
     /// cache: no parse (each distinct text would cost one), no shape of its own.
     fn forward_unwatched(&mut self, batch: Bytes, track: &mut Tracker, sout: &mut OutQueue) {
-        metrics::hot().bypass_no_listener.increment(1);
+        metrics::bypass("no_listener");
         self.upstream.push_back((
             self.current_request,
             self.started,
@@ -438,7 +438,7 @@ impl SessionCache {
                     if let (Some(l2), Some(k2)) = (&l2tier, l2key) {
                         match l2.get(k2).await {
                             Lookup::Hit(Some(rd), rows) => {
-                                metrics::l2_lookup("hit");
+                                hot.l2_hit.increment(1);
                                 self.from_l2 = true;
                                 let e = Entry::new(
                                     Some(rd),
@@ -453,8 +453,8 @@ impl SessionCache {
                                 cache.insert(key, e);
                                 return;
                             }
-                            Lookup::Hit(None, _) | Lookup::Miss => metrics::l2_lookup("miss"),
-                            Lookup::Unavailable => metrics::l2_lookup("unavailable"),
+                            Lookup::Hit(None, _) | Lookup::Miss => hot.l2_miss.increment(1),
+                            Lookup::Unavailable => hot.l2_unavailable.increment(1),
                         }
                     }
                     let lease = match cache.claim(key) {
@@ -739,7 +739,7 @@ impl SessionCache {
         for ((key, _, policy, shape, (epoch, deps)), found) in wanted.into_iter().zip(lookups) {
             match found {
                 Lookup::Hit(rd, rows) => {
-                    metrics::l2_lookup("hit");
+                    metrics::hot().l2_hit.increment(1);
                     self.from_l2 = true;
                     let e = Arc::new(Entry::new(
                         rd, rows, policy.ttl, policy.swr, shape, epoch, deps,
@@ -748,11 +748,11 @@ impl SessionCache {
                     self.prefetched.push((key, e));
                 }
                 Lookup::Miss => {
-                    metrics::l2_lookup("miss");
+                    metrics::hot().l2_miss.increment(1);
                     all = false;
                 }
                 Lookup::Unavailable => {
-                    metrics::l2_lookup("unavailable");
+                    metrics::hot().l2_unavailable.increment(1);
                     all = false;
                 }
             }
@@ -901,7 +901,7 @@ impl SessionCache {
                         .find(|p| batch[p.name.clone()] == *x.portal)
                         .map(|p| (p.statement.clone(), p.fill));
                     if !self.watched {
-                        metrics::hot().bypass_no_listener.increment(1);
+                        metrics::bypass("no_listener");
                     } else if let Some((stmt, fill)) = portal {
                         if let Some((_, d)) = self.statement_decision(cache, &batch[stmt]) {
                             self.note_effects(&d);
