@@ -11,6 +11,8 @@
 #            --latency (also print p50/p99 latency through pgtier, from sampled pgbench logs)
 #            --cache   (pgtier caches the benchmark database: listener, triggers, 10 min TTL)
 #            --l2 URL  (with --cache: L2 in Redis at URL and no L1, so every hit is an L2 hit)
+#            --pgbouncer (also measure PgBouncer in session mode in front of the same upstream,
+#                       the reference for pure forwarding; needs the pgbouncer package)
 #
 # Needs the local Postgres on 127.0.0.1:5432 (see README). Builds pgtier in release.
 set -euo pipefail
@@ -24,6 +26,7 @@ upstream=127.0.0.1:5432
 db=pgtier_bench
 scale=1
 latency=0
+pgbouncer=0
 cache=0
 l2=""
 while [ $# -gt 0 ]; do
@@ -36,6 +39,7 @@ while [ $# -gt 0 ]; do
     --modes) modes=$2; shift ;;
     --script) script=$2; shift ;;
     --ceiling) ceiling=1 ;;
+    --pgbouncer) pgbouncer=1 ;;
     --latency) latency=1 ;;
     --cache) cache=1 ;;
     --l2) l2=$2; shift ;;
@@ -90,6 +94,38 @@ if [ "$ceiling" = 1 ]; then
   pids+=("$("$shared/ceiling.sh" "$ceil_port")")
 fi
 
+pgb_port=""
+if [ "$pgbouncer" = 1 ]; then
+  command -v pgbouncer >/dev/null || { echo "--pgbouncer needs pgbouncer (apt-get install pgbouncer)" >&2; exit 1; }
+  pgb_port=$(free_port)
+  pgb=$(mktemp -d)
+  cat >"$pgb/pgbouncer.ini" <<EOF
+[databases]
+* = host=${upstream%:*} port=${upstream##*:}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $pgb_port
+unix_socket_dir =
+auth_type = trust
+auth_file = $pgb/users.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 50
+logfile = $pgb/pgbouncer.log
+pidfile = $pgb/pgbouncer.pid
+EOF
+  echo '"postgres" ""' >"$pgb/users.txt"
+  # pgbouncer refuses to run as root
+  if [ "$(id -u)" = 0 ]; then
+    chown -R postgres "$pgb"
+    runuser -u postgres -- pgbouncer -d "$pgb/pgbouncer.ini"
+  else
+    pgbouncer -d "$pgb/pgbouncer.ini"
+  fi
+  for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$pgb_port") 2>/dev/null && break; sleep 0.1; done
+  pids+=("$(cat "$pgb/pgbouncer.pid")")
+fi
+
 case "$script" in
   select) wl=(-S) ;;
   tpcb) wl=() ;;
@@ -112,6 +148,7 @@ percentiles() {
 echo "workload: $script, clients $clients, threads $threads, ${duration}s per run, $rounds round(s)"
 printf "%-9s %10s %10s %8s" mode direct pgtier ratio
 [ "$ceiling" = 1 ] && printf " %10s %12s" ceiling pgtier/ceil
+[ "$pgbouncer" = 1 ] && printf " %10s %8s %10s" pgbouncer ratio pgtier/pgb
 [ "$latency" = 1 ] && printf " %12s %12s" "p50 ms" "p99 ms"
 printf "\n"
 for mode in $modes; do
@@ -119,7 +156,8 @@ for mode in $modes; do
   tps 5432 "$mode" "$warmup" >/dev/null
   tps "$port" "$mode" "$warmup" >/dev/null
   [ "$ceiling" = 1 ] && tps "$ceil_port" "$mode" "$warmup" >/dev/null
-  d=0 p=0 c=0
+  [ "$pgbouncer" = 1 ] && tps "$pgb_port" "$mode" "$warmup" >/dev/null
+  d=0 p=0 c=0 b=0
   for _ in $(seq "$rounds"); do
     # alternate targets so drift on the machine hits both alike
     d=$((d + $(tps 5432 "$mode" "$duration")))
@@ -130,10 +168,12 @@ for mode in $modes; do
       p=$((p + $(tps "$port" "$mode" "$duration")))
     fi
     [ "$ceiling" = 1 ] && c=$((c + $(tps "$ceil_port" "$mode" "$duration")))
+    [ "$pgbouncer" = 1 ] && b=$((b + $(tps "$pgb_port" "$mode" "$duration")))
   done
-  d=$((d / rounds)) p=$((p / rounds)) c=$((c / rounds))
+  d=$((d / rounds)) p=$((p / rounds)) c=$((c / rounds)) b=$((b / rounds))
   printf "%-9s %10d %10d %8.2f" "$mode" "$d" "$p" "$(echo "$p / $d" | bc -l)"
   [ "$ceiling" = 1 ] && printf " %10d %12.2f" "$c" "$(echo "$p / $c" | bc -l)"
+  [ "$pgbouncer" = 1 ] && printf " %10d %8.2f %10.2f" "$b" "$(echo "$b / $d" | bc -l)" "$(echo "$p / $b" | bc -l)"
   if [ "$latency" = 1 ]; then read -r p50 p99 <<<"$(percentiles "$work/lat")"; printf " %12s %12s" "$p50" "$p99"; fi
   printf "\n"
 done

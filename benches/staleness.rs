@@ -5,6 +5,10 @@
 //!
 //!     cargo bench --bench staleness                 # 60 s, 1000 writes/s, 20000 reads/s, 10 ms bound
 //!     STALE_SECS=10 cargo bench --bench staleness   # shorter
+//!     STALE_TABLES=1 cargo bench --bench staleness  # all counters in one table
+//!     STALE_ANNOUNCE_ALL=1 cargo bench --bench staleness
+//!         # invalidation.unwatch_on_write = false: written tables stay watched
+//!         # (every write is announced and invalidates)
 //!
 //! Needs the local Postgres on 127.0.0.1:5432 (see README).
 
@@ -73,6 +77,10 @@ async fn main() {
     let reads_per_sec: u64 = env("STALE_READS", 20000);
     let bound = Duration::from_millis(env("STALE_BOUND_MS", 10));
     let rows: i32 = env("STALE_ROWS", 1000);
+    // Counters spread over tables (row `id` lives in table `c{id % tables}`):
+    // invalidation is per table, so with one table every write would empty the
+    // cache and reads would test nothing but Postgres.
+    let tables: i32 = env("STALE_TABLES", 100).max(1);
     let (writers, readers) = (4u64, env("STALE_READERS", 32u64));
     let db = "pgtier_staleness";
 
@@ -86,18 +94,30 @@ async fn main() {
         .await
         .unwrap();
     let d = connect(5432, db).await;
-    d.batch_execute(&format!(
-        "create table counters(id int primary key, v bigint not null); \
-         insert into counters select g, 0 from generate_series(1, {rows}) g"
-    ))
-    .await
-    .unwrap();
+    let ddl: String = (0..tables)
+        .map(|t| {
+            format!(
+                "create table c{t}(id int primary key, v bigint not null); \
+                 insert into c{t} select g, 0 from generate_series(1, {rows}) g where g % {tables} = {t};"
+            )
+        })
+        .collect();
+    d.batch_execute(&ddl).await.unwrap();
 
     let port = free_port();
     let admin_port = free_port();
     let dir = std::env::temp_dir().join(format!("pgtier-stale-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pgtier.toml");
+    let announce_all = env("STALE_ANNOUNCE_ALL", 0u8) == 1;
+    std::fs::write(
+        &config,
+        format!("[invalidation]\nunwatch_on_write = {}\n", !announce_all),
+    )
+    .unwrap();
     let mut pgtier = Command::new(env!("CARGO_BIN_EXE_pgtier"))
+        .arg("--config")
+        .arg(&config)
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
@@ -134,10 +154,7 @@ async fn main() {
         .await
         {
             tokio::spawn(conn);
-            if c.simple_query("select v from counters where id = 1")
-                .await
-                .is_ok()
-            {
+            if c.simple_query("select v from c0 limit 1").await.is_ok() {
                 break;
             }
         }
@@ -148,7 +165,8 @@ async fn main() {
 
     println!(
         "staleness: {secs}s, {writes_per_sec} writes/s ({writers} writers, direct), \
-         {reads_per_sec} reads/s ({readers} readers, via pgtier), bound {bound:?}"
+         {reads_per_sec} reads/s ({readers} readers, via pgtier), {rows} counters in {tables} tables, \
+         bound {bound:?}"
     );
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
@@ -157,15 +175,22 @@ async fn main() {
         let interval = Duration::from_secs_f64(writers as f64 / writes_per_sec as f64);
         handles.push(tokio::spawn(async move {
             let c = connect(5432, db).await;
-            let st = c
-                .prepare("update counters set v = v + 1 where id = $1 returning v")
-                .await
-                .unwrap();
+            let mut sts = Vec::new();
+            for t in 0..tables {
+                sts.push(
+                    c.prepare(&format!(
+                        "update c{t} set v = v + 1 where id = $1 returning v"
+                    ))
+                    .await
+                    .unwrap(),
+                );
+            }
             let mut log: Vec<(i32, i64, Instant)> = Vec::new();
             let mut next = Instant::now();
             while Instant::now() < end {
                 let id = rand::thread_rng().gen_range(1..=rows);
-                let v: i64 = c.query_one(&st, &[&id]).await.unwrap().get(0);
+                let st = &sts[(id % tables) as usize];
+                let v: i64 = c.query_one(st, &[&id]).await.unwrap().get(0);
                 log.push((id, v, Instant::now()));
                 next += interval;
                 tokio::time::sleep_until(next.into()).await;
@@ -177,16 +202,21 @@ async fn main() {
         let interval = Duration::from_secs_f64(readers as f64 / reads_per_sec as f64);
         handles.push(tokio::spawn(async move {
             let c = connect(port, db).await;
-            let st = c
-                .prepare("select v from counters where id = $1")
-                .await
-                .unwrap();
+            let mut sts = Vec::new();
+            for t in 0..tables {
+                sts.push(
+                    c.prepare(&format!("select v from c{t} where id = $1"))
+                        .await
+                        .unwrap(),
+                );
+            }
             let mut reads: Vec<(i32, i64, Instant)> = Vec::new();
             let mut next = Instant::now();
             while Instant::now() < end {
                 let id = rand::thread_rng().gen_range(1..=rows);
                 let t0 = Instant::now();
-                let v: i64 = c.query_one(&st, &[&id]).await.unwrap().get(0);
+                let st = &sts[(id % tables) as usize];
+                let v: i64 = c.query_one(st, &[&id]).await.unwrap().get(0);
                 reads.push((id, v, t0));
                 next += interval;
                 if next > Instant::now() {
@@ -240,19 +270,23 @@ async fn main() {
     // commit-to-visible latency: the value is cached, a direct write commits, and
     // a reader polls through pgtier until it sees it
     let r = connect(port, db).await;
-    let st = r
-        .prepare("select v from counters where id = $1")
-        .await
-        .unwrap();
     let w = connect(5432, db).await;
     let mut lat = Vec::new();
     for i in 0..500 {
         let id = 1 + (i % rows);
-        let before: i64 = r.query_one(&st, &[&id]).await.unwrap().get(0);
-        let _: i64 = r.query_one(&st, &[&id]).await.unwrap().get(0);
-        w.execute("update counters set v = v + 1 where id = $1", &[&id])
+        let table = format!("c{}", id % tables);
+        let st = r
+            .prepare(&format!("select v from {table} where id = $1"))
             .await
             .unwrap();
+        let before: i64 = r.query_one(&st, &[&id]).await.unwrap().get(0);
+        let _: i64 = r.query_one(&st, &[&id]).await.unwrap().get(0);
+        w.execute(
+            &format!("update {table} set v = v + 1 where id = $1"),
+            &[&id],
+        )
+        .await
+        .unwrap();
         let t0 = Instant::now();
         loop {
             let v: i64 = r.query_one(&st, &[&id]).await.unwrap().get(0);
@@ -275,9 +309,13 @@ async fn main() {
     );
     // pgtier's own view of the listener, to tell its lag from Postgres's delivery
     for line in scrape(admin_port).await.lines() {
-        if line.starts_with("pgtier_listener_")
+        let lookup =
+            line.starts_with("pgtier_cache_lookups_total{tier=\"l1\"") && !line.ends_with(" 0");
+        if (line.starts_with("pgtier_listener_") && !line.contains("_bucket"))
             || line.starts_with("pgtier_fence")
             || line.starts_with("pgtier_invalidation_notifications_total")
+            || line.starts_with("pgtier_unwatches_total")
+            || lookup
         {
             println!("  {line}");
         }

@@ -176,6 +176,7 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
         rescan_interval: inv.rescan_interval.0,
         auto_install: inv.auto_install,
         eager_watch: inv.watch == crate::config::WatchMode::Eager,
+        unwatch_on_write: inv.unwatch_on_write,
         scope: Scope {
             schemas: inv.schemas.clone(),
             tables: inv.tables.clone(),
@@ -190,6 +191,7 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
                 .ok_or_else(|| anyhow::anyhow!("no state for database {}", target.database))?;
             Ok(Listener {
                 db,
+                eagerly_watched: Default::default(),
                 target,
                 tls: tls.clone(),
                 ssl,

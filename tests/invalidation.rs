@@ -88,7 +88,7 @@ async fn writes_through_pgtier_are_read_back_immediately() {
     let b = p.connect(&db).await;
     let q = "select v from k where id = 1";
     let stmt = a.prepare("select v from k where id = $1").await.unwrap();
-    for i in 1..=20 {
+    for i in 1..=12 {
         warm(&p, &a, q, &(i - 1).to_string()).await;
         let _ = b.query_one(&stmt.clone(), &[&1i32]).await;
         match i % 3 {
@@ -283,26 +283,47 @@ async fn tables_without_triggers_are_never_cached() {
 async fn invalidations_apply_while_the_listener_waits_to_watch_a_table() {
     let db = fresh_db("pgtier_inv_busy").await;
     let d = direct(&db).await;
-    d.batch_execute("create table hot(id int primary key, v int); insert into hot values (1, 1)")
-        .await
-        .unwrap();
+    d.batch_execute(
+        "create table hot(id int primary key, v int); insert into hot values (1, 1);
+         create table cold(id int primary key, v int); insert into cold values (1, 1)",
+    )
+    .await
+    .unwrap();
     let p = Pgtier::cached(&db, TTL, &[]).await;
     let c = p.connect(&db).await;
     let q = "select v from hot where id = 1";
+    let qc = "select v from cold where id = 1";
     warm(&p, &c, q, "1").await;
+    warm(&p, &c, qc, "1").await;
 
-    // A transaction with an xid stays open, then a new table appears: the
-    // listener installs its trigger and watches it, which has to wait that
-    // transaction out (up to 5 s) on the listener's own connection.
+    // A long read-only transaction holds no write lock: it must hold no watch up.
+    let reader = direct(&db).await;
+    reader
+        .batch_execute("begin; select pg_current_xact_id(); select count(*) from hot")
+        .await
+        .unwrap();
+    // A writer of `cold` stays open; then committed writes switch `cold`'s
+    // announcing off, and watching it again has to wait that writer out (up to
+    // 5 s) on the listener's connection.
     let old = direct(&db).await;
-    old.batch_execute("begin; select pg_current_xact_id();")
+    old.batch_execute("begin; insert into cold values (2, 2)")
         .await
         .unwrap();
-    d.batch_execute("create table cold(id int primary key, v int)")
-        .await
-        .unwrap();
+    // Written fast enough (5 commits well within 100 ms) to be unwatched.
+    for v in 3..=7 {
+        d.execute("update cold set v = $1 where id = 1", &[&v])
+            .await
+            .unwrap();
+    }
+    until(&c, qc, "7").await;
+    assert_eq!(
+        first(&c, qc).await,
+        "7",
+        "never stale while it cannot be cached"
+    );
 
-    // Meanwhile writes to the watched table must still invalidate at once.
+    // Meanwhile writes to the other table must still invalidate at once, and it
+    // must be cached again right after each.
     let t = Instant::now();
     for v in 2..=4 {
         d.execute("update hot set v = $1 where id = 1", &[&v])
@@ -317,7 +338,101 @@ async fn invalidations_apply_while_the_listener_waits_to_watch_a_table() {
     }
     assert!(
         t.elapsed() < Duration::from_secs(4),
-        "the test must finish while the old transaction still blocks the watch"
+        "the test must finish while the old writer still blocks the watch"
     );
     old.batch_execute("rollback").await.unwrap();
+    reader.batch_execute("rollback").await.unwrap();
+    // With the writer gone, `cold` is watched and cached again.
+    warm(&p, &c, qc, "7").await;
+}
+
+/// The watch sequence of `table`: 2 while its writes are announced, 1 after.
+async fn announced(d: &tokio_postgres::Client, table: &str) -> i64 {
+    d.query_one(
+        "select coalesce(pg_sequence_last_value(('pgtier.w' || $1::text::regclass::oid)::regclass), 0)",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Bounded wait for a table's announcing to be switched to `want`.
+async fn until_announced(d: &tokio_postgres::Client, table: &str, want: i64) {
+    let t = Instant::now();
+    while announced(d, table).await != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{table}: watch sequence never became {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn writes_stop_being_announced_until_a_read_wants_the_table_again() {
+    let db = fresh_db("pgtier_inv_unwatch").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table k(id int primary key, v int); insert into k values (1, 1)")
+        .await
+        .unwrap();
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let c = p.connect(&db).await;
+    let q = "select v from k where id = 1";
+    warm(&p, &c, q, "1").await;
+    assert_eq!(announced(&d, "k").await, 2);
+
+    // A write now and then is announced and leaves the table watched.
+    d.execute("update k set v = 2", &[]).await.unwrap();
+    until(&c, q, "2").await;
+    warm(&p, &c, q, "2").await;
+    assert_eq!(announced(&d, "k").await, 2);
+    // Writes in quick succession (5 within 100 ms) are announced, then pgtier
+    // switches announcing off, so later writes commit without a notification.
+    for v in 20..=24 {
+        d.execute("update k set v = $1", &[&v]).await.unwrap();
+    }
+    until_announced(&d, "k", 1).await;
+    let before = p.metrics().await.get(
+        "pgtier_invalidation_notifications_total",
+        &[("database", &db)],
+    );
+    // One notification more at most (the `u` may still be on its way); none
+    // for these writes (no read through pgtier wants `k` watched meanwhile).
+    for v in 3..=5 {
+        d.execute("update k set v = $1", &[&v]).await.unwrap();
+    }
+    // A read wants it cached again: it is watched afresh, never stale.
+    until(&c, q, "5").await;
+    warm(&p, &c, q, "5").await;
+    assert_eq!(announced(&d, "k").await, 2);
+    let after = p.metrics().await.get(
+        "pgtier_invalidation_notifications_total",
+        &[("database", &db)],
+    );
+    assert!(
+        after - before <= 1.0,
+        "writes while unwatched were announced: {before} -> {after} notifications"
+    );
+    // And the next write is announced again.
+    d.execute("update k set v = 6", &[]).await.unwrap();
+    until(&c, q, "6").await;
+
+    // With unwatch_on_write off, a watched table stays announced however
+    // often it is written.
+    let p2 = Pgtier::cached(
+        &db,
+        &format!("{TTL}\n[invalidation]\nunwatch_on_write = false\n"),
+        &[],
+    )
+    .await;
+    let c2 = p2.connect(&db).await;
+    drop(p);
+    warm(&p2, &c2, q, "6").await;
+    for v in 30..=36 {
+        d.execute("update k set v = $1", &[&v]).await.unwrap();
+    }
+    until(&c2, q, "36").await;
+    warm(&p2, &c2, q, "36").await;
+    assert_eq!(announced(&d, "k").await, 2);
 }

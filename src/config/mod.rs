@@ -74,6 +74,11 @@ pub struct InvalidationConfig {
     /// nothing), `eager` for every table with a trigger as soon as the listener
     /// connects (no warm-up misses).
     pub watch: WatchMode,
+    /// After a write to a watched table, stop announcing its writes (its
+    /// entries are gone anyway) until a read wants it cached again. Writers
+    /// then pay for a notification about once per cache fill instead of once
+    /// per transaction.
+    pub unwatch_on_write: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -108,6 +113,7 @@ impl Default for InvalidationConfig {
             rescan_interval: Dur(std::time::Duration::from_secs(10)),
             fence_timeout: Dur(std::time::Duration::from_secs(1)),
             watch: WatchMode::Lazy,
+            unwatch_on_write: true,
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct Relation {
     pub kind: u8,
     pub row_security: bool,
     pub has_trigger: bool,
+    /// The trigger's oid: a trigger dropped and installed again (with a new
+    /// watch sequence) is a different one, and the table's watch is void.
+    pub trigger_oid: u32,
     /// Columns and types, to notice schema changes made without event triggers.
     pub shape: String,
     /// For views: relations the view reads (oids).
@@ -44,7 +47,9 @@ SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relrows
                WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' AND t.tgenabled <> 'D'
                  AND t.tgnargs = 2),
        coalesce((SELECT md5(string_agg(a.attname || ':' || a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum))
-                 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '')
+                 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), ''),
+       coalesce((SELECT t.oid::int8 FROM pg_trigger t
+                 WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' LIMIT 1), 0)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtier')
@@ -80,6 +85,7 @@ impl Catalog {
                 row_security: r.get(4),
                 has_trigger: r.get(5),
                 shape: r.get(6),
+                trigger_oid: r.get::<_, i64>(7) as u32,
                 reads: Vec::new(),
                 parents: Vec::new(),
                 children: Vec::new(),
@@ -133,6 +139,16 @@ impl Catalog {
         }
     }
 
+    /// The oid of `schema.name`, if the catalog has it.
+    pub fn oid_of(&self, schema: &str, name: &str) -> Option<u32> {
+        self.by_name
+            .get(name)?
+            .iter()
+            .map(|&i| &self.relations[i])
+            .find(|r| r.schema == schema)
+            .map(|r| r.oid)
+    }
+
     pub fn get(&self, oid: u32) -> Option<&Relation> {
         self.by_oid.get(&oid).map(|&i| &self.relations[i])
     }
@@ -183,7 +199,7 @@ impl Catalog {
         decision: &Decision,
         watched: &HashSet<u32>,
         unwatched: &mut Vec<u32>,
-    ) -> Result<Vec<u32>, &'static str> {
+    ) -> Result<(Vec<u32>, Vec<u32>), &'static str> {
         let read = decision.analysis.read.as_ref().map_err(|n| n.label())?;
         for f in &read.user_functions {
             if !self.immutable.contains(f.as_str()) {
@@ -201,13 +217,15 @@ impl Catalog {
             // on it, which at worst invalidates more than needed.
             self.resolve_table(database, t, &mut slots, &mut oids)?;
         }
-        unwatched.extend(oids.into_iter().filter(|o| !watched.contains(o)));
+        unwatched.extend(oids.iter().filter(|o| !watched.contains(o)));
         if !unwatched.is_empty() {
             return Err("not_watched");
         }
         slots.sort_unstable();
         slots.dedup();
-        Ok(slots)
+        oids.sort_unstable();
+        oids.dedup();
+        Ok((slots, oids))
     }
 
     fn resolve_table(
@@ -301,6 +319,7 @@ mod tests {
             kind,
             row_security: false,
             has_trigger: trig,
+            trigger_oid: if trig { oid + 1000 } else { 0 },
             shape: String::new(),
             reads: vec![],
             parents: vec![],
@@ -326,7 +345,10 @@ mod tests {
         let cat = Catalog::build(1, rels, HashSet::from(["safe_fn".to_string()]));
         let cache = Cache::new(&Config::default());
         let all: HashSet<u32> = (1..=7).collect();
-        let r = |sql: &str| cat.resolve("db", &cache.decide(sql.as_bytes()), &all, &mut Vec::new());
+        let r = |sql: &str| {
+            cat.resolve("db", &cache.decide(sql.as_bytes()), &all, &mut Vec::new())
+                .map(|(slots, _)| slots)
+        };
         assert_eq!(r("select * from t").unwrap().len(), 1);
         assert_eq!(r("select * from untracked"), Err("no_trigger"));
         assert_eq!(

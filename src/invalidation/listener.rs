@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use metrics::{counter, gauge, histogram};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -34,10 +35,16 @@ pub struct Settings {
     pub auto_install: bool,
     pub scope: Scope,
     pub eager_watch: bool,
+    /// After a write to a watched table, stop announcing its writes until a
+    /// read wants it cached again (`invalidation.unwatch_on_write`).
+    pub unwatch_on_write: bool,
 }
 
 pub struct Listener {
     pub db: Arc<DbState>,
+    /// Tables eager mode has watched once: a rescan watches only newcomers, so
+    /// a table unwatched after a write waits for a read to want it again.
+    pub eagerly_watched: std::sync::Mutex<std::collections::HashSet<u32>>,
     pub target: ControlTarget,
     pub tls: MakeRustlsConnect,
     pub ssl: SslMode,
@@ -87,7 +94,8 @@ impl Listener {
         // watching tables, catalog scans can each take a while under load).
         // Only the slow follow-up of DDL goes on to the loop.
         let (ddl_tx, mut ddl_rx) = mpsc::unbounded_channel::<()>();
-        let applier = tokio::spawn(Applier::new(self).run(rx, ddl_tx));
+        let (unwatch_tx, mut unwatch_rx) = mpsc::unbounded_channel::<Vec<u32>>();
+        let applier = tokio::spawn(Applier::new(self, unwatch_tx).run(rx, ddl_tx));
         let (client, driver) =
             control::connect(&self.target, &self.tls, self.ssl, Some(tx)).await?;
         // Postgres delivers notifications only while the listening backend is
@@ -106,6 +114,9 @@ impl Listener {
         }
         self.reload_catalog(&work).await?;
         self.db.forget_watches();
+        if let Ok(mut w) = self.eagerly_watched.lock() {
+            w.clear();
+        }
         if s.eager_watch {
             self.watch_all(&work).await?;
         }
@@ -125,6 +136,9 @@ impl Listener {
         let mut rescan = tokio::time::interval(s.rescan_interval);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.tick().await;
+        let mut watching = futures_util::stream::FuturesUnordered::new();
+        let mut in_flight = std::collections::HashSet::new();
+        let mut holdoff = Holdoff::default();
         loop {
             tokio::select! {
                 biased;
@@ -135,6 +149,16 @@ impl Listener {
                     // Everything DDL asks for is done once for all queued.
                     while ddl_rx.try_recv().is_ok() {}
                     self.after_ddl(&work).await?;
+                }
+                oids = unwatch_rx.recv() => {
+                    let Some(mut oids) = oids else {
+                        anyhow::bail!("connection closed");
+                    };
+                    while let Ok(more) = unwatch_rx.try_recv() {
+                        oids.extend(more);
+                    }
+                    holdoff.unwatched(&oids);
+                    self.unwatch(&work, oids).await?;
                 }
                 _ = check.tick() => {
                     // A dead connection must be noticed within seconds, not when
@@ -150,18 +174,34 @@ impl Listener {
                     }
                 }
                 _ = self.db.watch_wanted.notified() => {
-                    let wanted = self.db.take_watch_requests();
-                    if !wanted.is_empty() {
-                        let now = triggers::watch(&work, &wanted, Duration::from_secs(5)).await?;
-                        if now.is_empty() {
-                            tracing::info!(
-                                database = %self.db.name,
-                                "tables not watched yet (a long-running transaction, or triggers to reinstall)"
-                            );
-                        } else {
-                            tracing::debug!(database = %self.db.name, tables = now.len(), "watching tables");
-                            self.db.mark_watched(&now);
-                        }
+                    let mut wanted = self.db.take_watch_requests();
+                    wanted.retain(|o| !in_flight.contains(o) && holdoff.may_watch(*o));
+                    // Each table's watch waits on its own writers, side by side
+                    // with the others: one long writer must hold up no other table.
+                    for oid in wanted {
+                        in_flight.insert(oid);
+                        let ticket = self.db.watch_ticket();
+                        let work = &work;
+                        watching.push(async move {
+                            let r = triggers::watch(work, &[oid], Duration::from_secs(5)).await;
+                            (vec![oid], ticket, r)
+                        });
+                    }
+                }
+                Some((wanted, ticket, r)) = watching.next(), if !watching.is_empty() => {
+                    for o in &wanted {
+                        in_flight.remove(o);
+                    }
+                    let now = r?;
+                    if now.is_empty() {
+                        tracing::info!(
+                            database = %self.db.name,
+                            "tables not watched yet (a long-running writer, or triggers to reinstall)"
+                        );
+                    } else {
+                        let marked = self.db.mark_watched(&now, ticket);
+                        holdoff.watched(&marked);
+                        tracing::debug!(database = %self.db.name, tables = marked.len(), "watching tables");
                     }
                 }
                 _ = rescan.tick() => {
@@ -191,20 +231,53 @@ impl Listener {
         Ok(())
     }
 
-    /// Watch every table that has a trigger (eager mode).
+    /// Watch every table that has a trigger and was not watched eagerly before
+    /// (eager mode).
     async fn watch_all(&self, client: &Client) -> anyhow::Result<()> {
-        let oids: Vec<u32> = self
-            .db
-            .catalog
-            .load()
-            .relations
-            .iter()
-            .filter(|r| r.has_trigger)
-            .map(|r| r.oid)
-            .collect();
+        let oids: Vec<u32> = {
+            let done = self
+                .eagerly_watched
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            self.db
+                .catalog
+                .load()
+                .relations
+                .iter()
+                .filter(|r| r.has_trigger && !done.contains(&r.oid))
+                .map(|r| r.oid)
+                .collect()
+        };
         if !oids.is_empty() {
+            let ticket = self.db.watch_ticket();
             let now = triggers::watch(client, &oids, Duration::from_secs(5)).await?;
-            self.db.mark_watched(&now);
+            let now = self.db.mark_watched(&now, ticket);
+            if let Ok(mut done) = self.eagerly_watched.lock() {
+                done.extend(now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Switch announcing off for tables just written (see `Applier`), and tell
+    /// every instance. Run inline in the loop, never beside a watch of ours on
+    /// the same connection (see `triggers::unwatch`).
+    async fn unwatch(&self, client: &Client, mut oids: Vec<u32>) -> anyhow::Result<()> {
+        oids.sort_unstable();
+        oids.dedup();
+        let catalog = self.db.catalog.load();
+        let tables: Vec<(u32, String, String)> = oids
+            .iter()
+            .filter_map(|o| {
+                catalog
+                    .get(*o)
+                    .map(|r| (*o, r.schema.clone(), r.name.clone()))
+            })
+            .collect();
+        if !tables.is_empty() {
+            let n = triggers::unwatch(client, &self.settings.channel, &tables).await?;
+            counter!("pgtier_unwatches_total", "database" => self.db.name.clone())
+                .increment(n as u64);
         }
         Ok(())
     }
@@ -232,6 +305,7 @@ impl Listener {
                     && n.name == r.name
                     && n.shape == r.shape
                     && n.has_trigger == r.has_trigger
+                    && n.trigger_oid == r.trigger_oid
             });
             if !same {
                 changed.push((r.schema.clone(), r.name.clone()));
@@ -242,7 +316,8 @@ impl Listener {
         }
         if !changed.is_empty() {
             tracing::debug!(database = %self.db.name, ?changed, "catalog changed");
-            self.db.invalidate(&changed);
+            // A table whose trigger went or was replaced must be watched afresh.
+            self.db.unwatch(&changed);
             self.cache.clear_descriptions();
         }
         self.db.set_catalog(new);
@@ -255,6 +330,10 @@ impl Listener {
 /// completes only after everything received before it has taken effect.
 struct Applier {
     db: Arc<DbState>,
+    /// Where written tables go to be unwatched (kept open even when that is
+    /// off: the loop takes a closed channel for a lost connection).
+    unwatch: mpsc::UnboundedSender<Vec<u32>>,
+    unwatch_on_write: bool,
     cache: Arc<Cache>,
     channel: String,
     instance: u64,
@@ -265,10 +344,12 @@ struct Applier {
 }
 
 impl Applier {
-    fn new(l: &Listener) -> Applier {
+    fn new(l: &Listener, unwatch: mpsc::UnboundedSender<Vec<u32>>) -> Applier {
         let name = l.db.name.clone();
         Applier {
             db: l.db.clone(),
+            unwatch,
+            unwatch_on_write: l.settings.unwatch_on_write,
             cache: l.cache.clone(),
             channel: l.settings.channel.clone(),
             instance: l.settings.instance,
@@ -284,6 +365,7 @@ impl Applier {
         mut rx: mpsc::UnboundedReceiver<AsyncMessage>,
         ddl: mpsc::UnboundedSender<()>,
     ) {
+        let mut rates = WriteRates::default();
         while let Some(m) = rx.recv().await {
             let AsyncMessage::Notification(note) = m else {
                 continue;
@@ -297,6 +379,19 @@ impl Applier {
             match Payload::parse(note.payload()) {
                 Some(Payload::Write(t)) => {
                     self.db.invalidate(&t);
+                    self.invalidations.increment(t.len() as u64);
+                    if self.unwatch_on_write && rates.hot(&t, at) {
+                        // Each of these writes pays the notify lock while the
+                        // entries it kills hardly live: stop caching the tables
+                        // here at once, and have the loop switch announcing off.
+                        let oids = self.db.stop_watching(&t, false);
+                        if !oids.is_empty() && self.unwatch.send(oids).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Payload::Unwatch(t)) => {
+                    self.db.unwatch(&t);
                     self.invalidations.increment(t.len() as u64);
                 }
                 Some(Payload::Ddl(t)) => {
@@ -332,6 +427,94 @@ impl Applier {
     }
 }
 
+/// Announced writes per table over a short window: a table written faster than
+/// `HOT_WRITES` per `HOT_WINDOW` is worth unwatching; one written now and then
+/// stays watched (and cached between its writes).
+#[derive(Default)]
+struct WriteRates {
+    tables: std::collections::HashMap<QualifiedName, (Instant, u32)>,
+}
+
+const HOT_WRITES: u32 = 5;
+const HOT_WINDOW: Duration = Duration::from_millis(100);
+
+impl WriteRates {
+    fn hot(&mut self, tables: &[QualifiedName], now: Instant) -> bool {
+        if self.tables.len() > 100_000 {
+            self.tables.clear();
+        }
+        let mut hot = false;
+        for t in tables {
+            let (start, n) = self.tables.entry(t.clone()).or_insert((now, 0));
+            if now.duration_since(*start) > HOT_WINDOW {
+                *start = now;
+                *n = 0;
+            }
+            *n += 1;
+            hot |= *n >= HOT_WRITES;
+        }
+        hot
+    }
+}
+
+/// How long a table that was just unwatched waits before it may be watched
+/// again. A table written soon after each watch (a counter, a queue) would
+/// otherwise cycle: every read watches it, the next write unwatches it, and
+/// writers pay for a notification each time while its entries live a few
+/// milliseconds. When a watch ends within `SHORT_WATCH`, the table's hold-off
+/// doubles (up to `MAX_HOLDOFF`; reads meanwhile go to Postgres); a watch that
+/// lasts longer clears it, so tables written now and then are cached again at
+/// the next read.
+#[derive(Default)]
+struct Holdoff {
+    tables: std::collections::HashMap<u32, HoldoffState>,
+}
+
+struct HoldoffState {
+    watched_at: Instant,
+    wait: Duration,
+    until: Instant,
+}
+
+const MIN_HOLDOFF: Duration = Duration::from_millis(10);
+const MAX_HOLDOFF: Duration = Duration::from_secs(2);
+const SHORT_WATCH: Duration = Duration::from_millis(100);
+
+impl Holdoff {
+    fn may_watch(&self, oid: u32) -> bool {
+        self.tables
+            .get(&oid)
+            .is_none_or(|t| Instant::now() >= t.until)
+    }
+
+    fn watched(&mut self, oids: &[u32]) {
+        let now = Instant::now();
+        for o in oids {
+            let t = self.tables.entry(*o).or_insert(HoldoffState {
+                watched_at: now,
+                wait: Duration::ZERO,
+                until: now,
+            });
+            t.watched_at = now;
+        }
+    }
+
+    fn unwatched(&mut self, oids: &[u32]) {
+        let now = Instant::now();
+        for o in oids {
+            let Some(t) = self.tables.get_mut(o) else {
+                continue;
+            };
+            if now.duration_since(t.watched_at) < SHORT_WATCH {
+                t.wait = (t.wait * 2).clamp(MIN_HOLDOFF, MAX_HOLDOFF);
+                t.until = now + t.wait;
+            } else {
+                self.tables.remove(o);
+            }
+        }
+    }
+}
+
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
@@ -339,5 +522,57 @@ impl Drop for AbortOnDrop {
         for h in &self.0 {
             h.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_written_right_after_each_watch_are_held_off_longer_each_time() {
+        let mut h = Holdoff::default();
+        assert!(h.may_watch(1), "never watched: no hold-off");
+        let mut last = Duration::ZERO;
+        for _ in 0..10 {
+            h.watched(&[1]);
+            h.unwatched(&[1]);
+            let t = &h.tables[&1];
+            assert!(t.wait >= last && t.wait <= MAX_HOLDOFF);
+            last = t.wait;
+        }
+        assert_eq!(last, MAX_HOLDOFF);
+        assert!(!h.may_watch(1));
+        // A watch that lasted clears it.
+        let t = h.tables.get_mut(&1).map(|t| {
+            t.watched_at = Instant::now() - SHORT_WATCH * 2;
+        });
+        assert!(t.is_some());
+        h.unwatched(&[1]);
+        assert!(h.may_watch(1));
+        // Unwatches of tables this instance never watched change nothing.
+        h.unwatched(&[2]);
+        assert!(h.may_watch(2));
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn only_tables_written_in_quick_succession_are_hot() {
+        let mut r = WriteRates::default();
+        let t = vec![("public".to_string(), "t".to_string())];
+        let start = Instant::now();
+        // One write every 30 ms: never five within a window.
+        for i in 0..20 {
+            assert!(!r.hot(&t, start + Duration::from_millis(30 * i)));
+        }
+        let later = start + Duration::from_secs(10);
+        let hot: Vec<bool> = (0..5)
+            .map(|i| r.hot(&t, later + Duration::from_millis(i)))
+            .collect();
+        assert_eq!(hot, [false, false, false, false, true]);
     }
 }

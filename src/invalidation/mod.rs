@@ -77,8 +77,16 @@ impl Generations {
 pub struct Resolved {
     /// Generation slots of every table the result reads.
     pub slots: Box<[u32]>,
+    /// The tables whose writes must be announced for the result to be cached.
+    pub tables: Box<[u32]>,
     /// Catalog version the resolution was made against.
     pub catalog_version: u64,
+}
+
+#[derive(Default)]
+struct WatchBook {
+    seq: u64,
+    unwatched_at: HashMap<u32, u64>,
 }
 
 /// The invalidation state of one cached database.
@@ -93,6 +101,10 @@ pub struct DbState {
     pub gens: Arc<Generations>,
     /// Tables this instance has started watching (writes to them are announced).
     watched: ArcSwap<HashSet<u32>>,
+    /// Serialises changes to `watched` (the applier and the listener loop both
+    /// make them) and remembers when each table was last unwatched, so a watch
+    /// that an unwatch overtook does not take effect.
+    watch_book: Mutex<WatchBook>,
     /// Tables a miss wanted cached but that are not watched yet; the listener
     /// watches them.
     watch_requests: Mutex<HashSet<u32>>,
@@ -115,6 +127,7 @@ impl DbState {
             next_fence: AtomicU64::new(1),
             gens,
             watched: ArcSwap::from_pointee(HashSet::new()),
+            watch_book: Mutex::new(WatchBook::default()),
             watch_requests: Mutex::new(HashSet::new()),
             watch_wanted: tokio::sync::Notify::new(),
             l2_epoch: AtomicU64::new(0),
@@ -157,13 +170,72 @@ impl DbState {
         self.live() && epoch == self.epoch() && deps.iter().all(|(s, g)| self.gens.get(*s) == *g)
     }
 
-    /// Snapshot the generations a fill depends on, before its query runs.
-    pub fn snapshot(&self, slots: &[u32]) -> (u64, Box<[(u32, u64)]>) {
+    /// Snapshot the generations a fill depends on, before its query runs; `None`
+    /// if one of its tables is not watched any more (a watch is requested).
+    ///
+    /// The watch check comes after the snapshot: `unwatch` leaves the watched set
+    /// before it bumps generations, so a snapshot that already sees the bump also
+    /// sees the table gone, and one that does not is refused at insert time.
+    pub fn snapshot(&self, resolved: &Resolved) -> Option<(u64, Box<[(u32, u64)]>)> {
         let epoch = self.epoch();
-        (
-            epoch,
-            slots.iter().map(|s| (*s, self.gens.get(*s))).collect(),
-        )
+        let gens = resolved
+            .slots
+            .iter()
+            .map(|s| (*s, self.gens.get(*s)))
+            .collect();
+        let watched = self.watched.load();
+        if resolved.tables.iter().all(|t| watched.contains(t)) {
+            return Some((epoch, gens));
+        }
+        let missing = resolved.tables.iter().filter(|t| !watched.contains(t));
+        if let Ok(mut req) = self.watch_requests.lock() {
+            req.extend(missing);
+        }
+        self.watch_wanted.notify_one();
+        None
+    }
+
+    /// These tables' writes are no longer announced: stop caching them, then
+    /// kill their entries (in that order, see `snapshot`). Returns the oids this
+    /// instance had been watching.
+    pub fn unwatch(&self, tables: &[payload::QualifiedName]) -> Vec<u32> {
+        let was = self.stop_watching(tables, true);
+        // Every instance advances its L2 versions alike, watched here or not.
+        self.invalidate(tables);
+        was
+    }
+
+    /// Stop caching these tables here (no invalidation: the caller does that);
+    /// returns the oids that were watched. With `always`, a watch of them now
+    /// in progress will not take effect either (their announcing was switched
+    /// off after it started).
+    pub fn stop_watching(&self, tables: &[payload::QualifiedName], always: bool) -> Vec<u32> {
+        let catalog = self.catalog.load();
+        let Ok(mut book) = self.watch_book.lock() else {
+            return Vec::new();
+        };
+        let mut set = (**self.watched.load()).clone();
+        book.seq += 1;
+        let seq = book.seq;
+        let mut was = Vec::new();
+        for oid in tables.iter().filter_map(|(s, n)| catalog.oid_of(s, n)) {
+            let removed = set.remove(&oid);
+            if removed {
+                was.push(oid);
+            }
+            if removed || always {
+                book.unwatched_at.insert(oid, seq);
+            }
+        }
+        if !was.is_empty() {
+            self.watched.store(Arc::new(set));
+        }
+        was
+    }
+
+    /// Taken before a watch starts; see `mark_watched`.
+    pub fn watch_ticket(&self) -> u64 {
+        self.watch_book.lock().map(|b| b.seq).unwrap_or(0)
     }
 
     pub fn invalidate(&self, tables: &[payload::QualifiedName]) {
@@ -228,19 +300,31 @@ impl DbState {
             .unwrap_or_default()
     }
 
-    /// Record tables as watched; statements on them may be cached from now on.
-    pub fn mark_watched(&self, oids: &[u32]) {
+    /// Record tables as watched by a watch that began at `ticket`; statements on
+    /// them may be cached from now on (verdicts that found them unwatched were
+    /// never kept). Tables unwatched since the ticket are left out: the watch
+    /// may have been switched off behind it.
+    pub fn mark_watched(&self, oids: &[u32], ticket: u64) -> Vec<u32> {
+        let Ok(book) = self.watch_book.lock() else {
+            return Vec::new();
+        };
+        let ok: Vec<u32> = oids
+            .iter()
+            .copied()
+            .filter(|o| book.unwatched_at.get(o).is_none_or(|at| *at <= ticket))
+            .collect();
         let mut set = (**self.watched.load()).clone();
-        set.extend(oids.iter().copied());
+        set.extend(ok.iter().copied());
         self.watched.store(Arc::new(set));
-        self.resolved.invalidate_all();
+        ok
     }
 
     /// After reconnecting, watches are re-established on demand (each re-check
     /// is cheap: the sequence is usually already set).
     pub fn forget_watches(&self) {
-        self.watched.store(Arc::new(HashSet::new()));
-        self.resolved.invalidate_all();
+        if let Ok(_book) = self.watch_book.lock() {
+            self.watched.store(Arc::new(HashSet::new()));
+        }
     }
 
     /// Can a cacheable statement be cached in this database, and on what does
@@ -262,8 +346,9 @@ impl DbState {
         let r = Arc::new(
             catalog
                 .resolve(&self.name, decision, &watched, &mut unwatched)
-                .map(|slots| Resolved {
+                .map(|(slots, tables)| Resolved {
                     slots: slots.into_boxed_slice(),
+                    tables: tables.into_boxed_slice(),
                     catalog_version: catalog.version,
                 }),
         );
@@ -362,4 +447,84 @@ fn getrandom_fill(out: &mut [u8; 8]) {
     let mix =
         xxhash_rust::xxh3::xxh3_64(format!("{}:{t}:{:p}", std::process::id(), &local).as_bytes());
     *out = mix.to_le_bytes();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db_with(tables: &[(u32, &str)]) -> DbState {
+        let db = DbState::new("db".into(), Arc::new(Generations::default()));
+        let relations = tables
+            .iter()
+            .map(|(oid, name)| catalog::Relation {
+                oid: *oid,
+                schema: "public".into(),
+                name: (*name).into(),
+                kind: b'r',
+                row_security: false,
+                has_trigger: true,
+                trigger_oid: oid + 1000,
+                shape: String::new(),
+                reads: Vec::new(),
+                parents: Vec::new(),
+                children: Vec::new(),
+            })
+            .collect();
+        db.set_catalog(Catalog::build(1, relations, HashSet::new()));
+        db
+    }
+
+    fn resolved(slots: &[u32], tables: &[u32]) -> Resolved {
+        Resolved {
+            slots: slots.into(),
+            tables: tables.into(),
+            catalog_version: 1,
+        }
+    }
+
+    #[test]
+    fn fills_need_every_table_watched_and_an_unwatch_kills_entries() {
+        let db = db_with(&[(10, "a"), (11, "b")]);
+        db.come_up();
+        let slot = Generations::slot("db", "public", "a");
+        let r = resolved(&[slot], &[10]);
+        assert!(db.snapshot(&r).is_none(), "not watched yet");
+        assert_eq!(
+            db.take_watch_requests(),
+            vec![10],
+            "and a watch is asked for"
+        );
+
+        let ticket = db.watch_ticket();
+        assert_eq!(db.mark_watched(&[10], ticket), vec![10]);
+        let (epoch, deps) = db.snapshot(&r).expect("watched");
+        assert!(db.valid(epoch, &deps));
+
+        let was = db.unwatch(&[("public".into(), "a".into())]);
+        assert_eq!(was, vec![10]);
+        assert!(!db.valid(epoch, &deps), "an unwatch invalidates");
+        assert!(db.snapshot(&r).is_none(), "and stops fills");
+    }
+
+    #[test]
+    fn a_watch_overtaken_by_an_unwatch_does_not_take_effect() {
+        let db = db_with(&[(10, "a"), (11, "b")]);
+        db.come_up();
+        let ticket = db.watch_ticket();
+        // The `u` for `a` is applied while the watch is still waiting.
+        db.unwatch(&[("public".into(), "a".into())]);
+        assert_eq!(db.mark_watched(&[10, 11], ticket), vec![11]);
+        // A watch begun after it counts.
+        let later = db.watch_ticket();
+        assert_eq!(db.mark_watched(&[10], later), vec![10]);
+        // A write seen here only stops caching the tables that were watched.
+        assert_eq!(
+            db.stop_watching(&[("public".into(), "a".into())], false),
+            vec![10]
+        );
+        assert!(db
+            .stop_watching(&[("public".into(), "a".into())], false)
+            .is_empty());
+    }
 }

@@ -6,6 +6,9 @@
 //! - `d[["schema","table"],...]` DDL on these relations (also re-read the catalog)
 //! - `*` everything in this database changed (a payload that would not fit)
 //! - `f<instance>:<n>` a fence sent by a pgtier instance after a session's write
+//! - `u[["schema","table"],...]` a pgtier stopped these tables' writes being
+//!   announced (after a write, until a read wants them cached again): drop their
+//!   entries and cache them only after watching them afresh
 //! - `e<n>` a pgtier instance (re)connected: every instance restarts its shared
 //!   (L2) table versions from here, so all of them agree again
 
@@ -20,6 +23,7 @@ pub type QualifiedName = (String, String);
 pub enum Payload {
     Write(Vec<QualifiedName>),
     Ddl(Vec<QualifiedName>),
+    Unwatch(Vec<QualifiedName>),
     All,
     Fence { instance: u64, seq: u64 },
     Epoch(u64),
@@ -45,6 +49,7 @@ impl Payload {
         match kind {
             "w" => names(rest).map(Payload::Write),
             "d" => names(rest).map(Payload::Ddl),
+            "u" => names(rest).map(Payload::Unwatch),
             "*" => Some(Payload::All),
             "e" => rest.parse().ok().map(Payload::Epoch),
             "f" => {
@@ -110,6 +115,10 @@ mod tests {
         assert_eq!(
             Payload::parse("d[[\"a\",\"b\"]]"),
             Some(Payload::Ddl(vec![("a".into(), "b".into())]))
+        );
+        assert_eq!(
+            Payload::parse("u[[\"public\", \"t\"]]"),
+            Some(Payload::Unwatch(vec![("public".into(), "t".into())]))
         );
         assert_eq!(Payload::parse("w[garbage"), None);
         assert_eq!(Payload::parse(""), None);

@@ -58,12 +58,14 @@ GRANT USAGE ON SCHEMA pgtier TO PUBLIC;
 CREATE OR REPLACE FUNCTION pgtier.notify_change() RETURNS trigger
 LANGUAGE plpgsql AS $pgtier$
 BEGIN
-  -- pgtier-notify-v4. Only tables a pgtier caches are announced: their watch
+  -- pgtier-notify-v5. Only tables a pgtier caches are announced: their watch
   -- sequence (TG_ARGV[1]) stands at 2. A notifying commit serialises with every
   -- other one (Postgres's notify queue lock is held through the commit), so
-  -- tables nobody caches must not pay for it. (Not SECURITY DEFINER: that
-  -- costs every write a privilege and search_path switch; writers instead may
-  -- read the watch sequences, which say nothing but whether pgtier caches.)
+  -- tables nobody caches must not pay for it. The trigger's WHEN clause makes
+  -- the same test without entering plpgsql; it is repeated here for triggers
+  -- installed before it had one. (Not SECURITY DEFINER: that costs every write
+  -- a privilege and search_path switch; writers instead may read the watch
+  -- sequences, which say nothing but whether pgtier caches.)
   IF pg_sequence_last_value(TG_ARGV[1]::oid::regclass) > 1 THEN
     PERFORM pg_notify({ch}, TG_ARGV[0]);
   END IF;
@@ -130,9 +132,12 @@ pub fn trigger_sql(catalog: &Catalog, oid: u32, sequence: u32) -> Option<String>
         .filter_map(|o| catalog.get(o).map(|m| (m.schema.clone(), m.name.clone())))
         .collect();
     let payload = Payload::write_payload(&family);
+    // The WHEN test runs in the executor: a write to a table nobody caches
+    // costs one sequence read, not a plpgsql call.
     Some(format!(
         "CREATE OR REPLACE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {}.{} \
-         FOR EACH STATEMENT EXECUTE FUNCTION pgtier.notify_change({}, '{sequence}')",
+         FOR EACH STATEMENT WHEN (pg_sequence_last_value({sequence}::oid::regclass) > 1) \
+         EXECUTE FUNCTION pgtier.notify_change({}, '{sequence}')",
         quote_ident(&r.schema),
         quote_ident(&r.name),
         quote_literal(&payload)
@@ -194,7 +199,11 @@ pub async fn install(
 /// Start announcing writes to these tables, then wait until every transaction
 /// that might have written them without announcing it has ended; from then on
 /// results read from them may be cached. Returns the tables now watched (none
-/// if some old transaction is still running after `patience`).
+/// if some old writer is still running after `patience`).
+///
+/// A writer whose trigger looked before the setval holds a write lock on the
+/// table until it ends, so only those transactions are waited for: a long
+/// read-only transaction (a report, pg_dump) does not hold a watch up.
 pub async fn watch(
     client: &Client,
     oids: &[u32],
@@ -204,41 +213,127 @@ pub async fn watch(
     for oid in oids {
         // A table whose trigger predates watch sequences has none: skip it (it
         // stays uncached until its trigger is reinstalled).
+        // Under the table's switch lock, so it cannot land in the middle of
+        // another instance's `unwatch`.
         let ok: bool = client
             .query_one(
-                "SELECT CASE WHEN to_regclass($1) IS NULL THEN false
+                "SELECT CASE WHEN pg_advisory_lock($2) IS NULL THEN false
+                             WHEN to_regclass($1) IS NULL THEN false
                              ELSE setval($1::text::regclass, 2) > 0 END",
-                &[&watch_sequence(*oid)],
+                &[&watch_sequence(*oid), &switch_lock(*oid)],
             )
             .await?
             .get(0);
+        client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&switch_lock(*oid)])
+            .await?;
         if ok {
             set.push(*oid);
         }
     }
-    // A writer whose trigger looked before the setval already has an xid below
-    // this snapshot's xmax; once none is running, every later commit announces.
-    let xmax: String = client
-        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
-        .await?
-        .get(0);
+    let rels: Vec<i64> = set.iter().map(|o| *o as i64).collect();
+    const WRITERS: &str = "SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}')
+         FROM pg_locks
+         WHERE locktype = 'relation' AND relation = ANY($1::int8[]::oid[])
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND mode NOT IN ('AccessShareLock', 'RowShareLock') AND pid IS DISTINCT FROM pg_backend_pid()";
+    let writers: Vec<String> = client.query_one(WRITERS, &[&rels]).await?.get(0);
+    if writers.is_empty() {
+        return Ok(set);
+    }
     let deadline = std::time::Instant::now() + patience;
+    let mut pause = std::time::Duration::from_micros(500);
     loop {
-        let done: bool = client
+        // Writers' transactions are usually a millisecond or two: poll fast
+        // first, since reads of these tables go uncached until this returns.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(5));
+        let left: i64 = client
             .query_one(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8",
-                &[&xmax],
+                "SELECT count(*) FROM pg_locks
+                 WHERE locktype = 'relation' AND relation = ANY($1::int8[]::oid[])
+                   AND virtualtransaction = ANY($2)",
+                &[&rels, &writers],
             )
             .await?
             .get(0);
-        if done {
+        if left == 0 {
             return Ok(set);
         }
         if std::time::Instant::now() > deadline {
             return Ok(Vec::new());
         }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+}
+
+/// The advisory lock key that serialises switching one table's announcing on
+/// and off, across pgtier instances (writers never take it).
+fn switch_lock(oid: u32) -> i64 {
+    0x7067_7469_0000_0000 | oid as i64
+}
+
+/// Stop announcing writes to these tables (those still announced). The `u`
+/// notification commits first, and only then does announcing stop: every
+/// pgtier has dropped the tables' entries before an unannounced write can
+/// commit after it in the stream, and a session's read-your-writes fence comes
+/// after the `u`. The switch locks keep any instance from watching a table
+/// again until this is done; if this connection dies half-way, Postgres
+/// releases them and the tables simply stay announced. Returns how many
+/// tables were switched off.
+pub async fn unwatch(
+    client: &Client,
+    channel: &str,
+    tables: &[(u32, String, String)],
+) -> Result<usize, tokio_postgres::Error> {
+    let mut done = 0;
+    // Bounded batches keep the payload under Postgres's 8000 bytes.
+    for chunk in tables.chunks(64) {
+        let mut keys: Vec<i64> = chunk.iter().map(|t| switch_lock(t.0)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let oids: Vec<i64> = chunk.iter().map(|t| t.0 as i64).collect();
+        let schemas: Vec<&str> = chunk.iter().map(|t| t.1.as_str()).collect();
+        let names: Vec<&str> = chunk.iter().map(|t| t.2.as_str()).collect();
+        client
+            .query(
+                "SELECT pg_advisory_lock(k) FROM unnest($1::int8[]) AS k ORDER BY k",
+                &[&keys],
+            )
+            .await?;
+        let result = async {
+            let on: Vec<i64> = client
+                .query_one(
+                    "WITH on_ AS MATERIALIZED (
+                       SELECT o, s, n FROM unnest($2::int8[], $3::text[], $4::text[]) AS t(o, s, n)
+                       WHERE to_regclass('pgtier.w' || o) IS NOT NULL
+                         AND pg_sequence_last_value(('pgtier.w' || o)::regclass) = 2),
+                     sent AS (SELECT pg_notify($1, 'u' || json_agg(json_build_array(s, n))::text)
+                              FROM on_ HAVING count(*) > 0)
+                     SELECT coalesce((SELECT array_agg(o) FROM on_), '{}'), (SELECT count(*) FROM sent)",
+                    &[&channel, &oids, &schemas, &names],
+                )
+                .await?
+                .get(0);
+            if !on.is_empty() {
+                client
+                    .query(
+                        "SELECT setval(('pgtier.w' || o)::regclass, 1) FROM unnest($1::int8[]) AS o",
+                        &[&on],
+                    )
+                    .await?;
+            }
+            Ok::<_, tokio_postgres::Error>(on.len())
+        }
+        .await;
+        client
+            .query(
+                "SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k",
+                &[&keys],
+            )
+            .await?;
+        done += result?;
+    }
+    Ok(done)
 }
 
 /// Remove everything `install` created.

@@ -430,9 +430,12 @@ impl SessionCache {
             let resolved = decision.cacheable().map(|_| db.resolve(hash, &decision));
             match (&decision.verdict, self.tainted, resolved.as_deref()) {
                 (Ok(_), None, Some(Err(why))) => metrics::bypass(why),
-                (Ok(policy), None, Some(Ok(resolved))) => {
+                (Ok(policy), None, Some(Ok(resolved))) => 'fill: {
+                    let Some(snapshot) = db.snapshot(resolved) else {
+                        metrics::bypass("not_watched");
+                        break 'fill;
+                    };
                     let policy = policy.clone();
-                    let snapshot = db.snapshot(&resolved.slots);
                     let l2tier = cache.l2();
                     let l2key = l2tier.as_ref().and(db.l2_key(key, &resolved.slots));
                     if let (Some(l2), Some(k2)) = (&l2tier, l2key) {
@@ -529,7 +532,9 @@ impl SessionCache {
         let Ok(resolved) = resolved.as_ref() else {
             return;
         };
-        let snapshot = db.snapshot(&resolved.slots);
+        let Some(snapshot) = db.snapshot(resolved) else {
+            return;
+        };
         let l2key = cache.l2().and(db.l2_key(key, &resolved.slots));
         let tag = self.open_fill(key, l2key, policy, decision, snapshot, true, Some(lease));
         track.expect(Expect::Query, true, tag);
@@ -725,7 +730,9 @@ impl SessionCache {
             let Ok(resolved) = resolved.as_ref() else {
                 return false;
             };
-            let snapshot = db.snapshot(&resolved.slots);
+            let Some(snapshot) = db.snapshot(resolved) else {
+                return false;
+            };
             let Some(k2) = db.l2_key(key, &resolved.slots) else {
                 return false;
             };
@@ -979,7 +986,10 @@ impl SessionCache {
                 return None;
             }
         };
-        let snapshot = db.snapshot(&resolved.slots);
+        let Some(snapshot) = db.snapshot(resolved) else {
+            metrics::bypass("not_watched");
+            return None;
+        };
         if b.param_values().iter().any(|v| is_time_literal(v)) {
             metrics::bypass("time_literal");
             return None;
