@@ -81,7 +81,7 @@ async fn main() {
     // invalidation is per table, so with one table every write would empty the
     // cache and reads would test nothing but Postgres.
     let tables: i32 = env("STALE_TABLES", 100).max(1);
-    let (writers, readers) = (4u64, env("STALE_READERS", 32u64));
+    let (writers, readers) = (4u64, env("STALE_READERS", 64u64));
     let db = "pgtier_staleness";
 
     let admin = connect(5432, "postgres").await;
