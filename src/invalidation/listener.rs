@@ -259,9 +259,9 @@ impl Listener {
         Ok(())
     }
 
-    /// Switch announcing off for tables just written (see `Applier`), and tell
-    /// every instance. Run inline in the loop, never beside a watch of ours on
-    /// the same connection (see `triggers::unwatch`).
+    /// Switch announcing off for tables written in quick succession (see
+    /// `Applier`), and tell every instance. Run inline in the loop, never
+    /// beside a watch of ours on the same connection (see `triggers::unwatch`).
     async fn unwatch(&self, client: &Client, mut oids: Vec<u32>) -> anyhow::Result<()> {
         oids.sort_unstable();
         oids.dedup();
