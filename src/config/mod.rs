@@ -74,10 +74,9 @@ pub struct InvalidationConfig {
     /// nothing), `eager` for every table with a trigger as soon as the listener
     /// connects (no warm-up misses).
     pub watch: WatchMode,
-    /// After a write to a watched table, stop announcing its writes (its
-    /// entries are gone anyway) until a read wants it cached again. Writers
-    /// then pay for a notification about once per cache fill instead of once
-    /// per transaction.
+    /// Stop announcing writes to a table written in quick succession (its
+    /// entries hardly live, and each announced write pays Postgres's NOTIFY
+    /// lock) until a read wants it cached again.
     pub unwatch_on_write: bool,
 }
 

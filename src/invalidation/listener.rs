@@ -35,7 +35,7 @@ pub struct Settings {
     pub auto_install: bool,
     pub scope: Scope,
     pub eager_watch: bool,
-    /// After a write to a watched table, stop announcing its writes until a
+    /// Stop announcing writes to a table written in quick succession until a
     /// read wants it cached again (`invalidation.unwatch_on_write`).
     pub unwatch_on_write: bool,
 }
@@ -43,7 +43,7 @@ pub struct Settings {
 pub struct Listener {
     pub db: Arc<DbState>,
     /// Tables eager mode has watched once: a rescan watches only newcomers, so
-    /// a table unwatched after a write waits for a read to want it again.
+    /// a table that was unwatched waits for a read to want it again.
     pub eagerly_watched: std::sync::Mutex<std::collections::HashSet<u32>>,
     pub target: ControlTarget,
     pub tls: MakeRustlsConnect,
@@ -184,14 +184,12 @@ impl Listener {
                         let work = &work;
                         watching.push(async move {
                             let r = triggers::watch(work, &[oid], Duration::from_secs(5)).await;
-                            (vec![oid], ticket, r)
+                            (oid, ticket, r)
                         });
                     }
                 }
-                Some((wanted, ticket, r)) = watching.next(), if !watching.is_empty() => {
-                    for o in &wanted {
-                        in_flight.remove(o);
-                    }
+                Some((oid, ticket, r)) = watching.next(), if !watching.is_empty() => {
+                    in_flight.remove(&oid);
                     let now = r?;
                     if now.is_empty() {
                         tracing::info!(
