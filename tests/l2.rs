@@ -318,3 +318,197 @@ async fn works_against_a_redis_cluster() {
         "keys spread over masters: {counts:?}"
     );
 }
+
+/// Reads through a pgtier that keeps nothing in L1 and uses Redis at `url`:
+/// every answer must be right. Once a read is an L2 hit (Redis connected and
+/// the first result stored; at most 3 s), returns how many of the next
+/// `reads` were L2 hits too; 0 if none ever was.
+async fn l2_hits_through(db: &str, toml: &str, url: &str, reads: usize) -> f64 {
+    let p = Pgtier::cached(
+        db,
+        &format!("[cache]\ndefault_ttl = \"10m\"\n{toml}"),
+        &["--redis", url, "--l1-max-bytes", "0"],
+    )
+    .await;
+    let c = p.connect(db).await;
+    let q = "select v from t where id = 7";
+    let t = Instant::now();
+    while l2(&p.metrics().await, "hit") == 0.0 {
+        assert_eq!(first(&c, q).await, "7", "a client saw a wrong answer");
+        if t.elapsed() > Duration::from_secs(3) {
+            return 0.0;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = p.metrics().await;
+    for _ in 0..reads {
+        assert_eq!(first(&c, q).await, "7", "a client saw a wrong answer");
+    }
+    l2(&p.metrics().await, "hit") - l2(&before, "hit")
+}
+
+#[tokio::test]
+async fn redis_auth_with_a_password_or_an_acl_user() {
+    let redis = RedisServer::start_with(|_| {
+        [
+            "--requirepass",
+            "s3cret",
+            "--user",
+            "app",
+            "on",
+            ">apppw",
+            "~pgtier:*",
+            "+@all",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let db = fresh_db("pgtier_l2_auth").await;
+    let _d = table(&db).await;
+    let at = |cred: &str| format!("redis://{cred}@127.0.0.1:{}", redis.port);
+    assert_eq!(
+        l2_hits_through(&db, "", &at(":s3cret"), 3).await,
+        3.0,
+        "the default user's password"
+    );
+    assert_eq!(
+        l2_hits_through(&db, "", &at("app:apppw"), 3).await,
+        3.0,
+        "an ACL user"
+    );
+    // A wrong password costs L2, never a client query.
+    assert_eq!(l2_hits_through(&db, "", &at("app:wrong"), 3).await, 0.0);
+}
+
+#[tokio::test]
+async fn redis_over_tls_trusting_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = dir.path().join("redis.crt");
+    let key = dir.path().join("redis.key");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let redis = RedisServer::start_with(|port| {
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            c.clone(),
+            "--tls-key-file".into(),
+            k.clone(),
+            "--tls-ca-cert-file".into(),
+            c.clone(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    });
+    let db = fresh_db("pgtier_l2_tls").await;
+    let _d = table(&db).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let trusted = format!("[l2]\ntls_ca_file = \"{}\"\n", cert.display());
+    assert_eq!(l2_hits_through(&db, &trusted, &url, 3).await, 3.0);
+    // Not trusting the server's certificate: no L2, and still no client error.
+    assert_eq!(l2_hits_through(&db, "", &url, 3).await, 0.0);
+
+    // Mutual TLS: the server only takes clients with a certificate it trusts.
+    let client = rcgen::generate_simple_self_signed(vec!["pgtier".to_string()]).unwrap();
+    let ccert = dir.path().join("client.crt");
+    let ckey = dir.path().join("client.key");
+    std::fs::write(&ccert, client.cert.pem()).unwrap();
+    std::fs::write(&ckey, client.signing_key.serialize_pem()).unwrap();
+    let cc = ccert.display().to_string();
+    let mtls = RedisServer::start_with(|port| {
+        [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &c,
+            "--tls-key-file",
+            &k,
+            "--tls-ca-cert-file",
+            &cc,
+            "--tls-auth-clients",
+            "yes",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let url = format!("rediss://127.0.0.1:{}", mtls.port);
+    let with_cert = format!(
+        "{trusted}tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        ccert.display(),
+        ckey.display()
+    );
+    assert_eq!(l2_hits_through(&db, &with_cert, &url, 3).await, 3.0);
+    assert_eq!(l2_hits_through(&db, &trusted, &url, 3).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_full_or_refusing_redis_never_fails_a_client() {
+    let redis = RedisServer::start_with(|_| {
+        [
+            "--user", "nogets", "on", ">pw", "~*", "+@all", "-mget", "-get",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let db = fresh_db("pgtier_l2_refusing").await;
+    let _d = table(&db).await;
+    // Full: writes are refused (OOM), reads still answered.
+    redis.cli(&["config", "set", "maxmemory", "1"]);
+    let p = Pgtier::cached(
+        &db,
+        "[cache]\ndefault_ttl = \"10m\"\n",
+        &["--redis", &redis.url(), "--l1-max-bytes", "0"],
+    )
+    .await;
+    let c = p.connect(&db).await;
+    for id in 1..=5 {
+        let q = format!("select v from t where id = {id}");
+        assert_eq!(first(&c, &q).await, id.to_string());
+    }
+    let t = Instant::now();
+    while p
+        .metrics()
+        .await
+        .get("pgtier_l2_writes_total", &[("result", "error")])
+        < 1.0
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no refused write seen"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let m = p.metrics().await;
+    assert_eq!(
+        m.get("pgtier_l2_writes_total", &[("result", "stored")]),
+        0.0
+    );
+    assert_eq!(l2(&m, "miss"), 5.0, "a full Redis still answers lookups");
+
+    // Answering every lookup with an error (a user without GET): errors are
+    // counted and the breaker opens; clients get Postgres's answers.
+    let url = format!("redis://nogets:pw@127.0.0.1:{}", redis.port);
+    let p = Pgtier::cached(
+        &db,
+        "[cache]\ndefault_ttl = \"10m\"\n[l2]\nbreaker_failures = 2\n",
+        &["--redis", &url, "--l1-max-bytes", "0"],
+    )
+    .await;
+    let c = p.connect(&db).await;
+    for i in 0..20 {
+        let id = 1 + i % 10;
+        let q = format!("select v from t where id = {id} and {i} >= 0");
+        assert_eq!(first(&c, &q).await, id.to_string());
+    }
+    let m = p.metrics().await;
+    assert!(m.get("pgtier_l2_errors_total", &[("kind", "error")]) >= 2.0);
+    assert_eq!(l2(&m, "hit"), 0.0);
+    assert_eq!(m.get("pgtier_l2_breaker_state", &[]), 1.0, "breaker open");
+}

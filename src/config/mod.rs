@@ -372,6 +372,12 @@ pub struct L2Config {
     pub breaker_cooldown: Dur,
     /// Results larger than this are kept in L1 only.
     pub max_value_size: ByteSize,
+    /// PEM certificate(s) to trust for rediss:// instead of the system's roots
+    /// (a private CA).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for Redis servers that require mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for L2Config {
@@ -387,6 +393,9 @@ impl Default for L2Config {
             breaker_failures: 5,
             breaker_cooldown: Dur(std::time::Duration::from_secs(1)),
             max_value_size: ByteSize(1 << 20),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -521,6 +530,21 @@ impl Config {
                     format!("'{url}' is not a redis:// or rediss:// URL"),
                 ));
             }
+        }
+        for (key, file) in [
+            ("l2.tls_ca_file", &self.l2.tls_ca_file),
+            ("l2.tls_cert_file", &self.l2.tls_cert_file),
+            ("l2.tls_key_file", &self.l2.tls_key_file),
+        ] {
+            if let Some(f) = file {
+                readable(key, f)?;
+            }
+        }
+        if self.l2.tls_cert_file.is_some() != self.l2.tls_key_file.is_some() {
+            return Err(invalid(
+                "l2.tls_cert_file",
+                "tls_cert_file and tls_key_file go together",
+            ));
         }
         if self.l2.timeout.0.is_zero() {
             return Err(invalid("l2.timeout", "must be greater than 0"));
@@ -724,6 +748,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("server.tls_cert"));
+        let mut c = Config::default();
+        c.l2.tls_ca_file = Some("/nonexistent-ca.pem".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("l2.tls_ca_file"), "{e}");
+        let mut c = Config::default();
+        c.l2.tls_cert_file = Some("/dev/null".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("go together"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let c = Config::from_toml(include_str!("../../config/pgtier.toml")).unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

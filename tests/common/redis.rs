@@ -13,6 +13,8 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     cluster: bool,
+    /// More redis-server arguments; later ones override earlier ones (`--port 0`).
+    extra: Vec<String>,
 }
 
 fn require_redis_binary() {
@@ -27,12 +29,20 @@ fn require_redis_binary() {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(|_| Vec::new())
+    }
+
+    /// Start with more arguments, made from the port the server gets (for a
+    /// TLS-only server, `--port 0 --tls-port <port>`).
+    pub fn start_with(extra: impl Fn(u16) -> Vec<String>) -> RedisServer {
         require_redis_binary();
+        let port = free_port();
         let mut r = RedisServer {
-            port: free_port(),
+            port,
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             cluster: false,
+            extra: extra(port),
         };
         r.spawn();
         r
@@ -45,6 +55,7 @@ impl RedisServer {
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
             cluster: true,
+            extra: Vec::new(),
         };
         r.spawn();
         r
@@ -63,6 +74,7 @@ impl RedisServer {
                 .arg("--cluster-config-file")
                 .arg(self.dir.path().join("nodes.conf"));
         }
+        cmd.args(&self.extra);
         self.child = Some(cmd.spawn().expect("start redis-server"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {

@@ -8,10 +8,14 @@
 //! never looked up again. Values: the encoded reply with lengths and a checksum;
 //! anything that does not decode is a miss.
 
+mod breaker;
+mod value;
+
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use metrics::{counter, gauge};
@@ -19,56 +23,8 @@ use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 
 use crate::config::L2Config;
-
-const MAGIC: &[u8; 4] = b"PGT2";
-const NO_ROW_DESC: u32 = u32::MAX;
-
-/// Encode a cached reply for Redis.
-pub fn encode(row_desc: Option<&[u8]>, rows: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(16 + row_desc.map_or(0, |r| r.len()) + rows.len());
-    v.extend_from_slice(MAGIC);
-    match row_desc {
-        Some(rd) => {
-            v.extend_from_slice(&(rd.len() as u32).to_le_bytes());
-            v.extend_from_slice(rd);
-        }
-        None => v.extend_from_slice(&NO_ROW_DESC.to_le_bytes()),
-    }
-    v.extend_from_slice(&(rows.len() as u32).to_le_bytes());
-    v.extend_from_slice(rows);
-    let sum = xxhash_rust::xxh3::xxh3_64(&v);
-    v.extend_from_slice(&sum.to_le_bytes());
-    v
-}
-
-/// Decode a value; `None` if it is not one of ours or is damaged.
-pub fn decode(v: Bytes) -> Option<(Option<Bytes>, Bytes)> {
-    if v.len() < 4 + 4 + 4 + 8 || &v[..4] != MAGIC {
-        return None;
-    }
-    let body = v.len() - 8;
-    let sum = u64::from_le_bytes(v[body..].try_into().ok()?);
-    if xxhash_rust::xxh3::xxh3_64(&v[..body]) != sum {
-        return None;
-    }
-    let mut at = 4;
-    let rd_len = u32::from_le_bytes(v[at..at + 4].try_into().ok()?);
-    at += 4;
-    let row_desc = if rd_len == NO_ROW_DESC {
-        None
-    } else {
-        let end = at.checked_add(rd_len as usize).filter(|&e| e + 4 <= body)?;
-        let rd = v.slice(at..end);
-        at = end;
-        Some(rd)
-    };
-    let rows_len = u32::from_le_bytes(v.get(at..at + 4)?.try_into().ok()?) as usize;
-    at += 4;
-    if at + rows_len != body {
-        return None;
-    }
-    Some((row_desc, v.slice(at..body)))
-}
+use breaker::Breaker;
+pub use value::{decode, encode};
 
 #[derive(Clone)]
 enum Conn {
@@ -94,83 +50,6 @@ thread_local! {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Opens after repeated failures so a sick Redis costs nothing; lets one probe
-/// through after the cooldown.
-struct Breaker {
-    failures: AtomicU32,
-    /// When (ms since `origin`) the last counted failure was seen. Requests that
-    /// were already in flight then fail for the same reason (one stall times out
-    /// every pipelined request on the connection), so they do not count again.
-    last_failure: AtomicU64,
-    /// Milliseconds since `origin` until which the breaker is open; 0 = closed.
-    open_until: AtomicU64,
-    probing: AtomicBool,
-    threshold: u32,
-    cooldown: Duration,
-    origin: Instant,
-}
-
-impl Breaker {
-    fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64 + 1
-    }
-
-    fn allow(&self) -> bool {
-        let until = self.open_until.load(Ordering::Acquire);
-        if until == 0 {
-            return true;
-        }
-        if self.now_ms() < until {
-            return false;
-        }
-        // Half-open: exactly one request probes.
-        let probe = self
-            .probing
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if probe {
-            gauge!("pgtier_l2_breaker_state").set(2.0);
-        }
-        probe
-    }
-
-    fn success(&self) {
-        self.failures.store(0, Ordering::Release);
-        if self.open_until.swap(0, Ordering::AcqRel) != 0 {
-            tracing::info!("Redis answers again; L2 back in use");
-            gauge!("pgtier_l2_breaker_state").set(0.0);
-        }
-        self.probing.store(false, Ordering::Release);
-    }
-
-    /// A probe that never reached Redis: let the next request probe instead.
-    fn abandon_probe(&self) {
-        self.probing.store(false, Ordering::Release);
-    }
-
-    /// A request that started at `started` (see [`Breaker::now_ms`]) failed.
-    /// Returns true when this failure (re)opens the breaker.
-    fn failure(&self, started: u64) -> bool {
-        let was_probe = self.probing.swap(false, Ordering::AcqRel);
-        let now = self.now_ms();
-        let same_event = started < self.last_failure.load(Ordering::Acquire);
-        if same_event && !was_probe {
-            return false;
-        }
-        self.last_failure.fetch_max(now, Ordering::AcqRel);
-        let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        if n >= self.threshold || was_probe {
-            let until = now + self.cooldown.as_millis() as u64;
-            if self.open_until.swap(until, Ordering::AcqRel) == 0 {
-                tracing::warn!(failures = n, "Redis failing; L2 bypassed (circuit open)");
-            }
-            gauge!("pgtier_l2_breaker_state").set(1.0);
-            return true;
-        }
-        false
-    }
-}
-
 pub struct L2 {
     id: u64,
     /// Bumped when the breaker opens: every worker then drops its connection
@@ -183,7 +62,50 @@ pub struct L2 {
     timeout: Duration,
     connect_timeout: Duration,
     max_value: usize,
+    tls: TlsFiles,
     breaker: Breaker,
+}
+
+/// Where the TLS material for rediss:// lives; read at each connect, so renewed
+/// certificates are picked up by the next connection.
+#[derive(Clone, Default)]
+struct TlsFiles {
+    ca: Option<PathBuf>,
+    cert_key: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsFiles {
+    /// None when the system's roots and no client certificate will do.
+    fn load(&self) -> redis::RedisResult<Option<redis::TlsCertificates>> {
+        if self.ca.is_none() && self.cert_key.is_none() {
+            return Ok(None);
+        }
+        let read = |what: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read a TLS file",
+                    format!("{what} {}: {e}", p.display()),
+                ))
+            })
+        };
+        let root_cert = self
+            .ca
+            .as_ref()
+            .map(|p| read("l2.tls_ca_file", p))
+            .transpose()?;
+        let client_tls = match &self.cert_key {
+            Some((cert, key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("l2.tls_cert_file", cert)?,
+                client_key: read("l2.tls_key_file", key)?,
+            }),
+            None => None,
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
 }
 
 pub enum Lookup {
@@ -209,15 +131,11 @@ impl L2 {
             timeout: cfg.timeout.0,
             connect_timeout: cfg.connect_timeout.0,
             max_value: cfg.max_value_size.0 as usize,
-            breaker: Breaker {
-                failures: AtomicU32::new(0),
-                last_failure: AtomicU64::new(0),
-                open_until: AtomicU64::new(0),
-                probing: AtomicBool::new(false),
-                threshold: cfg.breaker_failures,
-                cooldown: cfg.breaker_cooldown.0,
-                origin: Instant::now(),
+            tls: TlsFiles {
+                ca: cfg.tls_ca_file.clone(),
+                cert_key: cfg.tls_cert_file.clone().zip(cfg.tls_key_file.clone()),
             },
+            breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown.0),
         })
     }
 
@@ -226,14 +144,21 @@ impl L2 {
     }
 
     async fn connect(&self) -> redis::RedisResult<Conn> {
+        let certs = self.tls.load()?;
         if self.cluster {
-            let client = redis::cluster::ClusterClient::builder(self.nodes.clone())
+            let mut builder = redis::cluster::ClusterClient::builder(self.nodes.clone())
                 .connection_timeout(self.connect_timeout)
-                .response_timeout(self.timeout.max(Duration::from_millis(50)))
-                .build()?;
+                .response_timeout(self.timeout.max(Duration::from_millis(50)));
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build()?;
             Ok(Conn::Cluster(client.get_async_connection().await?))
         } else {
-            let client = redis::Client::open(self.nodes[0].as_str())?;
+            let client = match certs {
+                Some(certs) => redis::Client::build_with_tls(self.nodes[0].as_str(), certs)?,
+                None => redis::Client::open(self.nodes[0].as_str())?,
+            };
             let cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(self.connect_timeout))
                 .set_response_timeout(Some(self.timeout.max(Duration::from_millis(50))))
@@ -378,76 +303,5 @@ impl L2 {
                 Err(_) => counter!("pgtier_l2_writes_total", "result" => "timeout").increment(1),
             }
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn breaker(threshold: u32) -> Breaker {
-        Breaker {
-            failures: AtomicU32::new(0),
-            last_failure: AtomicU64::new(0),
-            open_until: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
-            threshold,
-            cooldown: Duration::from_secs(60),
-            origin: Instant::now() - Duration::from_secs(1),
-        }
-    }
-
-    #[test]
-    fn one_stall_counts_once_however_many_requests_it_times_out() {
-        let b = breaker(3);
-        let before = b.now_ms() - 10;
-        // eight pipelined requests, all in flight when the connection stalled
-        assert!(!b.failure(before));
-        for _ in 0..7 {
-            assert!(
-                !b.failure(before),
-                "requests of the same stall opened the breaker"
-            );
-        }
-        assert!(b.allow());
-        // requests begun after each failure are independent evidence
-        std::thread::sleep(Duration::from_millis(2));
-        assert!(!b.failure(b.now_ms()));
-        std::thread::sleep(Duration::from_millis(2));
-        assert!(
-            b.failure(b.now_ms()),
-            "three independent failures must open it"
-        );
-        assert!(!b.allow());
-    }
-
-    #[test]
-    fn a_success_resets_the_count() {
-        let b = breaker(2);
-        assert!(!b.failure(b.now_ms()));
-        b.success();
-        std::thread::sleep(Duration::from_millis(2));
-        assert!(!b.failure(b.now_ms()));
-        assert!(b.allow());
-    }
-
-    #[test]
-    fn values_roundtrip_and_damage_is_detected() {
-        let v = encode(Some(b"T-row-desc"), b"D-rows-C");
-        let (rd, rows) = decode(Bytes::from(v.clone())).unwrap();
-        assert_eq!(rd.as_deref(), Some(&b"T-row-desc"[..]));
-        assert_eq!(&rows[..], b"D-rows-C");
-        let v2 = encode(None, b"rows");
-        assert_eq!(decode(Bytes::from(v2)).unwrap().0, None);
-        for i in 0..v.len() {
-            let mut bad = v.clone();
-            bad[i] ^= 0x40;
-            assert!(
-                decode(Bytes::from(bad)).is_none(),
-                "flipped byte {i} went unnoticed"
-            );
-        }
-        assert!(decode(Bytes::from_static(b"garbage")).is_none());
-        assert!(decode(Bytes::from(v[..v.len() - 1].to_vec())).is_none());
     }
 }
