@@ -10,7 +10,9 @@
 #            --upstream /var/run/postgresql:5432 (pgtier reaches Postgres over its Unix socket)
 #            --latency (also print p50/p99 latency through pgtier, from sampled pgbench logs)
 #            --cache   (pgtier caches the benchmark database: listener, triggers, 10 min TTL)
-#            --l2 URL  (with --cache: L2 in Redis at URL and no L1, so every hit is an L2 hit)
+#            --l2 URL  (with --cache: L2 in Redis at URL and no L1, so every hit is an L2 hit;
+#                       also prints what redis-benchmark gets from that Redis with as many
+#                       connections as pgbench, one GET at a time: the round-trip ceiling)
 #            --pgbouncer (also measure PgBouncer in session mode in front of the same upstream,
 #                       the reference for pure forwarding; needs the pgbouncer package)
 #
@@ -177,3 +179,12 @@ for mode in $modes; do
   if [ "$latency" = 1 ]; then read -r p50 p99 <<<"$(percentiles "$work/lat")"; printf " %12s %12s" "$p50" "$p99"; fi
   printf "\n"
 done
+
+if [[ "$l2" == redis://* ]] && command -v redis-benchmark >/dev/null; then
+  # The same number of connections doing nothing but GETs, one at a time: what
+  # Redis round trips alone reach on this machine, next to the L2-hit TPS above.
+  hp=${l2#*://}; hp=${hp#*@}; hp=${hp%%/*}
+  rps=$(redis-benchmark -h "${hp%:*}" -p "${hp##*:}" -t get -c "$clients" -n $((duration * 50000)) --csv 2>/dev/null \
+    | awk -F'"' '/^"GET"/{print int($4)}')
+  echo "redis-benchmark GET, $clients connections, no pipelining: ${rps:-?} requests/s"
+fi
