@@ -22,19 +22,35 @@ fn l2(m: &Metrics, outcome: &str) -> f64 {
 
 /// Wait (bounded) until an instance has stored `n` values in Redis.
 async fn stored(p: &Pgtier, n: f64) {
+    l2_writes(p, "stored", n).await
+}
+
+/// Wait (bounded) until an instance's L2 writes with `result` reach `n`.
+async fn l2_writes(p: &Pgtier, result: &str, n: f64) {
     let t = Instant::now();
     while p
         .metrics()
         .await
-        .get("pgtier_l2_writes_total", &[("result", "stored")])
+        .get("pgtier_l2_writes_total", &[("result", result)])
         < n
     {
         assert!(
             t.elapsed() < Duration::from_secs(5),
-            "L2 write never landed"
+            "no L2 write with result={result} within 5 s"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A pgtier caching `db` with a 10 minute TTL (plus `toml`) that keeps nothing
+/// in L1: every cached read goes to Redis at `url`.
+async fn l2_only(db: &str, toml: &str, url: &str) -> Pgtier {
+    Pgtier::cached(
+        db,
+        &format!("[cache]\ndefault_ttl = \"10m\"\n{toml}"),
+        &["--redis", url, "--l1-max-bytes", "0"],
+    )
+    .await
 }
 
 async fn table(db: &str) -> Client {
@@ -55,12 +71,7 @@ async fn instances_share_results_and_invalidations() {
     let url = redis.url();
     let a = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"10m\"\n", &["--redis", &url]).await;
     // B keeps nothing in L1: every read of B goes to Redis
-    let b = Pgtier::cached(
-        &db,
-        "[cache]\ndefault_ttl = \"10m\"\n",
-        &["--redis", &url, "--l1-max-bytes", "0"],
-    )
-    .await;
+    let b = l2_only(&db, "", &url).await;
     let ca = a.connect(&db).await;
     let cb = b.connect(&db).await;
     let q = "select v from t where id = 5";
@@ -245,12 +256,7 @@ async fn a_corrupt_value_is_a_miss_and_gets_replaced() {
     let redis = RedisServer::start();
     let db = fresh_db("pgtier_l2_corrupt").await;
     let _d = table(&db).await;
-    let p = Pgtier::cached(
-        &db,
-        "[cache]\ndefault_ttl = \"10m\"\n",
-        &["--redis", &redis.url(), "--l1-max-bytes", "0"],
-    )
-    .await;
+    let p = l2_only(&db, "", &redis.url()).await;
     let c = p.connect(&db).await;
     let q = "select v from t where id = 9";
     assert_eq!(first(&c, q).await, "9");
@@ -324,12 +330,7 @@ async fn works_against_a_redis_cluster() {
 /// the first result stored; at most 3 s), returns how many of the next
 /// `reads` were L2 hits too; 0 if none ever was.
 async fn l2_hits_through(db: &str, toml: &str, url: &str, reads: usize) -> f64 {
-    let p = Pgtier::cached(
-        db,
-        &format!("[cache]\ndefault_ttl = \"10m\"\n{toml}"),
-        &["--redis", url, "--l1-max-bytes", "0"],
-    )
-    .await;
+    let p = l2_only(db, toml, url).await;
     let c = p.connect(db).await;
     let q = "select v from t where id = 7";
     let t = Instant::now();
@@ -461,30 +462,13 @@ async fn a_full_or_refusing_redis_never_fails_a_client() {
     let _d = table(&db).await;
     // Full: writes are refused (OOM), reads still answered.
     redis.cli(&["config", "set", "maxmemory", "1"]);
-    let p = Pgtier::cached(
-        &db,
-        "[cache]\ndefault_ttl = \"10m\"\n",
-        &["--redis", &redis.url(), "--l1-max-bytes", "0"],
-    )
-    .await;
+    let p = l2_only(&db, "", &redis.url()).await;
     let c = p.connect(&db).await;
     for id in 1..=5 {
         let q = format!("select v from t where id = {id}");
         assert_eq!(first(&c, &q).await, id.to_string());
     }
-    let t = Instant::now();
-    while p
-        .metrics()
-        .await
-        .get("pgtier_l2_writes_total", &[("result", "error")])
-        < 1.0
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "no refused write seen"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    l2_writes(&p, "error", 1.0).await;
     let m = p.metrics().await;
     assert_eq!(
         m.get("pgtier_l2_writes_total", &[("result", "stored")]),
@@ -495,12 +479,7 @@ async fn a_full_or_refusing_redis_never_fails_a_client() {
     // Answering every lookup with an error (a user without GET): errors are
     // counted and the breaker opens; clients get Postgres's answers.
     let url = format!("redis://nogets:pw@127.0.0.1:{}", redis.port);
-    let p = Pgtier::cached(
-        &db,
-        "[cache]\ndefault_ttl = \"10m\"\n[l2]\nbreaker_failures = 2\n",
-        &["--redis", &url, "--l1-max-bytes", "0"],
-    )
-    .await;
+    let p = l2_only(&db, "[l2]\nbreaker_failures = 2\n", &url).await;
     let c = p.connect(&db).await;
     for i in 0..20 {
         let id = 1 + i % 10;

@@ -102,15 +102,9 @@ mod tests {
     use super::*;
 
     fn breaker(threshold: u32) -> Breaker {
-        Breaker {
-            failures: AtomicU32::new(0),
-            last_failure: AtomicU64::new(0),
-            open_until: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
-            threshold,
-            cooldown: Duration::from_secs(60),
-            origin: Instant::now() - Duration::from_secs(1),
-        }
+        let mut b = Breaker::new(threshold, Duration::from_secs(60));
+        b.origin = Instant::now() - Duration::from_secs(1);
+        b
     }
 
     #[test]

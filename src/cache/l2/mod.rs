@@ -68,7 +68,6 @@ pub struct L2 {
 
 /// Where the TLS material for rediss:// lives; read at each connect, so renewed
 /// certificates are picked up by the next connection.
-#[derive(Clone, Default)]
 struct TlsFiles {
     ca: Option<PathBuf>,
     cert_key: Option<(PathBuf, PathBuf)>,
