@@ -40,8 +40,10 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
-pub fn pgtier_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pgtier")
+/// The binary under test: this build's, or `PGTIER_BIN` (to show a new test
+/// fails against an older build).
+pub fn pgtier_bin() -> String {
+    std::env::var("PGTIER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pgtier").to_string())
 }
 
 /// A pgtier process owned by one test; killed (by PID) when dropped.
