@@ -330,6 +330,11 @@ impl DbState {
         }
     }
 
+    /// Whether these user functions are all IMMUTABLE in the current catalog.
+    pub fn all_immutable(&self, functions: &[String]) -> bool {
+        functions.is_empty() || self.catalog.load().all_immutable(functions)
+    }
+
     /// Can a cacheable statement be cached in this database, and on what does
     /// its result depend? Decided against the current catalog, once per text.
     pub fn resolve(
