@@ -235,6 +235,53 @@ async fn case_02_the_newest_setting_is_what_is_keyed() {
     assert_eq!(utc2, vec!["2020-01-01 12:00:00+00"]);
 }
 
+#[tokio::test]
+async fn case_02_role_and_database_defaults_are_keyed() {
+    let (db, p) = items_db("hs_role_defaults").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "do $$ begin
+           if not exists (select from pg_roles where rolname = 'hs_pathrole') then
+             create role hs_pathrole login; end if; end $$;
+         alter role hs_pathrole reset all;
+         grant usage on schema alt to hs_pathrole;
+         grant select on items, alt.items to hs_pathrole;",
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=hs_pathrole dbname={db}",
+        p.port
+    );
+    let conn = || common::connect_str(&url);
+    let before = conn().await;
+    warm(&p, &before, "select v from items", "public").await;
+    // The DBA gives the role a search_path of its own: new sessions of the role
+    // read alt.items, and must not be served what older sessions cached.
+    d.batch_execute("alter role hs_pathrole set search_path = alt, public")
+        .await
+        .unwrap();
+    let after = conn().await;
+    warm(&p, &after, "select v from items", "alt").await;
+    assert_eq!(first(&before, "select v from items").await, "public");
+    // and per database
+    d.batch_execute(&format!(
+        "alter role hs_pathrole reset all; alter database {db} set extra_float_digits = -3"
+    ))
+    .await
+    .unwrap();
+    let c = conn().await;
+    warm(&p, &c, "select 1.0::float8 / 3", "0.333333333333").await;
+    let c2 = p.connect(&db).await;
+    c2.batch_execute("set extra_float_digits = 1")
+        .await
+        .unwrap();
+    warm(&p, &c2, "select 1.0::float8 / 3", "0.3333333333333333").await;
+    d.batch_execute("alter role hs_pathrole reset all")
+        .await
+        .unwrap();
+}
+
 /// A database with `public.items` holding 'public', cached by pgtier, and the
 /// statement warmed in a separate session so caching is shown to be active.
 async fn items_db(name: &str) -> (String, Pgtier) {

@@ -191,6 +191,9 @@ pub struct SessionCache {
     database: String,
     user: String,
     startup_params: Vec<(String, String)>,
+    /// Digest of the settings the session started with beyond its startup
+    /// packet (role and database defaults, server configuration).
+    defaults: Option<String>,
     /// Settings changed with SET during the session (those the server does not
     /// report back in ParameterStatus).
     settings: BTreeMap<String, String>,
@@ -244,6 +247,7 @@ impl SessionCache {
             database: database.to_string(),
             user: user.to_string(),
             startup_params: startup_params.to_vec(),
+            defaults: None,
             settings: BTreeMap::new(),
             tainted: None,
             pending_effects: VecDeque::new(),
@@ -269,11 +273,15 @@ impl SessionCache {
     /// source first (startup, then the server's reports, then SET): the newest
     /// value of each setting is the one in force.
     pub fn reseed(&mut self, server_params: &[(String, String)]) {
-        let params = self
-            .startup_params
-            .iter()
-            .chain(server_params.iter())
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+        let defaults = self.defaults.as_deref().map(|d| ("pgtier.defaults", d));
+        let params = defaults
+            .into_iter()
+            .chain(
+                self.startup_params
+                    .iter()
+                    .chain(server_params.iter())
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .chain(self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.seed = session_seed(&self.database, &self.user, params);
         if let Some(why) = parser_mismatch(server_params) {
@@ -282,6 +290,15 @@ impl SessionCache {
             // session's state again, even once the setting is back.
             self.taint(why);
         }
+    }
+
+    /// What the server said of the session's starting settings; a cached
+    /// database's session that could not learn them never uses the cache.
+    pub fn set_defaults(&mut self, defaults: Option<String>) {
+        if self.watched && defaults.is_none() {
+            self.taint("settings_unknown");
+        }
+        self.defaults = defaults;
     }
 
     pub fn taint(&mut self, why: &'static str) {
