@@ -4,6 +4,7 @@
 //! `protocol` (the wire format) and `config`.
 
 pub mod admin;
+pub mod banner;
 pub mod cache;
 pub mod config;
 pub mod invalidation;

@@ -113,6 +113,12 @@ pub fn run(config: Config, options: crate::config::cli::Options) -> Result<()> {
         workers,
         "pgtier listening"
     );
+    let cached: Vec<String> = proxy
+        .invalidation
+        .databases()
+        .map(|d| d.name.clone())
+        .collect();
+    crate::banner::print(&config, &cached);
     let how = Arc::new(AtomicU8::new(0));
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals(how.clone())),
