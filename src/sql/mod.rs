@@ -6,10 +6,14 @@
 //! hand-picked traversal, so a volatile call hidden in LIMIT, VALUES or a
 //! sub-select cannot slip past.
 
+mod builtins;
+
 use std::collections::HashSet;
-use std::sync::OnceLock;
 
 use serde_json::Value;
+
+pub use builtins::is_safe_builtin;
+use builtins::{builtin_volatile, catalog_lookup_type};
 
 /// A table named in a statement, as written (schema optional).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +49,9 @@ pub enum NotCacheable {
     TempTable,
     /// 'now', 'today', ... literals are evaluated when the query runs.
     TimeLiteral,
+    /// A cast to a type whose input looks objects up in the catalog by name
+    /// (`'t'::regclass`): the result changes with DDL the statement does not name.
+    CatalogLookup,
 }
 
 impl NotCacheable {
@@ -62,6 +69,7 @@ impl NotCacheable {
             NotCacheable::SystemCatalog => "system_catalog",
             NotCacheable::TempTable => "temp_table",
             NotCacheable::TimeLiteral => "time_literal",
+            NotCacheable::CatalogLookup => "catalog_lookup",
         }
     }
 }
@@ -77,6 +85,13 @@ pub struct Read {
     pub ctes: Vec<String>,
     /// Functions that are not built-ins; the catalog must show them immutable.
     pub user_functions: Vec<String>,
+    /// Every function called, as written (built-ins too: a function of the same
+    /// name outside pg_catalog may be the one Postgres picks).
+    pub functions: Vec<String>,
+    /// Operators named in the statement, as written (`=`, `@>`, `myschema.+`).
+    pub operators: Vec<String>,
+    /// The statement has an explicit cast (`::`, `CAST`, `type 'literal'`).
+    pub casts: bool,
 }
 
 /// A change to session state that the cache key must follow.
@@ -112,23 +127,6 @@ pub struct Analysis {
     pub may_write: bool,
     /// pg_query fingerprint: the statement's shape with constants removed.
     pub fingerprint: u64,
-}
-
-fn builtins() -> &'static HashSet<&'static str> {
-    static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
-    SET.get_or_init(|| {
-        include_str!("builtin_functions.txt")
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .collect()
-    })
-}
-
-/// Whether a (possibly pg_catalog-qualified) function is a known safe built-in.
-pub fn is_safe_builtin(name: &str) -> bool {
-    let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
-    !bare.contains('.') && builtins().contains(bare)
 }
 
 const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
@@ -224,6 +222,9 @@ struct Facts {
     tables: Vec<TableRef>,
     ctes: HashSet<String>,
     functions: Vec<String>,
+    operators: Vec<String>,
+    casts: bool,
+    catalog_cast: bool,
     sql_value_functions: bool,
     locking: bool,
     into: bool,
@@ -305,6 +306,32 @@ impl Facts {
                 self.functions.push(name);
             }
             "SQLValueFunction" | "SqlvalueFunction" => self.sql_value_functions = true,
+            "AExpr" | "A_Expr" => {
+                let name = qualified_name(v.get("name"));
+                // BETWEEN and friends name a keyword; they use the comparison
+                // operators, which the catalog checks for every statement.
+                if !name.is_empty()
+                    && !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphabetic() || c == '_' || c == ' ')
+                {
+                    self.operators.push(name);
+                }
+            }
+            "useOp" | "use_op" => {
+                let name = qualified_name(Some(v));
+                if !name.is_empty() {
+                    self.operators.push(name);
+                }
+            }
+            "TypeCast" => {
+                self.casts = true;
+                let ty = qualified_name(v.pointer("/type_name/names"));
+                let bare = ty.rsplit('.').next().unwrap_or("");
+                if catalog_lookup_type(bare) {
+                    self.catalog_cast = true;
+                }
+            }
             "locking_clause" if v.as_array().is_some_and(|a| !a.is_empty()) => self.locking = true,
             "into_clause" if !v.is_null() => self.into = true,
             "RangeTableSample" => self.tablesample = true,
@@ -379,6 +406,9 @@ impl Facts {
         if self.time_literal {
             return Err(NotCacheable::TimeLiteral);
         }
+        if self.catalog_cast {
+            return Err(NotCacheable::CatalogLookup);
+        }
         if self.sql_value_functions {
             return Err(NotCacheable::Volatile("CURRENT_* / USER".into()));
         }
@@ -413,54 +443,21 @@ impl Facts {
         tables.dedup();
         let mut ctes: Vec<String> = self.ctes.iter().cloned().collect();
         ctes.sort();
+        let mut functions = self.functions.clone();
+        functions.sort();
+        functions.dedup();
+        let mut operators = self.operators.clone();
+        operators.sort();
+        operators.dedup();
         Ok(Read {
             tables,
             ctes,
             user_functions,
+            functions,
+            operators,
+            casts: self.casts,
         })
     }
-}
-
-/// Built-in names that exist in pg_catalog but are deliberately not allowed.
-fn builtin_volatile(name: &str) -> bool {
-    static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
-    SET.get_or_init(|| {
-        [
-            "now",
-            "random",
-            "random_normal",
-            "nextval",
-            "currval",
-            "lastval",
-            "setval",
-            "clock_timestamp",
-            "statement_timestamp",
-            "transaction_timestamp",
-            "timeofday",
-            "age",
-            "current_setting",
-            "set_config",
-            "current_schema",
-            "current_schemas",
-            "current_database",
-            "current_user",
-            "session_user",
-            "current_query",
-            "gen_random_uuid",
-            "uuid_generate_v4",
-            "pg_sleep",
-            "txid_current",
-            "version",
-        ]
-        .into_iter()
-        .collect()
-    })
-    .contains(name)
-        || name.starts_with("pg_")
-        || name.starts_with("has_")
-        || name.starts_with("to_reg")
-        || name.starts_with("txid_")
-        || name.starts_with("inet_")
 }
 
 /// A value's rendering without source positions, so equal settings compare equal.
@@ -613,6 +610,34 @@ mod tests {
         assert!(
             matches!(read("select my_func(1)").unwrap().user_functions.as_slice(), [f] if f == "my_func")
         );
+        assert_eq!(v("select 't'::regclass"), NotCacheable::CatalogLookup);
+        assert_eq!(v("select regclass 't'"), NotCacheable::CatalogLookup);
+        assert_eq!(
+            v("select cast('=' as pg_catalog.regoper)"),
+            NotCacheable::CatalogLookup
+        );
+        assert!(matches!(
+            v("select getpgusername()"),
+            NotCacheable::Volatile(_)
+        ));
+        assert!(matches!(
+            v("select mxid_age('1')"),
+            NotCacheable::Volatile(_)
+        ));
+    }
+
+    #[test]
+    fn functions_operators_and_casts_are_collected_for_the_catalog() {
+        let r = read(
+            "select lower(a), b::text from t where a @> b and c in (1, 2) \
+             and d operator(app.===) e order by f using > limit abs(a - 1)",
+        )
+        .unwrap();
+        assert_eq!(r.functions, vec!["abs".to_string(), "lower".to_string()]);
+        assert!(r.user_functions.is_empty());
+        assert_eq!(r.operators, vec!["-", "=", ">", "@>", "app.==="]);
+        assert!(r.casts);
+        assert!(!read("select a from t").unwrap().casts);
     }
 
     #[test]
