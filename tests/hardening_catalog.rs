@@ -165,6 +165,46 @@ async fn case_03_a_relation_that_takes_over_an_unqualified_name_invalidates() {
 }
 
 #[tokio::test]
+async fn case_03_role_settings_are_followed() {
+    let db = fresh_db("hc_rolecfg").await;
+    let d = direct(&db).await;
+    roles(&d).await;
+    d.batch_execute(
+        "create table public.f(x float8); insert into public.f values (1.0 / 3);
+         create table public.items(v text); insert into public.items values ('public');
+         create schema hc_alt; create table hc_alt.items(v text); insert into hc_alt.items values ('alt');
+         grant usage on schema hc_alt to hc_alice;
+         grant select on public.f, public.items, hc_alt.items to hc_alice, hc_bob;
+         alter role hc_bob in database hc_rolecfg set extra_float_digits = -3;",
+    )
+    .await
+    .unwrap();
+    let toml =
+        "[cache]\ndefault_ttl = \"10m\"\n[[cache.rules]]\ntable = \"public.f\"\npublic = true\n\
+                [invalidation]\nrescan_interval = \"200ms\"\n";
+    let p = Pgtier::cached(&db, toml, &[]).await;
+    let alice = connect_as(&p, &db, "hc_alice").await;
+    let bob = connect_as(&p, &db, "hc_bob").await;
+
+    // Bob's role renders floats differently: a shared entry would be wrong for him.
+    let q = "select x from public.f";
+    assert_eq!(first(&alice, q).await, "0.3333333333333333");
+    assert_eq!(first(&alice, q).await, "0.3333333333333333");
+    assert_eq!(first(&bob, q).await, "0.333333333333");
+    never_cached(&p, &alice, q, "public_role_settings").await;
+
+    // Per-user entries are cached, and follow a search_path given to the role.
+    let q = "select v from items";
+    warm(&p, &alice, q, "public").await;
+    d.batch_execute("alter role hc_alice in database hc_rolecfg set search_path = hc_alt, public")
+        .await
+        .unwrap();
+    let later = connect_as(&p, &db, "hc_alice").await;
+    until(&later, q, "alt").await;
+    warm(&p, &later, q, "alt").await;
+}
+
+#[tokio::test]
 async fn case_04_views_with_volatile_bodies_are_not_cached() {
     let db = fresh_db("hc_views").await;
     let d = direct(&db).await;

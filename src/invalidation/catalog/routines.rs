@@ -71,6 +71,57 @@ SELECT coalesce(md5(string_agg(concat_ws('|', setdatabase, setrole, setconfig), 
                                ORDER BY setdatabase, setrole)), '')
 FROM pg_db_role_setting";
 
+/// Settings given to roles (in this database or all): a result shared across
+/// users is only the same for all of them if none of these can change it.
+const ROLE_SETTING_NAMES: &str = "
+SELECT DISTINCT split_part(cfg, '=', 1)
+FROM pg_db_role_setting s, unnest(s.setconfig) cfg
+WHERE s.setrole <> 0
+  AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))";
+
+/// Settings that cannot change a shared result's bytes, or that Postgres
+/// reports (and the cache key therefore carries). search_path is one: a shared
+/// result names every relation with its schema, and every function and operator
+/// either with its schema or by a name that exists only in pg_catalog.
+const HARMLESS_SETTINGS: [&str; 15] = [
+    "search_path",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "work_mem",
+    "maintenance_work_mem",
+    "temp_buffers",
+    "application_name",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "client_encoding",
+    "synchronous_commit",
+    "default_statistics_target",
+];
+const HARMLESS_PREFIXES: [&str; 10] = [
+    "log_",
+    "enable_",
+    "jit",
+    "track_",
+    "cpu_",
+    "parallel_",
+    "max_parallel_",
+    "geqo",
+    "random_page_cost",
+    "seq_page_cost",
+];
+
+fn harmless_setting(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    // Custom settings (`app.tenant`) are read only through current_setting(),
+    // which is never cached.
+    name.contains('.')
+        || HARMLESS_SETTINGS.contains(&name.as_str())
+        || HARMLESS_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// Operators every statement may use without naming them.
 const IMPLICIT_OPERATORS: [&str; 6] = ["=", "<>", "<", ">", "<=", ">="];
 
@@ -91,6 +142,9 @@ pub struct Routines {
     implicit_unsafe: bool,
     /// One that runs only when a statement casts explicitly.
     explicit_unsafe: bool,
+    /// Some role has a setting of its own that may change results
+    /// (extra_float_digits, role, ...): no result is the same for every user.
+    role_settings: bool,
     /// Changes whenever any of the above, a function body or a role/database
     /// setting changes: results cached before may be wrong after.
     pub fingerprint: u64,
@@ -132,6 +186,11 @@ impl Routines {
         for row in client.query(ROLE_SETTINGS, &[]).await? {
             digest.update(row.get::<_, Option<&str>>(0).unwrap_or("").as_bytes());
         }
+        for row in client.query(ROLE_SETTING_NAMES, &[]).await? {
+            if !harmless_setting(row.get::<_, Option<&str>>(0).unwrap_or("")) {
+                r.role_settings = true;
+            }
+        }
         r.fingerprint = digest.digest() | 1;
         Ok(r)
     }
@@ -163,6 +222,9 @@ impl Routines {
     pub fn check(&self, read: &Read, public: bool) -> Result<(), &'static str> {
         if self.implicit_unsafe || (read.casts && self.explicit_unsafe) {
             return Err("volatile_cast");
+        }
+        if public && self.role_settings {
+            return Err("public_role_settings");
         }
         for f in &read.functions {
             self.check_function(f, public)?;
@@ -299,5 +361,24 @@ mod tests {
             r.check(&read("select a from t"), false),
             Err("volatile_cast")
         );
+    }
+
+    #[test]
+    fn role_settings_stop_sharing_across_users() {
+        let r = Routines {
+            role_settings: true,
+            ..Routines::default()
+        };
+        assert_eq!(r.check(&read("select a from public.t"), false), Ok(()));
+        assert_eq!(
+            r.check(&read("select a from public.t"), true),
+            Err("public_role_settings")
+        );
+        assert!(harmless_setting("statement_timeout"));
+        assert!(harmless_setting("TimeZone"));
+        assert!(harmless_setting("app.tenant"));
+        assert!(harmless_setting("search_path"));
+        assert!(!harmless_setting("extra_float_digits"));
+        assert!(!harmless_setting("role"));
     }
 }
