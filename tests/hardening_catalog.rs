@@ -290,7 +290,10 @@ async fn case_12_a_volatile_function_shadowing_a_builtin_is_not_cached() {
         "create sequence s;
          create table t(v text); insert into t values ('Abc');
          create function public.lower(int) returns text volatile language sql
-           as 'select nextval(''s'')::text';",
+           as 'select nextval(''s'')::text';
+         create function count_calls(int8, int) returns int8 volatile language sql
+           as 'select coalesce($1, 0) + nextval(''s'')';
+         create aggregate tally(int) (sfunc = count_calls, stype = int8);",
     )
     .await
     .unwrap();
@@ -299,6 +302,16 @@ async fn case_12_a_volatile_function_shadowing_a_builtin_is_not_cached() {
     warm(&p, &c, "select upper(v) from t", "ABC").await;
     let (a, b) = never_cached(&p, &c, "select lower(1)", "volatile_function").await;
     assert_ne!(a, b, "public.lower(int) is volatile");
+    // The extended protocol resolves the same way.
+    let before = p.metrics().await.hits();
+    let one = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, String>(0);
+    let a = one(c.query("select lower($1::int)", &[&1i32]).await.unwrap());
+    let b = one(c.query("select lower($1::int)", &[&1i32]).await.unwrap());
+    assert_ne!(a, b);
+    assert_eq!(p.metrics().await.hits(), before);
+    // An aggregate is marked immutable in pg_proc whatever its state function is.
+    let (a, b) = never_cached(&p, &c, "select tally(1) from t", "volatile_function").await;
+    assert_ne!(a, b);
 }
 
 #[tokio::test]

@@ -92,6 +92,8 @@ pub struct Read {
     pub operators: Vec<String>,
     /// The statement has an explicit cast (`::`, `CAST`, `type 'literal'`).
     pub casts: bool,
+    /// The types cast to, as written.
+    pub cast_types: Vec<String>,
 }
 
 /// A change to session state that the cache key must follow.
@@ -224,6 +226,7 @@ struct Facts {
     functions: Vec<String>,
     operators: Vec<String>,
     casts: bool,
+    cast_types: Vec<String>,
     catalog_cast: bool,
     sql_value_functions: bool,
     locking: bool,
@@ -331,6 +334,7 @@ impl Facts {
                 if catalog_lookup_type(bare) {
                     self.catalog_cast = true;
                 }
+                self.cast_types.push(ty);
             }
             "locking_clause" if v.as_array().is_some_and(|a| !a.is_empty()) => self.locking = true,
             "into_clause" if !v.is_null() => self.into = true,
@@ -449,6 +453,9 @@ impl Facts {
         let mut operators = self.operators.clone();
         operators.sort();
         operators.dedup();
+        let mut cast_types = self.cast_types.clone();
+        cast_types.sort();
+        cast_types.dedup();
         Ok(Read {
             tables,
             ctes,
@@ -456,6 +463,7 @@ impl Facts {
             functions,
             operators,
             casts: self.casts,
+            cast_types,
         })
     }
 }
@@ -637,6 +645,7 @@ mod tests {
         assert!(r.user_functions.is_empty());
         assert_eq!(r.operators, vec!["-", "=", ">", "@>", "app.==="]);
         assert!(r.casts);
+        assert_eq!(r.cast_types, vec!["text".to_string()]);
         assert!(!read("select a from t").unwrap().casts);
     }
 

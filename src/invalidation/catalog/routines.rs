@@ -71,6 +71,13 @@ SELECT coalesce(md5(string_agg(concat_ws('|', setdatabase, setrole, setconfig), 
                                ORDER BY setdatabase, setrole)), '')
 FROM pg_db_role_setting";
 
+/// Type names outside pg_catalog: a cast to one of them written without a
+/// schema may mean another type for another user.
+const TYPES: &str = "
+SELECT DISTINCT t.typname::text
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE n.nspname <> 'pg_catalog'";
+
 /// Settings given to roles (in this database or all): a result shared across
 /// users is only the same for all of them if none of these can change it.
 const ROLE_SETTING_NAMES: &str = "
@@ -137,6 +144,8 @@ pub struct Routines {
     by_qualified: HashMap<String, bool>,
     /// Operators outside pg_catalog by name: whether all have immutable functions.
     operators: HashMap<String, bool>,
+    /// Type names outside pg_catalog.
+    types: HashSet<String>,
     /// A cast or type input/output function that is not immutable and may run
     /// without the statement naming it.
     implicit_unsafe: bool,
@@ -183,6 +192,12 @@ impl Routines {
             }
             digest.update(row.get::<_, Option<&str>>(2).unwrap_or("").as_bytes());
         }
+        r.types = client
+            .query(TYPES, &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
         for row in client.query(ROLE_SETTINGS, &[]).await? {
             digest.update(row.get::<_, Option<&str>>(0).unwrap_or("").as_bytes());
         }
@@ -228,6 +243,14 @@ impl Routines {
         }
         for f in &read.functions {
             self.check_function(f, public)?;
+        }
+        if public
+            && read
+                .cast_types
+                .iter()
+                .any(|t| !t.contains('.') && self.types.contains(t))
+        {
+            return Err("public_unqualified");
         }
         let implicit = IMPLICIT_OPERATORS.iter().copied();
         for op in read.operators.iter().map(String::as_str).chain(implicit) {
@@ -374,6 +397,12 @@ mod tests {
             r.check(&read("select a from public.t"), true),
             Err("public_role_settings")
         );
+        let mut r = Routines::default();
+        r.types.insert("mood".into());
+        let shared = |r: &Routines, sql: &str| r.check(&read(sql), true);
+        assert_eq!(shared(&r, "select 'x'::mood"), Err("public_unqualified"));
+        assert_eq!(shared(&r, "select 'x'::app.mood"), Ok(()));
+        assert_eq!(shared(&r, "select 'x'::text"), Ok(()));
         assert!(harmless_setting("statement_timeout"));
         assert!(harmless_setting("TimeZone"));
         assert!(harmless_setting("app.tenant"));
