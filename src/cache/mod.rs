@@ -191,7 +191,7 @@ impl Cache {
                 // Re-check without the catalog restriction.
                 self.rules
                     .load()
-                    .decide(&text, analysis.fingerprint, &[])
+                    .decide(&text, analysis.fingerprint, &[], &[])
                     .map_err(Bypass::Rule)
             }
             Err(n) => Err(Bypass::Statement(n.clone())),
@@ -199,7 +199,7 @@ impl Cache {
             Ok(read) => self
                 .rules
                 .load()
-                .decide(&text, analysis.fingerprint, &read.tables)
+                .decide(&text, analysis.fingerprint, &read.tables, &read.ctes)
                 .map_err(Bypass::Rule),
         };
         if let Ok(policy) = &verdict {

@@ -119,6 +119,7 @@ impl Rules {
         sql: &str,
         fingerprint: u64,
         tables: &[TableRef],
+        ctes: &[String],
     ) -> Result<Policy, Refusal> {
         let query_rule = self
             .rules
@@ -185,6 +186,15 @@ impl Rules {
         if policy.ttl.is_zero() {
             return Err(Refusal::Disabled);
         }
+        // An unqualified name resolves through each user's search_path (by
+        // default `"$user", public`): alice's `items` may be `alice.items`. Only
+        // a schema-qualified relation is provably the same for every user; the
+        // others are cached per user. (Names that may be CTEs are left to the
+        // catalog, which refuses sharing when a relation has that name too.)
+        let mut policy = policy;
+        policy.public &= tables
+            .iter()
+            .all(|t| t.schema.is_some() || ctes.contains(&t.name));
         Ok(policy)
     }
 }
@@ -198,6 +208,12 @@ mod tests {
         let c = Config::from_toml(toml).unwrap();
         c.validate().unwrap();
         Rules::new(&c.cache)
+    }
+
+    impl Rules {
+        fn decide_t(&self, sql: &str, f: u64, tables: &[TableRef]) -> Result<Policy, Refusal> {
+            self.decide(sql, f, tables, &[])
+        }
     }
 
     fn t(s: &str) -> TableRef {
@@ -232,25 +248,34 @@ ttl = "10s"
 public = true
 "#,
         );
-        let p = r.decide("", 0, &[t("accounts")]).unwrap();
+        let p = r.decide_t("", 0, &[t("accounts")]).unwrap();
         assert_eq!(p.ttl, Duration::from_secs(300));
+        assert!(
+            !p.public,
+            "an unqualified name may be another schema's table for some user"
+        );
+        let p = r.decide_t("", 0, &[t("public.accounts")]).unwrap();
         assert!(p.public);
         let p = r
-            .decide("", 0, &[t("public.accounts"), t("branches")])
+            .decide_t("", 0, &[t("public.accounts"), t("public.branches")])
             .unwrap();
         assert_eq!(p.ttl, Duration::from_secs(10));
         assert!(p.public);
-        let p = r.decide("", 0, &[t("accounts"), t("other")]).unwrap();
+        let p = r
+            .decide_t("", 0, &[t("public.accounts"), t("branches")])
+            .unwrap();
+        assert!(!p.public);
+        let p = r.decide_t("", 0, &[t("accounts"), t("other")]).unwrap();
         assert_eq!(p.ttl, Duration::from_secs(30));
         assert!(
             !p.public,
             "a table without a public rule makes the entry per-user"
         );
         assert_eq!(
-            r.decide("", 0, &[t("accounts"), t("secrets")]),
+            r.decide_t("", 0, &[t("accounts"), t("secrets")]),
             Err(Refusal::Rule)
         );
-        assert!(r.decide("", 0, &[t("other.accounts")]).unwrap().ttl == Duration::from_secs(30));
+        assert!(r.decide_t("", 0, &[t("other.accounts")]).unwrap().ttl == Duration::from_secs(30));
     }
 
     #[test]
@@ -269,16 +294,18 @@ cache = true
 "#,
         );
         assert_eq!(
-            r.decide("select * from hot", 0, &[t("hot")]).unwrap().ttl,
+            r.decide_t("select * from hot", 0, &[t("hot")]).unwrap().ttl,
             Duration::from_secs(60)
         );
-        assert!(r.decide("select * from listed", 0, &[t("listed")]).is_ok());
+        assert!(r
+            .decide_t("select * from listed", 0, &[t("listed")])
+            .is_ok());
         assert_eq!(
-            r.decide("select * from cold", 0, &[t("cold")]),
+            r.decide_t("select * from cold", 0, &[t("cold")]),
             Err(Refusal::NotListed)
         );
-        assert_eq!(r.decide("select 1", 0, &[]), Err(Refusal::NotListed));
+        assert_eq!(r.decide_t("select 1", 0, &[]), Err(Refusal::NotListed));
         let off = rules("[cache]\ndefault_ttl = \"0\"\n");
-        assert_eq!(off.decide("select 1", 0, &[]), Err(Refusal::Disabled));
+        assert_eq!(off.decide_t("select 1", 0, &[]), Err(Refusal::Disabled));
     }
 }

@@ -1,7 +1,11 @@
 //! What pgtier knows about a database's relations: kind, row security, whether
 //! the invalidation trigger is in place, inheritance, and the base tables of
 //! views. A statement is cacheable only if every relation it names resolves to
-//! tables whose writes pgtier will hear about.
+//! tables whose writes pgtier will hear about, and every function, operator and
+//! cast it (or a view it reads) uses is safe in this database.
+
+mod routines;
+mod views;
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,6 +14,8 @@ use tokio_postgres::Client;
 use super::Generations;
 use crate::cache::Decision;
 use crate::sql::TableRef;
+pub use routines::Routines;
+pub use views::ViewBody;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relation {
@@ -37,8 +43,10 @@ pub struct Catalog {
     pub relations: Vec<Relation>,
     by_oid: HashMap<u32, usize>,
     by_name: HashMap<String, Vec<usize>>,
-    /// Non-system functions whose every overload is IMMUTABLE ("name" and "schema.name").
-    immutable: HashSet<String>,
+    /// Functions, operators and casts outside pg_catalog.
+    pub routines: Routines,
+    /// Each view's body, analysed like a statement.
+    views: HashMap<u32, ViewBody>,
 }
 
 const RELATIONS: &str = "
@@ -63,12 +71,6 @@ JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
 WHERE d.refobjid <> r.ev_class";
 
 const INHERITS: &str = "SELECT inhrelid::int8, inhparent::int8 FROM pg_inherits";
-
-const FUNCTIONS: &str = "
-SELECT n.nspname::text, p.proname::text, bool_and(p.provolatile = 'i')
-FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-GROUP BY 1, 2";
 
 impl Catalog {
     /// Read the catalog through a control connection.
@@ -112,17 +114,16 @@ impl Catalog {
                 relations[i].children.push(child);
             }
         }
-        let mut immutable = HashSet::new();
-        for row in client.query(FUNCTIONS, &[]).await? {
-            if row.get::<_, Option<bool>>(2) == Some(true) {
-                let (schema, name): (String, String) = (row.get(0), row.get(1));
-                immutable.insert(format!("{schema}.{name}"));
-                immutable.insert(name);
-            }
-        }
-        Ok(Catalog::build(version, relations, immutable))
+        let routines = Routines::load(client).await?;
+        let views = views::load(client).await?;
+        let mut catalog = Catalog::build(version, relations, HashSet::new());
+        catalog.routines = routines;
+        catalog.views = views;
+        Ok(catalog)
     }
 
+    /// A catalog of these relations; `immutable` names the user functions
+    /// (`name` or `schema.name`) that exist, all immutable (for tests).
     pub fn build(version: u64, relations: Vec<Relation>, immutable: HashSet<String>) -> Catalog {
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         let mut by_oid = HashMap::new();
@@ -135,8 +136,14 @@ impl Catalog {
             relations,
             by_oid,
             by_name,
-            immutable,
+            routines: Routines::from_immutable(&immutable),
+            views: HashMap::new(),
         }
+    }
+
+    /// Set a view's analysed body (for tests; `load` reads them all).
+    pub fn set_view_body(&mut self, oid: u32, body: &str) {
+        self.views.insert(oid, views::body(body));
     }
 
     /// The oid of `schema.name`, if the catalog has it.
@@ -192,9 +199,7 @@ impl Catalog {
     /// Whether every one of these user functions is IMMUTABLE (so cannot change
     /// session state or read tables, by its declaration).
     pub fn all_immutable(&self, functions: &[String]) -> bool {
-        functions
-            .iter()
-            .all(|f| self.immutable.contains(f.as_str()))
+        functions.iter().all(|f| self.routines.immutable(f))
     }
 
     /// The generation slots a cacheable statement depends on, or why it cannot be
@@ -209,15 +214,24 @@ impl Catalog {
         unwatched: &mut Vec<u32>,
     ) -> Result<(Vec<u32>, Vec<u32>), &'static str> {
         let read = decision.analysis.read.as_ref().map_err(|n| n.label())?;
-        if !self.all_immutable(&read.user_functions) {
-            return Err("volatile_function");
-        }
-        let mut slots = Vec::new();
+        let public = decision.cacheable().is_some_and(|p| p.public);
+        self.routines.check(read, public)?;
+        // Function, operator and cast definitions (and role settings) are not
+        // tied to tables: any change to them is announced on this slot.
+        let mut slots = vec![Generations::routines_slot(database)];
         let mut oids = Vec::new();
         for t in &read.tables {
+            if t.schema.is_none() {
+                // What an unqualified name resolves to changes when a relation
+                // of that name appears anywhere (created, renamed, moved).
+                slots.push(Generations::name_slot(database, &t.name));
+            }
             let maybe_cte = t.schema.is_none() && read.ctes.contains(&t.name);
             if maybe_cte && !self.by_name.contains_key(&t.name) {
                 continue; // only ever the CTE
+            }
+            if maybe_cte && public {
+                return Err("public_unqualified");
             }
             // Possibly a table of that name (in the CTE's own body, say): depend
             // on it, which at worst invalidates more than needed.
@@ -294,6 +308,16 @@ impl Catalog {
                 Ok(())
             }
             b'v' => {
+                // The body's names were bound when the view was made: judged as
+                // any user's, never as shared across search paths.
+                match self.views.get(&oid) {
+                    Some(Ok(body)) => self
+                        .routines
+                        .check(body, false)
+                        .map_err(|_| "unsafe_view")?,
+                    Some(Err(why)) => return Err(why),
+                    None => return Err("unknown_table"),
+                }
                 // DDL on the view itself is announced under its own name.
                 slots.push(Generations::slot(database, &r.schema, &r.name));
                 if r.reads.is_empty() {
@@ -343,33 +367,47 @@ mod tests {
             rel(5, "parent", b'p', true),
             rel(6, "part1", b'r', true),
             rel(7, "rls", b'r', true),
+            rel(8, "vnow", b'v', false),
+            rel(9, "vfn", b'v', false),
         ];
         rels[2].reads = vec![1];
         rels[4].children = vec![6];
         rels[5].parents = vec![5];
         rels[6].row_security = true;
-        let cat = Catalog::build(1, rels, HashSet::from(["safe_fn".to_string()]));
+        let mut cat = Catalog::build(1, rels, HashSet::from(["safe_fn".to_string()]));
+        cat.set_view_body(3, " SELECT t.a FROM t;");
+        cat.set_view_body(8, " SELECT t.a FROM t WHERE (t.a > now());");
+        cat.set_view_body(9, " SELECT f.x FROM stable_lookup(1) f(x);");
         let cache = Cache::new(&Config::default());
         let all: HashSet<u32> = (1..=7).collect();
         let r = |sql: &str| {
             cat.resolve("db", &cache.decide(sql.as_bytes()), &all, &mut Vec::new())
                 .map(|(slots, _)| slots)
         };
-        assert_eq!(r("select * from t").unwrap().len(), 1);
+        // Every result depends on the routines slot; an unqualified name also
+        // on its name slot.
+        assert_eq!(r("select * from t").unwrap().len(), 3);
+        assert_eq!(r("select * from public.t").unwrap().len(), 2);
         assert_eq!(r("select * from untracked"), Err("no_trigger"));
         assert_eq!(
             r("select * from v").unwrap().len(),
-            2,
+            4,
             "view and its base table"
         );
         assert_eq!(r("select * from mv"), Err("materialized_view"));
         assert_eq!(
             r("select * from parent").unwrap().len(),
-            2,
+            4,
             "parent and partition"
         );
-        assert_eq!(r("select * from part1").unwrap().len(), 2);
+        assert_eq!(r("select * from part1").unwrap().len(), 4);
         assert_eq!(r("select * from rls"), Err("row_security"));
+        assert_eq!(r("select * from vnow"), Err("unsafe_view"));
+        assert_eq!(
+            r("select * from vfn"),
+            Err("unsafe_view"),
+            "a function in a view's body is judged like one in the statement"
+        );
         assert_eq!(r("select * from nowhere"), Err("unknown_table"));
         assert_eq!(r("select * from other.t"), Err("unknown_table"));
         assert!(r("select safe_fn(1) from t").is_ok());
@@ -377,13 +415,13 @@ mod tests {
             r("with c as (select * from t) select * from c")
                 .unwrap()
                 .len(),
-            1
+            4
         );
         assert_eq!(
             r("with t as (select * from t where id > 0) select * from t")
                 .unwrap()
                 .len(),
-            1,
+            3,
             "a CTE named like the table it reads still depends on the table"
         );
         assert!(r("select other_fn(1) from t").is_err());

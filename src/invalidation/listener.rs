@@ -312,13 +312,28 @@ impl Listener {
                 }
             }
         }
+        // A new relation may take over an unqualified name.
+        let added: Vec<QualifiedName> = new
+            .relations
+            .iter()
+            .filter(|r| old.get(r.oid).is_none())
+            .map(|r| (r.schema.clone(), r.name.clone()))
+            .collect();
         if !changed.is_empty() {
             tracing::debug!(database = %self.db.name, ?changed, "catalog changed");
             // A table whose trigger went or was replaced must be watched afresh.
             self.db.unwatch(&changed);
             self.cache.clear_descriptions();
         }
+        let routines_changed = new.routines.fingerprint != old.routines.fingerprint;
         self.db.set_catalog(new);
+        // After the new catalog is in place: a fill resolved against the old one
+        // is dead once these land.
+        self.db.invalidate(&added);
+        if routines_changed {
+            tracing::debug!(database = %self.db.name, "functions, operators, casts or role settings changed");
+            self.db.invalidate_routines();
+        }
         Ok(())
     }
 }
@@ -393,6 +408,11 @@ impl Applier {
                     self.invalidations.increment(t.len() as u64);
                 }
                 Some(Payload::Ddl(t)) => {
+                    if t.is_empty() {
+                        // DDL on something that is not a relation: a function,
+                        // operator, cast, type or schema may have changed.
+                        self.db.invalidate_routines();
+                    }
                     self.db.invalidate(&t);
                     self.invalidations.increment(t.len() as u64);
                     self.cache.clear_descriptions();

@@ -62,6 +62,20 @@ impl Generations {
         (h.digest() % SLOTS as u64) as u32
     }
 
+    /// The slot of a relation name in any schema: results that name it without
+    /// a schema depend on it, so a relation of that name appearing (created,
+    /// renamed, moved to another schema) anywhere invalidates them. No schema is
+    /// empty, so it is no table's slot.
+    pub fn name_slot(database: &str, name: &str) -> u32 {
+        Self::slot(database, "", name)
+    }
+
+    /// The slot of the database's functions, operators, casts and role
+    /// settings: every result depends on it, and changes to them bump it.
+    pub fn routines_slot(database: &str) -> u32 {
+        Self::slot(database, "", "")
+    }
+
     #[inline]
     pub fn get(&self, slot: u32) -> u64 {
         self.slots[slot as usize % SLOTS].load(Ordering::Acquire)
@@ -243,13 +257,25 @@ impl DbState {
 
     pub fn invalidate(&self, tables: &[payload::QualifiedName]) {
         for (schema, table) in tables {
-            let slot = Generations::slot(&self.name, schema, table);
-            // L2 version first: a reader that sees the new L1 generation must
-            // not then compute the old L2 key.
-            let v = &self.l2_versions[slot as usize % SLOTS];
-            v.store(mix(v.load(Ordering::Acquire)), Ordering::Release);
-            self.gens.bump(slot);
+            self.bump(Generations::slot(&self.name, schema, table));
+            // Whatever happened to this relation may change what its name means
+            // where it is written without a schema.
+            self.bump(Generations::name_slot(&self.name, table));
         }
+    }
+
+    /// A function, operator, cast or role setting changed (or DDL that names no
+    /// relation happened): every result may differ now.
+    pub fn invalidate_routines(&self) {
+        self.bump(Generations::routines_slot(&self.name));
+    }
+
+    fn bump(&self, slot: u32) {
+        // L2 version first: a reader that sees the new L1 generation must not
+        // then compute the old L2 key.
+        let v = &self.l2_versions[slot as usize % SLOTS];
+        v.store(mix(v.load(Ordering::Acquire)), Ordering::Release);
+        self.gens.bump(slot);
     }
 
     /// Everything in this database changed.

@@ -6,10 +6,17 @@
 //! hand-picked traversal, so a volatile call hidden in LIMIT, VALUES or a
 //! sub-select cannot slip past.
 
+mod builtins;
+mod clock;
+
 use std::collections::HashSet;
-use std::sync::OnceLock;
 
 use serde_json::Value;
+
+pub use builtins::is_safe_builtin;
+use builtins::{builtin_volatile, catalog_lookup_type};
+pub use clock::is_time_literal;
+use clock::{fixed_by_request, TIME_TYPES};
 
 /// A table named in a statement, as written (schema optional).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,8 +55,8 @@ pub enum NotCacheable {
     /// A value cast to a date/time type at run time (`('to'||'day')::date`, a
     /// column holding 'now'): the cast reads the clock when it meets such a word.
     TimeCast,
-    /// A cast to a reg* type looks names up in the catalog, which pgtier does
-    /// not version.
+    /// A cast to a type whose input looks objects up in the catalog by name
+    /// (`'t'::regclass`): the result changes with DDL the statement does not name.
     CatalogLookup,
 }
 
@@ -85,6 +92,15 @@ pub struct Read {
     pub ctes: Vec<String>,
     /// Functions that are not built-ins; the catalog must show them immutable.
     pub user_functions: Vec<String>,
+    /// Every function called, as written (built-ins too: a function of the same
+    /// name outside pg_catalog may be the one Postgres picks).
+    pub functions: Vec<String>,
+    /// Operators named in the statement, as written (`=`, `@>`, `myschema.+`).
+    pub operators: Vec<String>,
+    /// The statement has an explicit cast (`::`, `CAST`, `type 'literal'`).
+    pub casts: bool,
+    /// The types cast to, as written.
+    pub cast_types: Vec<String>,
 }
 
 /// A change to session state that the cache key must follow.
@@ -124,66 +140,6 @@ pub struct Analysis {
     pub user_calls: Vec<String>,
     /// pg_query fingerprint: the statement's shape with constants removed.
     pub fingerprint: u64,
-}
-
-fn builtins() -> &'static HashSet<&'static str> {
-    static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
-    SET.get_or_init(|| {
-        include_str!("builtin_functions.txt")
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .collect()
-    })
-}
-
-/// Input functions of the date/time types: called on a run-time text they read
-/// the clock for 'now', 'today', ... so they are never safe.
-const TIME_INPUTS: [&str; 5] = [
-    "date_in",
-    "timestamp_in",
-    "timestamptz_in",
-    "time_in",
-    "timetz_in",
-];
-
-/// Date/time types whose input accepts the special words; a cast of a run-time
-/// value to one of them (or the function-style `date(x)`) may read the clock.
-const TIME_TYPES: [&str; 5] = ["date", "timestamp", "timestamptz", "time", "timetz"];
-
-/// Object identifier types: their input looks a name up in the catalog.
-const REG_TYPES: [&str; 11] = [
-    "regclass",
-    "regcollation",
-    "regconfig",
-    "regdictionary",
-    "regnamespace",
-    "regoper",
-    "regoperator",
-    "regproc",
-    "regprocedure",
-    "regrole",
-    "regtype",
-];
-
-/// Whether a (possibly pg_catalog-qualified) function is a known safe built-in.
-pub fn is_safe_builtin(name: &str) -> bool {
-    let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
-    !bare.contains('.') && builtins().contains(bare) && !TIME_INPUTS.contains(&bare)
-}
-
-const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
-
-/// Whether a value contains one of the special date/time inputs that are
-/// evaluated when the query runs ('now', 'today 10:00', 'tomorrow', ...), as a
-/// word of its own. Errs on the side of "yes": a text that merely mentions
-/// "today" is not cached either.
-pub fn is_time_literal(v: &[u8]) -> bool {
-    v.split(|b| !b.is_ascii_alphabetic()).any(|word| {
-        TIME_WORDS
-            .iter()
-            .any(|w| word.eq_ignore_ascii_case(w.as_bytes()))
-    })
 }
 
 fn is_system_schema(s: &str) -> bool {
@@ -268,6 +224,10 @@ struct Facts {
     tables: Vec<TableRef>,
     ctes: HashSet<String>,
     functions: Vec<String>,
+    operators: Vec<String>,
+    casts: bool,
+    cast_types: Vec<String>,
+    catalog_cast: bool,
     sql_value_functions: bool,
     locking: bool,
     into: bool,
@@ -279,8 +239,6 @@ struct Facts {
     written: Vec<TableRef>,
     /// A cast or function-style cast of a run-time value to a date/time type.
     time_cast: bool,
-    /// A cast to a reg* type (catalog lookup by name).
-    reg_cast: bool,
     /// A name in `pg_temp` (a session-private object, with or without TEMP).
     pg_temp_name: bool,
 }
@@ -362,21 +320,11 @@ impl Facts {
                 if TIME_TYPES.contains(&bare)
                     && v.get("args")
                         .and_then(|a| a.as_array())
-                        .is_some_and(|args| args.iter().any(|a| !fixed_value(a)))
+                        .is_some_and(|args| args.iter().any(|a| !fixed_by_request(a)))
                 {
                     self.time_cast = true;
                 }
                 self.functions.push(name);
-            }
-            "TypeCast" => {
-                let ty = qualified_name(v.pointer("/type_name/names"));
-                let bare = ty.strip_prefix("pg_catalog.").unwrap_or(&ty);
-                if REG_TYPES.contains(&bare) {
-                    self.reg_cast = true;
-                }
-                if TIME_TYPES.contains(&bare) && !v.get("arg").is_some_and(fixed_value) {
-                    self.time_cast = true;
-                }
             }
             // CREATE FUNCTION/TYPE/... pg_temp.x: a session-private object.
             "funcname" | "defnames" | "domainname" | "type_name"
@@ -385,6 +333,36 @@ impl Facts {
                 self.pg_temp_name = true;
             }
             "SQLValueFunction" | "SqlvalueFunction" => self.sql_value_functions = true,
+            "AExpr" | "A_Expr" => {
+                let name = qualified_name(v.get("name"));
+                // BETWEEN and friends name a keyword; they use the comparison
+                // operators, which the catalog checks for every statement.
+                if !name.is_empty()
+                    && !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphabetic() || c == '_' || c == ' ')
+                {
+                    self.operators.push(name);
+                }
+            }
+            "useOp" | "use_op" => {
+                let name = qualified_name(Some(v));
+                if !name.is_empty() {
+                    self.operators.push(name);
+                }
+            }
+            "TypeCast" => {
+                self.casts = true;
+                let ty = qualified_name(v.pointer("/type_name/names"));
+                let bare = ty.rsplit('.').next().unwrap_or("");
+                if catalog_lookup_type(bare) {
+                    self.catalog_cast = true;
+                }
+                if TIME_TYPES.contains(&bare) && !v.get("arg").is_some_and(fixed_by_request) {
+                    self.time_cast = true;
+                }
+                self.cast_types.push(ty);
+            }
             "locking_clause" if v.as_array().is_some_and(|a| !a.is_empty()) => self.locking = true,
             "into_clause" if !v.is_null() => self.into = true,
             "RangeTableSample" => self.tablesample = true,
@@ -462,7 +440,7 @@ impl Facts {
         if self.time_cast {
             return Err(NotCacheable::TimeCast);
         }
-        if self.reg_cast {
+        if self.catalog_cast {
             return Err(NotCacheable::CatalogLookup);
         }
         if self.sql_value_functions {
@@ -499,10 +477,23 @@ impl Facts {
         tables.dedup();
         let mut ctes: Vec<String> = self.ctes.iter().cloned().collect();
         ctes.sort();
+        let mut functions = self.functions.clone();
+        functions.sort();
+        functions.dedup();
+        let mut operators = self.operators.clone();
+        operators.sort();
+        operators.dedup();
+        let mut cast_types = self.cast_types.clone();
+        cast_types.sort();
+        cast_types.dedup();
         Ok(Read {
             tables,
             ctes,
             user_functions,
+            functions,
+            operators,
+            casts: self.casts,
+            cast_types,
         })
     }
 }
@@ -520,64 +511,6 @@ impl Facts {
             (!f.starts_with("pg_catalog.") && !builtin_volatile(bare)).then(|| f.clone())
         })
     }
-}
-
-/// Whether an expression is a literal or a Bind parameter, possibly cast: its
-/// value is fixed by the request text, where time words are looked for.
-fn fixed_value(v: &Value) -> bool {
-    let node = v.get("node").unwrap_or(v);
-    if node.get("AConst").is_some() || node.get("A_Const").is_some() {
-        return true;
-    }
-    if node.get("ParamRef").is_some() {
-        return true;
-    }
-    node.get("TypeCast")
-        .and_then(|c| c.get("arg"))
-        .is_some_and(fixed_value)
-}
-
-/// Built-in names that exist in pg_catalog but are deliberately not allowed.
-fn builtin_volatile(name: &str) -> bool {
-    static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
-    SET.get_or_init(|| {
-        [
-            "now",
-            "random",
-            "random_normal",
-            "nextval",
-            "currval",
-            "lastval",
-            "setval",
-            "clock_timestamp",
-            "statement_timestamp",
-            "transaction_timestamp",
-            "timeofday",
-            "age",
-            "current_setting",
-            "set_config",
-            "current_schema",
-            "current_schemas",
-            "current_database",
-            "current_user",
-            "session_user",
-            "current_query",
-            "gen_random_uuid",
-            "uuid_generate_v4",
-            "pg_sleep",
-            "txid_current",
-            "version",
-        ]
-        .into_iter()
-        .collect()
-    })
-    .contains(name)
-        || TIME_INPUTS.contains(&name)
-        || name.starts_with("pg_")
-        || name.starts_with("has_")
-        || name.starts_with("to_reg")
-        || name.starts_with("txid_")
-        || name.starts_with("inet_")
 }
 
 /// A value's rendering without source positions, so equal settings compare equal.
@@ -652,191 +585,4 @@ fn session_effects(top: &str, tree: &Value, facts: &Facts) -> Vec<SessionEffect>
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn read(sql: &str) -> Result<Read, NotCacheable> {
-        analyze(sql).read
-    }
-
-    fn t(schema: Option<&str>, name: &str) -> TableRef {
-        TableRef {
-            schema: schema.map(str::to_string),
-            name: name.to_string(),
-        }
-    }
-
-    #[test]
-    fn plain_selects_are_cacheable_with_their_tables() {
-        let r = read(
-            "select a, lower(b) from public.accounts a join branches b using (bid) where aid = $1",
-        )
-        .unwrap();
-        assert_eq!(
-            r.tables,
-            vec![t(None, "branches"), t(Some("public"), "accounts")]
-        );
-        assert!(r.user_functions.is_empty());
-        assert!(read("TABLE accounts").is_ok());
-        assert!(read("values (1), (2)").is_ok());
-        let r = read("with x as (select * from t) select * from x").unwrap();
-        assert_eq!(r.tables, vec![t(None, "t"), t(None, "x")]);
-        assert_eq!(r.ctes, vec!["x".to_string()]);
-        assert!(read("select count(*) from generate_series(1, 10)").is_ok());
-    }
-
-    #[test]
-    fn volatile_and_unsafe_reads_are_not() {
-        let v = |s: &str| read(s).unwrap_err();
-        assert!(matches!(v("select now()"), NotCacheable::Volatile(_)));
-        assert!(matches!(v("select random()"), NotCacheable::Volatile(_)));
-        assert!(matches!(
-            v("select * from t limit (random() * 10)::int"),
-            NotCacheable::Volatile(_)
-        ));
-        assert!(matches!(
-            v("values (nextval('s'))"),
-            NotCacheable::Volatile(_)
-        ));
-        assert!(matches!(
-            v("select current_timestamp"),
-            NotCacheable::Volatile(_)
-        ));
-        assert!(matches!(
-            v("select current_user"),
-            NotCacheable::Volatile(_)
-        ));
-        assert_eq!(v("select * from t for update"), NotCacheable::Locking);
-        assert_eq!(v("select * into x from t"), NotCacheable::SelectInto);
-        assert_eq!(
-            v("with d as (delete from t returning *) select * from d"),
-            NotCacheable::DataModifying
-        );
-        assert_eq!(v("select * from pg_class"), NotCacheable::SystemCatalog);
-        assert_eq!(
-            v("select * from information_schema.tables"),
-            NotCacheable::SystemCatalog
-        );
-        assert_eq!(v("select 'now'::timestamptz"), NotCacheable::TimeLiteral);
-        assert_eq!(
-            v("select 'today 10:00'::timestamp"),
-            NotCacheable::TimeLiteral
-        );
-        assert_eq!(
-            v("select timestamptz 'Tomorrow 01:00 UTC'"),
-            NotCacheable::TimeLiteral
-        );
-        assert!(read("select 'nowhere'::text").is_ok());
-        assert_eq!(
-            v("select * from t tablesample bernoulli (10)"),
-            NotCacheable::TableSample
-        );
-        assert_eq!(v("select 1; select 2"), NotCacheable::MultiStatement);
-        assert_eq!(v("insert into t values (1)"), NotCacheable::NotASelect);
-        assert_eq!(v("selec 1"), NotCacheable::ParseError);
-        assert!(
-            matches!(read("select my_func(1)").unwrap().user_functions.as_slice(), [f] if f == "my_func")
-        );
-    }
-
-    #[test]
-    fn session_effects_are_found() {
-        let e = |s: &str| analyze(s).effects;
-        assert!(
-            matches!(e("set search_path = app, public").as_slice(), [SessionEffect::Set { name, .. }] if name == "search_path")
-        );
-        assert!(e("set local search_path = app").is_empty());
-        assert_eq!(
-            e("reset timezone"),
-            vec![SessionEffect::Reset {
-                name: "timezone".into()
-            }]
-        );
-        assert_eq!(e("reset all"), vec![SessionEffect::ResetAll]);
-        assert_eq!(e("set role app"), vec![SessionEffect::Taint("role_change")]);
-        assert_eq!(
-            e("set session authorization app"),
-            vec![SessionEffect::Taint("role_change")]
-        );
-        assert_eq!(
-            e("select set_config('search_path', 'x', false)"),
-            vec![SessionEffect::Taint("set_config")]
-        );
-        assert_eq!(
-            e("create temp table x (a int)"),
-            vec![SessionEffect::Taint("temporary_objects")]
-        );
-        assert_eq!(e("discard all"), vec![SessionEffect::DiscardAll]);
-        assert_eq!(e("deallocate all"), vec![SessionEffect::Deallocate(None)]);
-        assert_eq!(
-            e("deallocate s1"),
-            vec![SessionEffect::Deallocate(Some("s1".into()))]
-        );
-        // same value spelled the same way renders the same
-        assert_eq!(e("SET TimeZone = 'UTC'"), e("set timezone to 'UTC'"));
-    }
-
-    #[test]
-    fn time_words_built_at_run_time_are_not_cacheable() {
-        let v = |s: &str| read(s).unwrap_err();
-        assert_eq!(v("select ('to'||'day')::date"), NotCacheable::TimeCast);
-        assert_eq!(v("select d::timestamptz from t"), NotCacheable::TimeCast);
-        assert_eq!(
-            v("select cast(d as timestamp with time zone) from t"),
-            NotCacheable::TimeCast
-        );
-        assert_eq!(v("select date(d) from t"), NotCacheable::TimeCast);
-        assert!(matches!(
-            v("select date_in(textout(d)) from t"),
-            NotCacheable::Volatile(_)
-        ));
-        // Values fixed by the request are checked where they are known.
-        assert!(read("select '2024-01-01'::date").is_ok());
-        assert!(read("select $1::date").is_ok());
-        assert!(read("select $1::text::timestamptz").is_ok());
-        assert!(read("select d::text from t").is_ok());
-        assert_eq!(v("select 'items'::regclass"), NotCacheable::CatalogLookup);
-    }
-
-    #[test]
-    fn session_private_code_and_objects_taint() {
-        let e = |s: &str| analyze(s).effects;
-        let temp = vec![SessionEffect::Taint("temporary_objects")];
-        assert_eq!(e("create table pg_temp.t (a int)"), temp);
-        assert_eq!(e("create view pg_temp.v as select 1"), temp);
-        assert_eq!(
-            e("create function pg_temp.f() returns int language sql as 'select 1'"),
-            temp
-        );
-        assert_eq!(
-            e("do $$ begin perform set_config('search_path', 'x', false); end $$"),
-            vec![SessionEffect::Taint("do_block")]
-        );
-        assert_eq!(e("call p(1)"), vec![SessionEffect::Taint("procedure_call")]);
-        assert!(e("select * from pg_temp.t").is_empty());
-        assert!(e("create table t (a int)").is_empty());
-    }
-
-    #[test]
-    fn user_calls_make_a_statement_a_possible_write() {
-        let a = analyze("select now(), write_fn()");
-        assert!(a.read.is_err());
-        assert!(a.may_write);
-        assert_eq!(a.user_calls, vec!["write_fn".to_string()]);
-        let a = analyze("insert into t values (my_default())");
-        assert_eq!(a.user_calls, vec!["my_default".to_string()]);
-        let a = analyze("select lower(name), count(*), now() from t group by 1");
-        assert!(a.user_calls.is_empty());
-        assert!(!a.may_write);
-    }
-
-    #[test]
-    fn writes_are_found() {
-        let a = analyze("update public.accounts set x = 1; delete from b; truncate c, d; alter table e add column z int; drop table f");
-        assert!(a.may_write);
-        let names: Vec<String> = a.writes.iter().map(|t| t.to_string()).collect();
-        assert_eq!(names, vec!["b", "c", "d", "e", "f", "public.accounts"]);
-        assert!(!analyze("select 1").may_write);
-        assert!(analyze("select my_func()").may_write);
-    }
-}
+mod tests;
