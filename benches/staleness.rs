@@ -12,52 +12,22 @@
 //!
 //! Needs the local Postgres on 127.0.0.1:5432 (see README).
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{connect_str, direct, fresh_db, Pgtier};
 use rand::Rng;
-use tokio_postgres::{Client, NoTls};
+
+const DB: &str = "pgtier_staleness";
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-async fn connect(port: u16, db: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user=postgres dbname={db}"),
-        NoTls,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("connect to port {port}: {e} (is Postgres running? see README)"));
-    tokio::spawn(conn);
-    c
-}
-
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return String::new();
-    };
-    let req = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut out = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
-    out
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -82,18 +52,9 @@ async fn main() {
     // cache and reads would test nothing but Postgres.
     let tables: i32 = env("STALE_TABLES", 100).max(1);
     let (writers, readers) = (4u64, env("STALE_READERS", 64u64));
-    let db = "pgtier_staleness";
-
-    let admin = connect(5432, "postgres").await;
-    admin
-        .execute(&format!("drop database if exists {db} with (force)"), &[])
-        .await
-        .unwrap();
-    admin
-        .execute(&format!("create database {db}"), &[])
-        .await
-        .unwrap();
-    let d = connect(5432, db).await;
+    let db = DB;
+    fresh_db(db).await;
+    let d = direct(db).await;
     let ddl: String = (0..tables)
         .map(|t| {
             format!(
@@ -104,64 +65,11 @@ async fn main() {
         .collect();
     d.batch_execute(&ddl).await.unwrap();
 
-    let port = free_port();
-    let admin_port = free_port();
-    let dir = std::env::temp_dir().join(format!("pgtier-stale-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pgtier.toml");
     let announce_all = env("STALE_ANNOUNCE_ALL", 0u8) == 1;
-    std::fs::write(
-        &config,
-        format!("[invalidation]\nunwatch_on_write = {}\n", !announce_all),
-    )
-    .unwrap();
-    let mut pgtier = Command::new(env!("CARGO_BIN_EXE_pgtier"))
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--upstream",
-            "127.0.0.1:5432",
-        ])
-        .args([
-            "--admin-listen",
-            &format!("127.0.0.1:{admin_port}"),
-            "--default-ttl",
-            "10m",
-            "--log-level",
-            "warn",
-        ])
-        .args([
-            "--control-url",
-            &format!("postgres://postgres@127.0.0.1:5432/{db}"),
-            "--auto-install-triggers",
-        ])
-        .arg("--pid-file")
-        .arg(dir.join("pid"))
-        .arg("--upgrade-sock")
-        .arg(dir.join("sock"))
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start pgtier");
-    // wait for pgtier and its listener: a repeated read becomes a hit only then
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok((c, conn)) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user=postgres dbname={db}"),
-            NoTls,
-        )
-        .await
-        {
-            tokio::spawn(conn);
-            if c.simple_query("select v from c0 limit 1").await.is_ok() {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "pgtier did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let toml = format!("[invalidation]\nunwatch_on_write = {}\n", !announce_all);
+    // The test harness's pgtier: its listener is connected before this returns.
+    let p = Pgtier::cached(db, &toml, &["--default-ttl", "10m", "--log-level", "warn"]).await;
+    let via = p.conn_str(db);
 
     println!(
         "staleness: {secs}s, {writes_per_sec} writes/s ({writers} writers, direct), \
@@ -174,7 +82,7 @@ async fn main() {
     for _ in 0..writers {
         let interval = Duration::from_secs_f64(writers as f64 / writes_per_sec as f64);
         handles.push(tokio::spawn(async move {
-            let c = connect(5432, db).await;
+            let c = direct(db).await;
             let mut sts = Vec::new();
             for t in 0..tables {
                 sts.push(
@@ -200,8 +108,9 @@ async fn main() {
     }
     for _ in 0..readers {
         let interval = Duration::from_secs_f64(readers as f64 / reads_per_sec as f64);
+        let via = via.clone();
         handles.push(tokio::spawn(async move {
-            let c = connect(port, db).await;
+            let c = connect_str(&via).await;
             let mut sts = Vec::new();
             for t in 0..tables {
                 sts.push(
@@ -269,8 +178,8 @@ async fn main() {
 
     // commit-to-visible latency: the value is cached, a direct write commits, and
     // a reader polls through pgtier until it sees it
-    let r = connect(port, db).await;
-    let w = connect(5432, db).await;
+    let r = connect_str(&via).await;
+    let w = direct(db).await;
     let mut lat = Vec::new();
     for i in 0..500 {
         let id = 1 + (i % rows);
@@ -308,7 +217,8 @@ async fn main() {
         lat.last().copied().unwrap_or_default()
     );
     // pgtier's own view of the listener, to tell its lag from Postgres's delivery
-    for line in scrape(admin_port).await.lines() {
+    let (_, metrics) = p.http_get("/metrics").await;
+    for line in metrics.lines() {
         let lookup =
             line.starts_with("pgtier_cache_lookups_total{tier=\"l1\"") && !line.ends_with(" 0");
         if (line.starts_with("pgtier_listener_") && !line.contains("_bucket"))
@@ -320,9 +230,7 @@ async fn main() {
             println!("  {line}");
         }
     }
-    let _ = pgtier.kill();
-    let _ = pgtier.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(p);
     if stale > 0 {
         std::process::exit(1);
     }
