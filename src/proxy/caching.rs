@@ -943,8 +943,10 @@ impl SessionCache {
                     tag = self.effects_tag();
                 }
                 track.expect(e, false, tag);
+                // Only what the server answers moves the batch on: a Flush or a
+                // stray CopyData leaves its implicit transaction open.
+                track.open_batch = !ends;
             }
-            track.open_batch = !ends;
         }
         if !self.inject.is_empty() {
             sout.push(self.inject.split().freeze());
