@@ -135,6 +135,11 @@ struct Portal {
     key: Option<Key>,
     entry: Option<Arc<Entry>>,
     fill: Option<u16>,
+    /// A cached result for it is served in this request: the same Bind
+    /// succeeded on the server before (the key covers its arguments).
+    proven: bool,
+    /// The Parse earlier in this request that defined its statement.
+    parse: Option<usize>,
 }
 
 /// What planning found an extended-protocol request to be.
@@ -183,6 +188,8 @@ pub struct SessionCache {
     portals: Vec<Portal>,
     /// Statements (name, hash, text) (re)defined by the request being planned.
     defined: Vec<(Range<usize>, u128, Range<usize>)>,
+    /// Per entry of `defined`: whether the cache proves Postgres accepts it.
+    parse_proven: Vec<bool>,
     inject: BytesMut,
     /// Replies composed by pgtier waiting for their turn behind server replies.
     synthetic: VecDeque<Vec<Bytes>>,
@@ -227,6 +234,7 @@ impl SessionCache {
             chunks: Vec::with_capacity(8),
             portals: Vec::with_capacity(4),
             defined: Vec::with_capacity(4),
+            parse_proven: Vec::with_capacity(4),
             inject: BytesMut::new(),
             synthetic: VecDeque::new(),
             prefetched: Vec::new(),
@@ -571,6 +579,7 @@ impl SessionCache {
         self.hit_shapes.clear();
         self.portals.clear();
         self.defined.clear();
+        self.parse_proven.clear();
         let now = Instant::now();
         let public_rules = cache.has_public_rules();
         let mut last = 0u8;
@@ -584,28 +593,24 @@ impl SessionCache {
             match msg {
                 Frontend::Parse(p) => {
                     let hash = statement_hash(p.query, p.param_types);
-                    if !p.name.is_empty() {
-                        // Redefining a named statement is an error Postgres must report.
-                        if let Some(old) = self.statement_hash(batch, p.name) {
-                            if old != hash {
-                                return Plan::No;
-                            }
-                        }
+                    // Parsing a name that exists is an error Postgres must report.
+                    if !p.name.is_empty() && self.statement_hash(batch, p.name).is_some() {
+                        return Plan::No;
                     }
                     self.defined
                         .push((range_of(batch, p.name), hash, range_of(batch, p.query)));
+                    self.parse_proven.push(false);
                     self.chunks.push(Bytes::from_static(PARSE_COMPLETE_BYTES));
                 }
                 Frontend::Bind(b) => {
                     let Some(hash) = self.statement_hash(batch, b.statement) else {
                         return Plan::No;
                     };
-                    let sql = self
+                    let parse = self
                         .defined
                         .iter()
-                        .rev()
-                        .find(|(n, _, _)| batch[n.clone()] == *b.statement)
-                        .map(|(_, _, q)| q.clone());
+                        .rposition(|(n, _, _)| batch[n.clone()] == *b.statement);
+                    let sql = parse.map(|i| self.defined[i].2.clone());
                     let public = public_rules
                         && self
                             .statements
@@ -622,6 +627,8 @@ impl SessionCache {
                         key: Some(key),
                         entry: None,
                         fill: None,
+                        proven: false,
+                        parse,
                     });
                     self.chunks.push(Bytes::from_static(BIND_COMPLETE_BYTES));
                 }
@@ -632,6 +639,14 @@ impl SessionCache {
                     let Some(desc) = cache.describe(&describe_key(self.seed.user, hash)) else {
                         return Plan::No;
                     };
+                    // Described for this user and these settings: Postgres parsed it.
+                    if let Some(i) = self
+                        .defined
+                        .iter()
+                        .rposition(|(n, _, _)| batch[n.clone()] == *d.name)
+                    {
+                        self.parse_proven[i] = true;
+                    }
                     self.chunks.push(desc);
                 }
                 Frontend::Describe(d) => {
@@ -647,6 +662,10 @@ impl SessionCache {
                                 return Plan::No;
                             };
                             p.entry = Some(e);
+                            p.proven = true;
+                            if let Some(i) = p.parse {
+                                self.parse_proven[i] = true;
+                            }
                             self.chunks.push(rd);
                         }
                         None => missing = true,
@@ -667,6 +686,10 @@ impl SessionCache {
                     };
                     match entry {
                         Some(e) => {
+                            p.proven = true;
+                            if let Some(i) = p.parse {
+                                self.parse_proven[i] = true;
+                            }
                             self.chunks.push(e.rows.clone());
                             self.hit_shapes.push(e.shape);
                             executes += 1;
@@ -692,6 +715,13 @@ impl SessionCache {
         if missing {
             self.hit_shapes.clear();
             return Plan::Missing;
+        }
+        // A Parse or Bind whose success nothing cached proves (a prepare with
+        // no execution, a Bind without Execute) may fail on the server: only
+        // Postgres may answer it.
+        if self.parse_proven.contains(&false) || self.portals.iter().any(|p| !p.proven) {
+            self.hit_shapes.clear();
+            return Plan::No;
         }
         metrics::hot().l1_hit.increment(executes);
         Plan::Hit
@@ -884,6 +914,8 @@ impl SessionCache {
                         key: None,
                         entry: None,
                         fill: None,
+                        proven: false,
+                        parse: None,
                     };
                     if let (true, Some(db)) = (fills_ok, db) {
                         portal.fill = self.start_fill(cache, db, &b);
