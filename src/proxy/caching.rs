@@ -193,6 +193,8 @@ pub struct SessionCache {
     inject: BytesMut,
     /// Replies composed by pgtier waiting for their turn behind server replies.
     synthetic: VecDeque<Vec<Bytes>>,
+    /// Bytes held in `synthetic`: they count towards the client's queue.
+    synthetic_bytes: usize,
     /// Results just fetched from L2 for the request being planned (L1 may be
     /// too small to hold them even for a moment).
     prefetched: Vec<(Key, Arc<Entry>)>,
@@ -237,6 +239,7 @@ impl SessionCache {
             parse_proven: Vec::with_capacity(4),
             inject: BytesMut::new(),
             synthetic: VecDeque::new(),
+            synthetic_bytes: 0,
             prefetched: Vec::new(),
             current_request: 0,
             started: Instant::now(),
@@ -308,6 +311,7 @@ impl SessionCache {
                 cout.push(c);
             }
         } else {
+            self.synthetic_bytes += self.chunks.iter().map(Bytes::len).sum::<usize>();
             self.synthetic.push_back(self.chunks.drain(..).collect());
             track.expect(Expect::Synthetic, false, ReplyTag::Synthetic);
         }
@@ -315,7 +319,14 @@ impl SessionCache {
 
     /// The next composed reply that has become due (its turn in the reply queue).
     pub fn take_synthetic(&mut self) -> Vec<Bytes> {
-        self.synthetic.pop_front().unwrap_or_default()
+        let reply = self.synthetic.pop_front().unwrap_or_default();
+        self.synthetic_bytes -= reply.iter().map(Bytes::len).sum::<usize>();
+        reply
+    }
+
+    /// Size of the composed replies waiting behind server replies.
+    pub fn synthetic_bytes(&self) -> usize {
+        self.synthetic_bytes
     }
 
     /// Handle one complete client request (`batch` holds whole messages).
