@@ -267,6 +267,27 @@ async fn case_28_requests_written_with_terminate_are_answered() {
         got[0].msgs
     );
     same_replies(plain().port, &db, "plain proxy", &script);
+    // During COPY FROM STDIN, Postgres takes Terminate for a bad COPY message.
+    let copy = [
+        step(
+            concat(&[
+                query("COPY c FROM STDIN"),
+                copy_data(b"1\ta\n"),
+                terminate(),
+            ]),
+            Until::Ready(1),
+        ),
+        probe(),
+        step(query("COPY c FROM STDIN"), Until::Tag(b'G')),
+        step(
+            concat(&[copy_data(b"2\tb\n"), terminate()]),
+            Until::Ready(1),
+        ),
+        probe(),
+        step(terminate(), Until::Closed),
+    ];
+    same_replies(p.port, &db, "cache active, COPY", &copy);
+    same_replies(plain().port, &db, "plain proxy, COPY", &copy);
     // a write sent with Terminate ran, and its reply arrived first
     let mut w = Wire::connect(p.port, "postgres", &db);
     let r = w.step(

@@ -397,7 +397,10 @@ impl Session {
                 Frontend::decode(h.tag, &rest[5..h.total_len]).map_err(End::ClientProtocol)?;
             if matches!(msg, Frontend::Terminate) {
                 self.on_terminate(h.total_len).await;
-                return Ok(());
+                if self.track.terminating {
+                    return Ok(());
+                }
+                continue;
             }
             let (_, boundary) = self.track.expectation(&msg);
             self.scanned += h.total_len;
@@ -417,6 +420,12 @@ impl Session {
     async fn on_terminate(&mut self, len: usize) {
         self.forward_batch().await;
         self.cin.advance(len);
+        if self.track.copy_in {
+            // During COPY FROM STDIN Postgres takes Terminate for a bad COPY
+            // message (an error) and carries on: so does the session.
+            self.sout.push_static(frontend::TERMINATE_BYTES);
+            return;
+        }
         self.track.terminating = true;
         if self.track.blind {
             // Replies are not tracked: let the server end the session once it
@@ -471,6 +480,12 @@ impl Session {
                 .track
                 .on_server(h.tag, &msg[5..])
                 .map_err(End::ServerProtocol)?;
+            if h.tag == backend::COPY_IN_RESPONSE && self.track.terminating && self.track.copy_in {
+                // The client wrote Terminate before the server started this COPY:
+                // the server reads it now, as a bad COPY message, and carries on.
+                self.track.terminating = false;
+                self.sout.push_static(frontend::TERMINATE_BYTES);
+            }
             let (front, swallow) = match route {
                 Route::Swallow { front } => (Some(front), true),
                 Route::Relay { front, .. } => (front, false),
