@@ -1358,3 +1358,6 @@ impl SessionCache {
         self.settings_changed = true;
     }
 }
+
+#[cfg(test)]
+mod dispatch_tests;
