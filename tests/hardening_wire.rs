@@ -436,6 +436,20 @@ async fn case_18_admin_console_obeys_auth_timeout_limits_and_throttles_failures(
         Some("08006")
     );
 
+    // hanging up at the password request (what psql does before it prompts)
+    // guesses nothing and is not held against the address
+    for _ in 0..8 {
+        let mut w = Wire::open(p.port);
+        w.send(&startup(&[("user", "ops"), ("database", "pgtier")]));
+        assert_eq!(
+            w.read(Until::Tag(b'R'), Duration::from_secs(5)).end,
+            End::Ready
+        );
+    }
+    admin(p.port, "pw")
+        .await
+        .expect("hang-ups are not failed logins");
+
     // failed logins: after a few, this address is refused even the right password
     let mut refused = None;
     for attempt in 0..8 {

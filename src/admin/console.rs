@@ -57,9 +57,6 @@ impl Console {
             Ok(false) => return,
             Err(_) => {
                 tracing::warn!(%user, "admin console: authentication timed out");
-                if let Some(a) = self.addr {
-                    proxy.login_throttle.failed(a);
-                }
                 fatal(&mut client, "08006", "pgtier: authentication timed out").await;
                 return;
             }
@@ -114,16 +111,15 @@ async fn login(
         .find(|u| u.name == user)
         .and_then(|u| Verifier::parse(&u.password));
     let known = verifier.is_some();
-    let failed = || {
-        if let Some(a) = console.addr {
-            proxy.login_throttle.failed(a);
-        }
-    };
     match authenticate(client, buf, verifier.unwrap_or_else(Verifier::decoy)).await {
         Ok(()) if known => true,
         Ok(()) | Err(Failure::Rejected) => {
             tracing::warn!(%user, "admin console: authentication failed");
-            failed();
+            // Only a checked password counts: clients such as psql hang up at the
+            // password request and reconnect with one, which guesses nothing.
+            if let Some(a) = console.addr {
+                proxy.login_throttle.failed(a);
+            }
             fatal(
                 client,
                 "28P01",
@@ -133,7 +129,6 @@ async fn login(
             false
         }
         Err(Failure::Malformed(why)) => {
-            failed();
             fatal(client, "08P01", why).await;
             false
         }
