@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 
@@ -31,32 +32,77 @@ const MAX_MESSAGE: usize = 1 << 20;
 
 type Rows = (Vec<&'static str>, Vec<Vec<Option<String>>>);
 
-pub async fn serve(
-    proxy: Arc<Proxy>,
-    mut client: ClientConn,
-    startup: StartupMessage,
-    mut buf: BytesMut,
-    negotiate: Option<(u16, Vec<String>)>,
-) {
+/// How a console connection is to be served.
+pub struct Console {
+    /// The client's address, for the failed-login throttle.
+    pub addr: Option<std::net::IpAddr>,
+    /// The whole password exchange must finish within this.
+    pub auth_timeout: Duration,
+    /// `_pq_.` options and minor version to report in NegotiateProtocolVersion.
+    pub negotiate: Option<(u16, Vec<String>)>,
+}
+
+impl Console {
+    pub async fn serve(
+        self,
+        proxy: Arc<Proxy>,
+        mut client: ClientConn,
+        startup: StartupMessage,
+        mut buf: BytesMut,
+    ) {
+        let user = startup.user().unwrap_or_default().to_string();
+        let login = login(&proxy, &self, &mut client, &mut buf, &user);
+        match tokio::time::timeout(self.auth_timeout, login).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                tracing::warn!(%user, "admin console: authentication timed out");
+                fatal(&mut client, "08006", "pgtier: authentication timed out").await;
+                return;
+            }
+        }
+        session(proxy, client, buf, &user).await;
+    }
+}
+
+/// The startup and password exchange; true once the user is logged in.
+async fn login(
+    proxy: &Proxy,
+    console: &Console,
+    client: &mut ClientConn,
+    buf: &mut BytesMut,
+    user: &str,
+) -> bool {
     let cfg = proxy.config();
     if cfg.admin.users.is_empty() {
         fatal(
-            &mut client,
+            client,
             "3D000",
             "the pgtier admin console is not enabled (configure admin.users)",
         )
         .await;
-        return;
+        return false;
     }
-    let user = startup.user().unwrap_or_default().to_string();
-    if negotiate.is_some() {
+    if let Some(a) = console.addr {
+        if !proxy.login_throttle.allowed(a) {
+            tracing::warn!(%user, addr = %a, "admin console: too many failed logins");
+            fatal(
+                client,
+                "28000",
+                "too many failed admin console logins from this address; try again later",
+            )
+            .await;
+            return false;
+        }
+    }
+    if console.negotiate.is_some() {
         let mut out = BytesMut::new();
         crate::protocol::backend::NegotiateProtocolVersion {
             newest_minor: 0,
             unrecognized: &[],
         }
         .encode(&mut out);
-        let _ = write_all(&mut client, &out).await;
+        let _ = write_all(client, &out).await;
     }
     let verifier = cfg
         .admin
@@ -65,29 +111,32 @@ pub async fn serve(
         .find(|u| u.name == user)
         .and_then(|u| Verifier::parse(&u.password));
     let known = verifier.is_some();
-    match authenticate(
-        &mut client,
-        &mut buf,
-        verifier.unwrap_or_else(Verifier::decoy),
-    )
-    .await
-    {
-        Ok(()) if known => {}
+    match authenticate(client, buf, verifier.unwrap_or_else(Verifier::decoy)).await {
+        Ok(()) if known => true,
         Ok(()) | Err(Failure::Rejected) => {
             tracing::warn!(%user, "admin console: authentication failed");
+            // Only a checked password counts: clients such as psql hang up at the
+            // password request and reconnect with one, which guesses nothing.
+            if let Some(a) = console.addr {
+                proxy.login_throttle.failed(a);
+            }
             fatal(
-                &mut client,
+                client,
                 "28P01",
                 &format!("password authentication failed for user \"{user}\""),
             )
             .await;
-            return;
+            false
         }
         Err(Failure::Malformed(why)) => {
-            fatal(&mut client, "08P01", why).await;
-            return;
+            fatal(client, "08P01", why).await;
+            false
         }
     }
+}
+
+/// A logged-in console session, until the client leaves.
+async fn session(proxy: Arc<Proxy>, mut client: ClientConn, mut buf: BytesMut, user: &str) {
     tracing::info!(%user, "admin console session");
     let mut out = BytesMut::new();
     Authentication::Ok.encode(&mut out);

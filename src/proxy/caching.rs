@@ -135,6 +135,11 @@ struct Portal {
     key: Option<Key>,
     entry: Option<Arc<Entry>>,
     fill: Option<u16>,
+    /// A cached result for it is served in this request: the same Bind
+    /// succeeded on the server before (the key covers its arguments).
+    proven: bool,
+    /// The Parse earlier in this request that defined its statement.
+    parse: Option<usize>,
 }
 
 /// Client encodings in which a multi-byte character may contain the bytes of a
@@ -212,9 +217,13 @@ pub struct SessionCache {
     portals: Vec<Portal>,
     /// Statements (name, hash, text) (re)defined by the request being planned.
     defined: Vec<(Range<usize>, u128, Range<usize>)>,
+    /// Per entry of `defined`: whether the cache proves Postgres accepts it.
+    parse_proven: Vec<bool>,
     inject: BytesMut,
     /// Replies composed by pgtier waiting for their turn behind server replies.
     synthetic: VecDeque<Vec<Bytes>>,
+    /// Bytes held in `synthetic`: they count towards the client's queue.
+    synthetic_bytes: usize,
     /// Results just fetched from L2 for the request being planned (L1 may be
     /// too small to hold them even for a moment).
     prefetched: Vec<(Key, Arc<Entry>)>,
@@ -258,8 +267,10 @@ impl SessionCache {
             chunks: Vec::with_capacity(8),
             portals: Vec::with_capacity(4),
             defined: Vec::with_capacity(4),
+            parse_proven: Vec::with_capacity(4),
             inject: BytesMut::new(),
             synthetic: VecDeque::new(),
+            synthetic_bytes: 0,
             prefetched: Vec::new(),
             current_request: 0,
             started: Instant::now(),
@@ -352,6 +363,7 @@ impl SessionCache {
                 cout.push(c);
             }
         } else {
+            self.synthetic_bytes += self.chunks.iter().map(Bytes::len).sum::<usize>();
             self.synthetic.push_back(self.chunks.drain(..).collect());
             track.expect(Expect::Synthetic, false, ReplyTag::Synthetic);
         }
@@ -359,7 +371,14 @@ impl SessionCache {
 
     /// The next composed reply that has become due (its turn in the reply queue).
     pub fn take_synthetic(&mut self) -> Vec<Bytes> {
-        self.synthetic.pop_front().unwrap_or_default()
+        let reply = self.synthetic.pop_front().unwrap_or_default();
+        self.synthetic_bytes -= reply.iter().map(Bytes::len).sum::<usize>();
+        reply
+    }
+
+    /// Size of the composed replies waiting behind server replies.
+    pub fn synthetic_bytes(&self) -> usize {
+        self.synthetic_bytes
     }
 
     /// Handle one complete client request (`batch` holds whole messages).
@@ -623,6 +642,7 @@ impl SessionCache {
         self.hit_shapes.clear();
         self.portals.clear();
         self.defined.clear();
+        self.parse_proven.clear();
         let now = Instant::now();
         let public_rules = cache.has_public_rules();
         let mut last = 0u8;
@@ -636,28 +656,24 @@ impl SessionCache {
             match msg {
                 Frontend::Parse(p) => {
                     let hash = statement_hash(p.query, p.param_types);
-                    if !p.name.is_empty() {
-                        // Redefining a named statement is an error Postgres must report.
-                        if let Some(old) = self.statement_hash(batch, p.name) {
-                            if old != hash {
-                                return Plan::No;
-                            }
-                        }
+                    // Parsing a name that exists is an error Postgres must report.
+                    if !p.name.is_empty() && self.statement_hash(batch, p.name).is_some() {
+                        return Plan::No;
                     }
                     self.defined
                         .push((range_of(batch, p.name), hash, range_of(batch, p.query)));
+                    self.parse_proven.push(false);
                     self.chunks.push(Bytes::from_static(PARSE_COMPLETE_BYTES));
                 }
                 Frontend::Bind(b) => {
                     let Some(hash) = self.statement_hash(batch, b.statement) else {
                         return Plan::No;
                     };
-                    let sql = self
+                    let parse = self
                         .defined
                         .iter()
-                        .rev()
-                        .find(|(n, _, _)| batch[n.clone()] == *b.statement)
-                        .map(|(_, _, q)| q.clone());
+                        .rposition(|(n, _, _)| batch[n.clone()] == *b.statement);
+                    let sql = parse.map(|i| self.defined[i].2.clone());
                     let public = public_rules
                         && self
                             .statements
@@ -674,6 +690,8 @@ impl SessionCache {
                         key: Some(key),
                         entry: None,
                         fill: None,
+                        proven: false,
+                        parse,
                     });
                     self.chunks.push(Bytes::from_static(BIND_COMPLETE_BYTES));
                 }
@@ -684,6 +702,14 @@ impl SessionCache {
                     let Some(desc) = cache.describe(&describe_key(self.seed.user, hash)) else {
                         return Plan::No;
                     };
+                    // Described for this user and these settings: Postgres parsed it.
+                    if let Some(i) = self
+                        .defined
+                        .iter()
+                        .rposition(|(n, _, _)| batch[n.clone()] == *d.name)
+                    {
+                        self.parse_proven[i] = true;
+                    }
                     self.chunks.push(desc);
                 }
                 Frontend::Describe(d) => {
@@ -699,6 +725,10 @@ impl SessionCache {
                                 return Plan::No;
                             };
                             p.entry = Some(e);
+                            p.proven = true;
+                            if let Some(i) = p.parse {
+                                self.parse_proven[i] = true;
+                            }
                             self.chunks.push(rd);
                         }
                         None => missing = true,
@@ -719,6 +749,10 @@ impl SessionCache {
                     };
                     match entry {
                         Some(e) => {
+                            p.proven = true;
+                            if let Some(i) = p.parse {
+                                self.parse_proven[i] = true;
+                            }
                             self.chunks.push(e.rows.clone());
                             self.hit_shapes.push(e.shape);
                             executes += 1;
@@ -744,6 +778,13 @@ impl SessionCache {
         if missing {
             self.hit_shapes.clear();
             return Plan::Missing;
+        }
+        // A Parse or Bind whose success nothing cached proves (a prepare with
+        // no execution, a Bind without Execute) may fail on the server: only
+        // Postgres may answer it.
+        if self.parse_proven.contains(&false) || self.portals.iter().any(|p| !p.proven) {
+            self.hit_shapes.clear();
+            return Plan::No;
         }
         metrics::hot().l1_hit.increment(executes);
         Plan::Hit
@@ -913,18 +954,6 @@ impl SessionCache {
             };
             track.on_client(&msg);
             let (expect, ends) = track.expectation(&msg);
-            // The implicit transaction of extended-protocol messages lasts until
-            // Sync: a Flush (or COPY traffic) does not end it.
-            let open_batch = match &msg {
-                Frontend::Sync | Frontend::Query(_) | Frontend::FunctionCall(_) => false,
-                Frontend::Flush
-                | Frontend::CopyData(_)
-                | Frontend::CopyDone
-                | Frontend::CopyFail(_)
-                | Frontend::Terminate
-                | Frontend::Password(_) => track.open_batch,
-                _ => true,
-            };
             let mut tag = ReplyTag::None;
             match msg {
                 Frontend::Parse(p) => {
@@ -948,6 +977,8 @@ impl SessionCache {
                         key: None,
                         entry: None,
                         fill: None,
+                        proven: false,
+                        parse: None,
                     };
                     if let (true, Some(db)) = (fills_ok, db) {
                         portal.fill = self.start_fill(cache, db, &b);
@@ -1011,8 +1042,10 @@ impl SessionCache {
                     tag = self.effects_tag();
                 }
                 track.expect(e, false, tag);
+                // Only what the server answers moves the batch on: a Flush or a
+                // stray CopyData leaves its implicit transaction open.
+                track.open_batch = !ends;
             }
-            track.open_batch = open_batch;
         }
         if !self.inject.is_empty() {
             sout.push(self.inject.split().freeze());
@@ -1392,3 +1425,6 @@ impl SessionCache {
         self.settings_changed = true;
     }
 }
+
+#[cfg(test)]
+mod dispatch_tests;

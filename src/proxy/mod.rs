@@ -52,6 +52,8 @@ pub struct Proxy {
     pub invalidation: Arc<Invalidation>,
     pub upstream: Upstream,
     pub tls_acceptor: Option<TlsAcceptor>,
+    /// Failed admin-console logins per client address.
+    pub login_throttle: crate::admin::throttle::LoginThrottle,
     sessions: AtomicUsize,
     next_id: AtomicU64,
     idle: Notify,
@@ -76,6 +78,7 @@ impl Proxy {
             upstream: Upstream::new(&snap.upstream)?,
             config,
             tls_acceptor,
+            login_throttle: Default::default(),
             sessions: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             idle: Notify::new(),
@@ -222,12 +225,19 @@ impl Proxy {
             return;
         };
         let mut client = *client;
-        if startup.database() == Some(crate::admin::console::DATABASE) {
-            crate::admin::console::serve(self, client, startup, cin, negotiate).await;
-            return;
-        }
+        // Console connections count towards the limit like any other client.
         if self.active_sessions() > cfg.server.max_client_connections {
             fatal(&mut client, "53300", "sorry, too many clients already").await;
+            return;
+        }
+        if startup.database() == Some(crate::admin::console::DATABASE) {
+            let addr = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+            let console = crate::admin::console::Console {
+                addr,
+                auth_timeout,
+                negotiate,
+            };
+            console.serve(self, client, startup, cin).await;
             return;
         }
         let mut server = match self.upstream.connect().await {

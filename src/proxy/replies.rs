@@ -42,6 +42,10 @@ pub struct Entry<T> {
     pub swallow: bool,
     /// What the session wants to do with this reply (e.g. fill a cache entry).
     pub tag: T,
+    /// CopyDone/CopyFail messages the client had sent when this was queued.
+    copy_ends: u32,
+    /// COPY FROM STDIN operations the server has started for this message.
+    copies: u32,
 }
 
 /// Where a server message belongs, as decided by [`Replies::on_server`].
@@ -65,6 +69,9 @@ pub struct Replies<T> {
     /// After an error in an extended-protocol batch the server discards messages
     /// until Sync: replies to those will never come, so they are not queued.
     skipping: bool,
+    /// CopyDone/CopyFail messages sent by the client (wrapping): places each
+    /// queued Sync before or after the end of a COPY in the client's stream.
+    copy_ends: u32,
 }
 
 impl<T: Copy + Default + std::fmt::Debug> Default for Replies<T> {
@@ -72,6 +79,7 @@ impl<T: Copy + Default + std::fmt::Debug> Default for Replies<T> {
         Replies {
             queue: VecDeque::with_capacity(16),
             skipping: false,
+            copy_ends: 0,
         }
     }
 }
@@ -90,6 +98,8 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
             expect,
             swallow,
             tag,
+            copy_ends: self.copy_ends,
+            copies: 0,
         });
         true
     }
@@ -136,15 +146,29 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
             })
     }
 
-    /// During COPY FROM STDIN the server ignores Sync, so Syncs already sent behind
-    /// the COPY will get no reply.
-    pub fn drop_syncs_behind_front(&mut self) {
+    /// The client sent CopyDone or CopyFail.
+    pub fn client_copy_end(&mut self) {
+        self.copy_ends = self.copy_ends.wrapping_add(1);
+    }
+
+    /// The server started COPY FROM STDIN for the front request. During COPY the
+    /// server ignores Sync, so Syncs the client sent behind that request and
+    /// before the CopyDone/CopyFail ending this COPY get no reply; Syncs sent
+    /// after it do. Returns whether the client is still sending this COPY's data.
+    pub fn copy_in_started(&mut self) -> bool {
+        let Some(front) = self.queue.front_mut() else {
+            return true;
+        };
+        front.copies += 1;
+        // This COPY ends with the n-th CopyDone/CopyFail sent after the request.
+        let (base, n) = (front.copy_ends, front.copies);
         let mut first = true;
         self.queue.retain(|e| {
-            let keep = first || e.expect != Expect::Sync;
+            let keep = first || e.expect != Expect::Sync || e.copy_ends.wrapping_sub(base) >= n;
             first = false;
             keep
         });
+        self.copy_ends.wrapping_sub(base) < n
     }
 
     fn pop_front(&mut self, want: &[Expect], tag: u8) -> Route<T> {
@@ -368,11 +392,53 @@ mod tests {
         q.push(Expect::Sync, false, ());
         assert!(relayed(&q.on_server(b'2')));
         assert!(relayed(&q.on_server(b'G')));
-        q.drop_syncs_behind_front();
+        assert!(q.copy_in_started(), "the client is still sending data");
         assert_eq!(q.len(), 1);
+        q.client_copy_end();
         assert!(relayed(&q.on_server(b'C')));
         q.push(Expect::Sync, false, ());
         assert!(relayed(&q.on_server(b'Z')));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn sync_sent_after_copy_done_is_answered() {
+        // Query(COPY), CopyData, CopyDone, Sync in one write: the server reads
+        // the Sync after the COPY has ended, and answers it.
+        let mut q: Replies<()> = Replies::default();
+        q.push(Expect::Query, false, ());
+        q.client_copy_end();
+        q.push(Expect::Sync, false, ());
+        assert!(relayed(&q.on_server(b'G')));
+        assert!(!q.copy_in_started(), "the client already ended the COPY");
+        assert_eq!(q.len(), 2);
+        for tag in [b'C', b'Z', b'Z'] {
+            assert!(relayed(&q.on_server(tag)));
+        }
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn two_copies_in_one_query() {
+        // Syncs between the first CopyDone and the second COPY are ignored too.
+        let mut q: Replies<()> = Replies::default();
+        q.push(Expect::Query, false, ());
+        q.push(Expect::Sync, false, ());
+        q.client_copy_end();
+        q.push(Expect::Sync, false, ());
+        q.client_copy_end();
+        q.push(Expect::Sync, false, ());
+        assert!(relayed(&q.on_server(b'G')));
+        assert!(!q.copy_in_started());
+        assert_eq!(q.len(), 3);
+        assert!(relayed(&q.on_server(b'C')));
+        assert!(relayed(&q.on_server(b'G')));
+        assert!(!q.copy_in_started());
+        assert_eq!(q.len(), 2);
+        for tag in [b'C', b'Z', b'Z'] {
+            assert!(relayed(&q.on_server(tag)));
+        }
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -32,7 +32,10 @@ use crate::protocol::ProtocolError;
 /// Messages larger than this are streamed through in pieces instead of buffered
 /// whole (large DataRows, COPY data), so memory per session stays bounded.
 const STREAM_THRESHOLD: usize = 64 * 1024;
-/// Stop reading a peer while this much is queued for the other one.
+/// Stop reading a peer while this much is queued for the other one (for the
+/// client: its replies, forwarded or answered by pgtier, including those waiting
+/// behind server replies). With the batch that crossed it, this bounds what a
+/// session buffers however many requests a client pipelines without reading.
 const OUT_HIGH_WATER: usize = 1 << 20;
 /// Forward an unfinished extended-protocol batch once it grows this large.
 const BATCH_LIMIT: usize = 1 << 20;
@@ -56,6 +59,11 @@ enum End {
 
 enum Event {
     Client(io::Result<usize>),
+    /// Requests already received may be processed again (the client's replies
+    /// drained below the high-water mark).
+    Backlog,
+    /// The client sent Terminate and every reply due to it has been queued.
+    Finished,
     Server(io::Result<usize>),
     ClientWrite(io::Error),
     ServerWrite(io::Error),
@@ -86,6 +94,9 @@ pub struct Session {
     scanned: usize,
     /// Bytes of an oversized client message still to stream to the server.
     client_stream: usize,
+    /// `cin` holds requests left unprocessed while the client's replies were
+    /// over the high-water mark.
+    backlog: bool,
     /// Bytes of an oversized server message still to stream to the client.
     server_stream: usize,
     max_message: usize,
@@ -129,6 +140,7 @@ impl Session {
             sout: OutQueue::default(),
             scanned: 0,
             client_stream: 0,
+            backlog: false,
             server_stream: 0,
             max_message,
             startup,
@@ -141,7 +153,13 @@ impl Session {
     pub async fn run(mut self) {
         let end = self.event_loop().await;
         match &end {
-            End::ClientGone | End::Terminated => {
+            End::ClientGone => {
+                self.sout.push_static(frontend::TERMINATE_BYTES);
+                let _ = self.final_flush(false).await;
+            }
+            End::Terminated => {
+                // Replies to requests sent before Terminate still reach the client.
+                let _ = self.final_flush(true).await;
                 self.sout.push_static(frontend::TERMINATE_BYTES);
                 let _ = self.final_flush(false).await;
             }
@@ -181,11 +199,28 @@ impl Session {
     }
 
     async fn event_loop(&mut self) -> End {
+        // Bytes that came with the last startup or authentication packet: the
+        // client may not send more until they are answered.
+        if !self.sin.is_empty() {
+            if let Err(end) = self.process_server() {
+                return end;
+            }
+        }
+        if !self.cin.is_empty() {
+            if let Err(end) = self.process_client().await {
+                return end;
+            }
+        }
         loop {
             let ev = poll_fn(|cx| self.poll_io(cx)).await;
             let step = match ev {
                 Event::Client(Ok(0)) => return End::ClientGone,
                 Event::Server(Ok(0)) => return End::ServerGone,
+                Event::Finished => return End::Terminated,
+                Event::Backlog => {
+                    self.backlog = false;
+                    self.process_client().await
+                }
                 Event::Client(Ok(_)) => self.process_client().await,
                 Event::Server(Ok(_)) => self.process_server(),
                 Event::Client(Err(e)) | Event::ClientWrite(e) => {
@@ -205,7 +240,23 @@ impl Session {
     }
 
     fn may_read_client(&self) -> bool {
-        !self.track.terminating && self.sout.len() < OUT_HIGH_WATER
+        !self.track.terminating && !self.backlog && !self.outgoing_full()
+    }
+
+    /// Whether enough is queued for either peer that no further request should
+    /// be taken in: hits add to the client's queue as forwarded replies do.
+    fn outgoing_full(&self) -> bool {
+        self.sout.len() >= OUT_HIGH_WATER
+            || self.cout.len() + self.cache.synthetic_bytes() >= OUT_HIGH_WATER
+    }
+
+    /// After Terminate: every reply due has arrived (or been composed) and no
+    /// fence holds the client's output, so the session can end.
+    fn terminate_due(&self) -> bool {
+        self.track.terminating
+            && !self.track.blind
+            && self.track.replies.is_empty()
+            && self.fence.is_none()
     }
 
     fn may_read_server(&self) -> bool {
@@ -270,6 +321,12 @@ impl Session {
                 return Poll::Ready(Event::Client(r));
             }
         }
+        if self.backlog && !self.outgoing_full() {
+            return Poll::Ready(Event::Backlog);
+        }
+        if self.terminate_due() {
+            return Poll::Ready(Event::Finished);
+        }
         Poll::Pending
     }
 
@@ -302,6 +359,16 @@ impl Session {
 
     async fn process_client(&mut self) -> Result<(), End> {
         loop {
+            if self.track.terminating {
+                // Nothing after Terminate is read, as Postgres reads nothing.
+                self.cin.clear();
+                return Ok(());
+            }
+            if self.scanned == 0 && self.client_stream == 0 && self.outgoing_full() {
+                // Leave further requests unread until the client reads its replies.
+                self.backlog = !self.cin.is_empty();
+                return Ok(());
+            }
             if self.client_stream > 0 {
                 let n = self.client_stream.min(self.cin.len());
                 self.sout.push_from(&mut self.cin, n);
@@ -329,20 +396,43 @@ impl Session {
             }
             let msg =
                 Frontend::decode(h.tag, &rest[5..h.total_len]).map_err(End::ClientProtocol)?;
+            if matches!(msg, Frontend::Terminate) {
+                self.on_terminate(h.total_len).await;
+                if self.track.terminating {
+                    return Ok(());
+                }
+                continue;
+            }
             let (_, boundary) = self.track.expectation(&msg);
-            let terminate = matches!(msg, Frontend::Terminate);
             self.scanned += h.total_len;
             if boundary {
                 self.forward_batch().await;
-                if terminate {
-                    return Err(End::Terminated);
-                }
             }
         }
         if self.scanned >= BATCH_LIMIT {
             self.forward_batch().await;
         }
         Ok(())
+    }
+
+    /// Terminate: the requests before it still run and are answered (Postgres
+    /// reads them before it reads Terminate). The session ends once their
+    /// replies are queued; Terminate itself is sent last.
+    async fn on_terminate(&mut self, len: usize) {
+        self.forward_batch().await;
+        self.cin.advance(len);
+        if self.track.copy_in {
+            // During COPY FROM STDIN Postgres takes Terminate for a bad COPY
+            // message (an error) and carries on: so does the session.
+            self.sout.push_static(frontend::TERMINATE_BYTES);
+            return;
+        }
+        self.track.terminating = true;
+        if self.track.blind {
+            // Replies are not tracked: let the server end the session once it
+            // has answered everything before Terminate.
+            self.sout.push_static(frontend::TERMINATE_BYTES);
+        }
     }
 
     fn process_server(&mut self) -> Result<(), End> {
@@ -391,6 +481,12 @@ impl Session {
                 .track
                 .on_server(h.tag, &msg[5..])
                 .map_err(End::ServerProtocol)?;
+            if h.tag == backend::COPY_IN_RESPONSE && self.track.terminating && self.track.copy_in {
+                // The client wrote Terminate before the server started this COPY:
+                // the server reads it now, as a bad COPY message, and carries on.
+                self.track.terminating = false;
+                self.sout.push_static(frontend::TERMINATE_BYTES);
+            }
             let (front, swallow) = match route {
                 Route::Swallow { front } => (Some(front), true),
                 Route::Relay { front, .. } => (front, false),

@@ -26,7 +26,8 @@ pub enum ReplyTag {
 pub struct Tracker {
     pub replies: Replies<ReplyTag>,
     pub tx: TxStatus,
-    /// The client is sending COPY data: its messages go through immediately.
+    /// The client is sending COPY data (the server started COPY FROM STDIN and
+    /// the client has not yet sent the CopyDone/CopyFail ending it).
     pub copy_in: bool,
     /// Tracking was lost (replication protocol, or a reply we could not place): the
     /// session is still proxied faithfully but nothing is answered by pgtier.
@@ -108,7 +109,10 @@ impl Tracker {
     /// State changes a client message causes as it is forwarded.
     pub fn on_client(&mut self, msg: &Frontend<'_>) {
         match msg {
-            Frontend::CopyDone | Frontend::CopyFail(_) => self.copy_in = false,
+            Frontend::CopyDone | Frontend::CopyFail(_) => {
+                self.copy_in = false;
+                self.replies.client_copy_end();
+            }
             Frontend::Terminate => self.terminating = true,
             _ => {}
         }
@@ -158,10 +162,10 @@ impl Tracker {
                     }
                 }
             }
-            backend::COPY_IN_RESPONSE => {
-                self.copy_in = true;
-                self.replies.drop_syncs_behind_front();
+            backend::COPY_IN_RESPONSE if !self.blind => {
+                self.copy_in = self.replies.copy_in_started();
             }
+            backend::COPY_IN_RESPONSE => self.copy_in = true,
             backend::COPY_BOTH_RESPONSE => {
                 // Streaming replication: both sides talk freely from here on.
                 self.copy_in = true;

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod redis;
 pub mod sql;
+pub mod wire;
 
 use std::fs::File;
 use std::io::Read;

@@ -1,0 +1,164 @@
+//! Raw-byte tests of what the request path answers itself and what it must
+//! leave to Postgres (issue 12, cases 24 and 27).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::cache::key::{extended_key, statement_hash};
+use crate::config::Config;
+use crate::invalidation::Invalidation;
+use crate::proxy::startup::ServerHello;
+
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let body = [name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat();
+    frame(b'P', &body)
+}
+
+/// Bind with no parameters and default result formats.
+fn bind(statement: &str) -> Vec<u8> {
+    let body = [b"\0", statement.as_bytes(), b"\0\0\0\0\0\0\0"].concat();
+    frame(b'B', &body)
+}
+
+fn execute() -> Vec<u8> {
+    frame(b'E', b"\0\0\0\0\0")
+}
+
+fn sync() -> Vec<u8> {
+    frame(b'S', b"")
+}
+
+fn flush() -> Vec<u8> {
+    frame(b'H', b"")
+}
+
+struct Harness {
+    cache: Cache,
+    db: Arc<DbState>,
+    session: SessionCache,
+    track: Tracker,
+    cout: OutQueue,
+    sout: OutQueue,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let inv = Invalidation::new(["db".to_string()], "ch");
+        let db = inv.db("db").expect("db state");
+        db.come_up();
+        let mut session = SessionCache::new("db", "u", &[], Some(db.clone()));
+        session.reseed(&[]);
+        Harness {
+            cache: Cache::new(&Config::default()),
+            db,
+            session,
+            track: Tracker::new(&ServerHello::default()),
+            cout: OutQueue::default(),
+            sout: OutQueue::default(),
+        }
+    }
+
+    /// Put a result for `sql` (unnamed statement, no parameters) in L1.
+    fn cache_result(&self, sql: &str) {
+        let b = bind("");
+        let Ok(Frontend::Bind(args)) = Frontend::decode(b'B', &b[5..]) else {
+            panic!("bind");
+        };
+        let key = extended_key(
+            self.session.seed.user,
+            statement_hash(sql.as_bytes(), &[]),
+            args.args,
+        );
+        let rows = [
+            frame(b'D', b"\0\x01\0\0\0\x011"),
+            frame(b'C', b"SELECT 1\0"),
+        ]
+        .concat();
+        self.cache.insert(
+            key,
+            Entry::new(
+                None,
+                Bytes::from(rows),
+                Duration::from_secs(60),
+                Duration::ZERO,
+                0,
+                self.db.epoch(),
+                Box::new([]),
+            ),
+        );
+    }
+
+    /// Hand one request to the cache layer; (bytes answered, bytes forwarded).
+    async fn request(&mut self, parts: &[Vec<u8>]) -> (usize, usize) {
+        let (c, s) = (self.cout.len(), self.sout.len());
+        self.session
+            .dispatch(
+                &self.cache,
+                Bytes::from(parts.concat()),
+                &mut self.track,
+                &mut self.cout,
+                &mut self.sout,
+            )
+            .await;
+        (self.cout.len() - c, self.sout.len() - s)
+    }
+}
+
+#[tokio::test]
+async fn a_cached_result_proves_its_parse_and_bind() {
+    let mut h = Harness::new();
+    h.cache_result("select 1");
+    let (answered, forwarded) = h
+        .request(&[parse("", "select 1"), bind(""), execute(), sync()])
+        .await;
+    assert!(answered > 0 && forwarded == 0, "a full hit is answered");
+}
+
+#[tokio::test]
+async fn a_prepare_alone_goes_to_postgres() {
+    let mut h = Harness::new();
+    h.cache_result("select 1");
+    for sql in ["SELEC 1", "select 1"] {
+        let (answered, forwarded) = h.request(&[parse("", sql), sync()]).await;
+        assert_eq!(answered, 0, "{sql}: Parse + Sync answered without Postgres");
+        assert!(forwarded > 0);
+    }
+}
+
+#[tokio::test]
+async fn bind_without_execute_and_reparse_go_to_postgres() {
+    let mut h = Harness::new();
+    h.request(&[parse("s1", "select 1"), sync()]).await;
+    h.cache_result("select 1");
+    let (answered, _) = h.request(&[bind("s1"), sync()]).await;
+    assert_eq!(answered, 0, "Bind + Sync answered without Postgres");
+    // the same text under an existing name: Postgres reports 42P05
+    let (answered, _) = h
+        .request(&[parse("s1", "select 1"), bind("s1"), execute(), sync()])
+        .await;
+    assert_eq!(answered, 0, "re-Parse of an existing name answered");
+}
+
+#[tokio::test]
+async fn sync_after_flush_goes_to_postgres() {
+    let mut h = Harness::new();
+    let (answered, _) = h.request(&[parse("", "SELEC 1"), flush()]).await;
+    assert_eq!(answered, 0);
+    assert!(h.track.open_batch, "Flush leaves the batch open");
+    let (answered, forwarded) = h.request(&[sync()]).await;
+    assert_eq!(
+        answered, 0,
+        "the Sync of an open batch was answered by pgtier"
+    );
+    assert!(forwarded > 0);
+    assert!(!h.track.open_batch);
+}
