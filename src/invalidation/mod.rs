@@ -19,6 +19,7 @@
 pub mod catalog;
 pub mod commands;
 pub mod control;
+pub mod fingerprint;
 pub mod listener;
 pub mod payload;
 pub mod triggers;
@@ -250,6 +251,20 @@ impl DbState {
             v.store(mix(v.load(Ordering::Acquire)), Ordering::Release);
             self.gens.bump(slot);
         }
+    }
+
+    /// Kill these tables' L1 entries here and now, ahead of the notification
+    /// that does it everywhere (L2 versions move only with the stream).
+    pub fn invalidate_local(&self, tables: &[payload::QualifiedName]) {
+        for (schema, table) in tables {
+            self.gens.bump(Generations::slot(&self.name, schema, table));
+        }
+    }
+
+    /// Kill every L1 entry of this database here and now, ahead of the `*`
+    /// notification that does it everywhere.
+    pub fn invalidate_local_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Everything in this database changed.
