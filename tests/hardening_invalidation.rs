@@ -489,3 +489,75 @@ async fn case_14_rescans_without_event_triggers_notice_everything() {
         .unwrap();
     until(&p, &c, q, "200").await;
 }
+
+/// Logical replication's apply worker writes in replica mode and fires row
+/// triggers only: rows it applies must still invalidate.
+#[tokio::test]
+async fn case_07_logical_replication_applies_are_announced() {
+    use common::cluster::Cluster;
+    let mut cluster = Cluster::start(
+        "local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
+        "ALTER SYSTEM SET wal_level = logical",
+    );
+    cluster.stop(false);
+    cluster.pg_ctl_start();
+    let port = cluster.port;
+    let at = |db: &str| format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
+    let admin = connect_str(&at("postgres")).await;
+    for db in ["hi_pub", "hi_sub"] {
+        admin
+            .batch_execute(&format!("create database {db}"))
+            .await
+            .unwrap();
+    }
+    let publisher = connect_str(&at("hi_pub")).await;
+    for sql in [
+        "create table t(id int primary key, v int)",
+        "insert into t values (1, 1)",
+        "create publication hi_p for table t",
+        "select pg_create_logical_replication_slot('hi_slot', 'pgoutput')",
+    ] {
+        publisher.batch_execute(sql).await.unwrap();
+    }
+    let sub = connect_str(&at("hi_sub")).await;
+    sub.batch_execute("create table t(id int primary key, v int); insert into t values (1, 1)")
+        .await
+        .unwrap();
+    sub.batch_execute(&format!(
+        "create subscription hi_s connection 'host=127.0.0.1 port={port} user=postgres dbname=hi_pub'
+           publication hi_p with (create_slot = false, slot_name = 'hi_slot', copy_data = false);"
+    ))
+    .await
+    .unwrap();
+    let control = format!("postgres://postgres@127.0.0.1:{port}/hi_sub");
+    let p = Pgtier::start_with(
+        port,
+        TTL,
+        &[
+            "--control-url",
+            &control,
+            "--auto-install-triggers",
+            "--watch",
+            "eager",
+        ],
+    );
+    p.wait_listener("hi_sub").await;
+    let c = p.connect("hi_sub").await;
+    let q = "select sum(v) from t";
+    warm(&p, &c, q, "1").await;
+    publisher
+        .batch_execute("insert into t values (2, 10)")
+        .await
+        .unwrap();
+    until(&p, &c, q, "11").await;
+    warm(&p, &c, q, "11").await;
+    publisher
+        .batch_execute("update t set v = v + 100 where id = 1")
+        .await
+        .unwrap();
+    until(&p, &c, q, "111").await;
+    // The subscription goes before the cluster (its worker holds the slot).
+    sub.batch_execute("alter subscription hi_s disable; alter subscription hi_s set (slot_name = none); drop subscription hi_s")
+        .await
+        .unwrap();
+}
