@@ -44,22 +44,36 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
 /// pgtier's event triggers are in place; without them, also the privileges of
 /// everything in this database, so privilege changes are found at this poll's
 /// pace rather than at the (slower, costlier) catalog rescan's.
+///
+/// Only changes can narrow what a role sees, not additions: a new role, table
+/// or function has no entries yet. So that other tenants' role and table churn
+/// does not flush this cache, roles are also summed up to the highest oid of
+/// the previous look (`$1`), and only rows that carry privileges or row
+/// security are summed (new objects have none until granted); temporary and
+/// system relations never count.
 const GLOBAL: &str = "
 WITH et AS (
   SELECT count(*) = 2 AS ok FROM pg_event_trigger
   WHERE evtname IN ('pgtier_ddl', 'pgtier_drop') AND evtenabled = 'A')
 SELECT md5(ROW(
     (SELECT array_agg(m::text ORDER BY m::text) FROM pg_auth_members m),
-    (SELECT array_agg(ROW(r.oid, r.rolname, r.rolsuper, r.rolinherit, r.rolbypassrls, r.rolcanlogin)::text
-                      ORDER BY r.oid) FROM pg_roles r),
     (SELECT array_agg(s::text ORDER BY s::text) FROM pg_db_role_setting s)
   )::text),
+  (SELECT md5(array_agg(ROW(r.oid, r.rolname, r.rolsuper, r.rolinherit, r.rolbypassrls, r.rolcanlogin)::text
+                        ORDER BY r.oid)::text) FROM pg_roles r WHERE r.oid::int8 <= $1::int8),
+  (SELECT md5(array_agg(ROW(r.oid, r.rolname, r.rolsuper, r.rolinherit, r.rolbypassrls, r.rolcanlogin)::text
+                        ORDER BY r.oid)::text) FROM pg_roles r),
+  (SELECT max(r.oid::int8) FROM pg_roles r),
   et.ok,
   CASE WHEN et.ok THEN '' ELSE md5(ROW(
-    (SELECT array_agg(ROW(n.oid, n.nspname, n.nspowner, n.nspacl)::text ORDER BY n.oid) FROM pg_namespace n),
-    (SELECT array_agg(ROW(c.oid, c.relowner, c.relacl, c.relrowsecurity, c.relforcerowsecurity, c.reloptions)::text
-                      ORDER BY c.oid)
-       FROM pg_class c WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')),
+    (SELECT array_agg(ROW(n.oid, n.nspname, n.nspacl)::text ORDER BY n.oid)
+       FROM pg_namespace n WHERE n.nspacl IS NOT NULL),
+    (SELECT array_agg(ROW(c.oid, c.relacl, c.relrowsecurity, c.relforcerowsecurity)::text ORDER BY c.oid)
+       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+       WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+         AND (c.relacl IS NOT NULL OR c.relrowsecurity OR c.relforcerowsecurity)
+         AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtier')
+         AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'),
     (SELECT array_agg(ROW(a.attrelid, a.attnum, a.attacl)::text ORDER BY a.attrelid, a.attnum)
        FROM pg_attribute a WHERE a.attacl IS NOT NULL),
     (SELECT array_agg(ROW(p.oid, p.proacl)::text ORDER BY p.oid) FROM pg_proc p WHERE p.proacl IS NOT NULL),
@@ -80,20 +94,45 @@ pub async fn relations(client: &Client) -> Result<Relations, tokio_postgres::Err
 }
 
 /// The database-wide state `GLOBAL` reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Global {
+    /// Memberships and per-role settings.
+    pub members: String,
+    /// Roles up to the previous look's highest oid.
+    pub roles_before: String,
+    /// All roles, and the highest oid among them.
     pub roles: String,
+    pub max_role: i64,
     pub event_triggers: bool,
     /// Privileges of everything, read only while event triggers are missing.
     pub access: String,
 }
 
-pub async fn global(client: &Client) -> Result<Global, tokio_postgres::Error> {
-    let row = client.query_one(GLOBAL, &[]).await?;
+impl Global {
+    /// Whether `now` may let some role see more or less than at `self`.
+    pub fn changed(&self, now: &Global) -> bool {
+        self.members != now.members
+            || self.roles != now.roles_before
+            || self.event_triggers != now.event_triggers
+            || self.access != now.access
+    }
+}
+
+/// Read the state; `last` is the previous look's, if any.
+pub async fn global(
+    client: &Client,
+    last: Option<&Global>,
+) -> Result<Global, tokio_postgres::Error> {
+    let bound = last.map_or(i64::MAX, |g| g.max_role);
+    let row = client.query_one(GLOBAL, &[&bound]).await?;
+    let text = |i: usize| row.get::<_, Option<String>>(i).unwrap_or_default();
     Ok(Global {
-        roles: row.get::<_, Option<String>>(0).unwrap_or_default(),
-        event_triggers: row.get::<_, Option<bool>>(1).unwrap_or(false),
-        access: row.get::<_, Option<String>>(2).unwrap_or_default(),
+        members: text(0),
+        roles_before: text(1),
+        roles: text(2),
+        max_role: row.get::<_, Option<i64>>(3).unwrap_or(0),
+        event_triggers: row.get::<_, Option<bool>>(4).unwrap_or(false),
+        access: text(5),
     })
 }
 
@@ -189,6 +228,43 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn new_roles_alone_are_no_change() {
+        let last = Global {
+            members: "m".into(),
+            roles_before: "x".into(),
+            roles: "r1".into(),
+            max_role: 10,
+            event_triggers: true,
+            access: String::new(),
+        };
+        // A role added: the sum up to oid 10 is what it was.
+        let added = Global {
+            roles_before: "r1".into(),
+            roles: "r2".into(),
+            max_role: 11,
+            ..last.clone()
+        };
+        assert!(!last.changed(&added));
+        // An existing role altered (or dropped), a membership, privileges.
+        assert!(last.changed(&Global {
+            roles_before: "other".into(),
+            ..added.clone()
+        }));
+        assert!(last.changed(&Global {
+            members: "m2".into(),
+            ..added.clone()
+        }));
+        assert!(last.changed(&Global {
+            access: "a".into(),
+            ..added.clone()
+        }));
+        assert!(last.changed(&Global {
+            event_triggers: false,
+            ..added
+        }));
     }
 
     #[test]

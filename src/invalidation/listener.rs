@@ -332,15 +332,18 @@ impl Listener {
     /// entry of this database goes. Returns whether privileges changed (the
     /// catalog should be re-read).
     async fn poll_global(&self, client: &Client) -> anyhow::Result<bool> {
-        let now = fingerprint::global(client).await?;
-        let before = match self.tracked.lock() {
-            Ok(mut t) => t.global.replace(now.clone()),
+        let last = match self.tracked.lock() {
+            Ok(t) => t.global.clone(),
             Err(_) => anyhow::bail!("poisoned"),
         };
-        let Some(before) = before else {
+        let now = fingerprint::global(client, last.as_ref()).await?;
+        if let Ok(mut t) = self.tracked.lock() {
+            t.global = Some(now.clone());
+        }
+        let Some(before) = last else {
             return Ok(false);
         };
-        if before == now {
+        if !before.changed(&now) {
             return Ok(false);
         }
         tracing::debug!(database = %self.db.name, "roles or privileges changed");
