@@ -396,34 +396,27 @@ async fn case_07_origin_only_triggers_are_not_trusted() {
     assert_eq!(first(&c, q).await, "2");
 }
 
-/// pgtier whose control role may not create event triggers: only its rescans
-/// and polls can notice DDL and privilege changes.
-#[tokio::test]
-async fn case_14_rescans_without_event_triggers_notice_everything() {
-    let db = fresh_db("hi_rescan").await;
+/// A database whose tables belong to `hi_ctl14`, a role that may not create
+/// event triggers, and pgtier caching it through that role: only its rescans
+/// (every 300 ms here) and polls can notice DDL and privilege changes.
+async fn without_event_triggers(name: &str, setup: &str) -> (String, Client, Pgtier) {
+    let db = fresh_db(name).await;
     let d = direct(&db).await;
     roles(&d, &["hi_alice14", "hi_ctl14"], &["hi_readers14"]).await;
     d.batch_execute(&format!(
-        "grant create on database {db} to hi_ctl14;
-         create table secret(v int); insert into secret values (1);
-         create table shared(v int); insert into shared values (2);
-         create table docs(v int); insert into docs values (3);
-         create table m(k int, v int) partition by list (k);
-         create table m1 partition of m for values in (1); insert into m values (1, 1);
-         create table m2(k int, v int); insert into m2 values (2, 10);
-         create table base(v int); insert into base values (1), (200);
-         create view vw as select v from base where v > 0;
-         grant select on secret, docs to hi_alice14;
-         grant select on shared to hi_readers14;
-         grant hi_readers14 to hi_alice14;"
+        "grant create on database {db} to hi_ctl14; {setup}"
     ))
     .await
     .unwrap();
-    for t in ["secret", "shared", "docs", "m", "m1", "m2", "base", "vw"] {
-        d.batch_execute(&format!("alter table {t} owner to hi_ctl14"))
-            .await
-            .unwrap();
-    }
+    d.batch_execute(
+        "do $$ declare r record; begin
+           for r in select c.oid::regclass as t from pg_class c
+                    where c.relnamespace = 'public'::regnamespace and c.relkind in ('r', 'p', 'v') loop
+             execute format('alter table %s owner to hi_ctl14', r.t);
+           end loop; end $$;",
+    )
+    .await
+    .unwrap();
     let control = format!("postgres://hi_ctl14@127.0.0.1:5432/{db}");
     let p = Pgtier::start_with(
         common::PG_PORT,
@@ -443,7 +436,21 @@ async fn case_14_rescans_without_event_triggers_notice_everything() {
         .unwrap()
         .get(0);
     assert_eq!(n, 0, "the control role cannot create event triggers");
-    let c = p.connect(&db).await;
+    (db, d, p)
+}
+
+#[tokio::test]
+async fn case_14_without_event_triggers_privileges_roles_and_row_security_are_noticed() {
+    let (db, d, p) = without_event_triggers(
+        "hi_rescan_priv",
+        "create table secret(v int); insert into secret values (1);
+         create table shared(v int); insert into shared values (2);
+         create table docs(v int); insert into docs values (3);
+         grant select on secret, docs to hi_alice14;
+         grant select on shared to hi_readers14;
+         grant hi_readers14 to hi_alice14;",
+    )
+    .await;
     let alice = connect_as(&p, "hi_alice14", &db).await;
 
     // Privilege revoked, membership revoked.
@@ -467,6 +474,22 @@ async fn case_14_rescans_without_event_triggers_notice_everything() {
         .await
         .unwrap();
     until(&p, &alice, q, "NULL").await;
+}
+
+#[tokio::test]
+async fn case_14_without_event_triggers_partitions_inheritance_and_views_are_noticed() {
+    let (db, d, p) = without_event_triggers(
+        "hi_rescan_ddl",
+        "create table m(k int, v int) partition by list (k);
+         create table m1 partition of m for values in (1); insert into m values (1, 1);
+         create table m2(k int, v int); insert into m2 values (2, 10);
+         create table pa(v int); insert into pa values (1);
+         create table ch(v int); insert into ch values (50);
+         create table base(v int); insert into base values (1), (200);
+         create view vw as select v from base where v > 0;",
+    )
+    .await;
+    let c = p.connect(&db).await;
 
     // ATTACH and DETACH PARTITION.
     let q = "select sum(v) from m";
@@ -480,6 +503,12 @@ async fn case_14_rescans_without_event_triggers_notice_everything() {
         .await
         .unwrap();
     until(&p, &c, q, "1").await;
+
+    // INHERIT.
+    let q = "select sum(v) from pa";
+    warm(&p, &c, q, "1").await;
+    d.batch_execute("alter table ch inherit pa").await.unwrap();
+    until(&p, &c, q, "51").await;
 
     // CREATE OR REPLACE VIEW with the same columns.
     let q = "select sum(v) from vw";
