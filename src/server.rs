@@ -204,6 +204,7 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
                 ssl,
                 settings: settings.clone(),
                 cache: proxy.cache.clone(),
+                tracked: Default::default(),
             })
         })
         .collect()

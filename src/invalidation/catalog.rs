@@ -51,9 +51,15 @@ pub struct Catalog {
 
 const RELATIONS: &str = "
 SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relrowsecurity,
+       -- Announcing only counts if it cannot be switched off by
+       -- session_replication_role: the statement trigger ENABLE ALWAYS, the
+       -- row trigger (for logical replication's apply worker) at least REPLICA.
        EXISTS (SELECT 1 FROM pg_trigger t
-               WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' AND t.tgenabled <> 'D'
-                 AND t.tgnargs = 2),
+               WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' AND t.tgenabled = 'A'
+                 AND t.tgnargs = 2)
+       AND (c.relkind <> 'r' OR EXISTS (SELECT 1 FROM pg_trigger t
+               WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify_replica' AND t.tgenabled IN ('R', 'A')
+                 AND t.tgnargs = 2)),
        coalesce((SELECT md5(string_agg(a.attname || ':' || a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum))
                  FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), ''),
        coalesce((SELECT t.oid::int8 FROM pg_trigger t

@@ -19,12 +19,18 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::catalog::Catalog;
 use super::control::{self, ControlTarget};
+use super::fingerprint::{self, Tracked};
 use super::payload::{Payload, QualifiedName};
 use super::triggers::{self, Scope};
 use super::DbState;
 use crate::cache::Cache;
 
 static CATALOG_VERSION: AtomicU64 = AtomicU64::new(1);
+
+/// How often roles (and, without event triggers, privileges) are compared: no
+/// event trigger reports a role membership change, so this is how long one
+/// can go unnoticed. The query reads a few small catalogs.
+const ROLE_POLL: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -50,6 +56,8 @@ pub struct Listener {
     pub ssl: SslMode,
     pub settings: Settings,
     pub cache: Arc<Cache>,
+    /// Checksums of privileges, roles and the like from the last look.
+    pub tracked: std::sync::Mutex<Tracked>,
 }
 
 #[async_trait]
@@ -106,13 +114,18 @@ impl Listener {
         let s = &self.settings;
         let channel = format!("\"{}\"", s.channel.replace('"', "\"\""));
         client.batch_execute(&format!("LISTEN {channel}")).await?;
+        if let Ok(mut t) = self.tracked.lock() {
+            t.refused.clear();
+            t.global = None;
+        }
         if s.auto_install {
-            let r = triggers::install(&work, &s.channel, &s.scope, true).await?;
-            if r.tables > 0 {
-                tracing::info!(database = %self.db.name, tables = r.tables, "installed invalidation triggers");
+            let n = self.install_missing(&work).await?;
+            if n > 0 {
+                tracing::info!(database = %self.db.name, tables = n, "installed invalidation triggers");
             }
         }
         self.reload_catalog(&work).await?;
+        self.poll_global(&work).await?;
         self.db.forget_watches();
         if let Ok(mut w) = self.eagerly_watched.lock() {
             w.clear();
@@ -136,6 +149,9 @@ impl Listener {
         let mut rescan = tokio::time::interval(s.rescan_interval);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.tick().await;
+        let mut roles = tokio::time::interval(ROLE_POLL);
+        roles.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        roles.tick().await;
         let mut watching = futures_util::stream::FuturesUnordered::new();
         let mut in_flight = std::collections::HashSet::new();
         let mut holdoff = Holdoff::default();
@@ -202,14 +218,10 @@ impl Listener {
                         tracing::debug!(database = %self.db.name, tables = marked.len(), "watching tables");
                     }
                 }
-                _ = rescan.tick() => {
-                    self.reload_catalog(&work).await?;
-                    if s.auto_install && self.missing_triggers() {
-                        triggers::install(&work, &s.channel, &s.scope, true).await?;
-                        self.reload_catalog(&work).await?;
-                    }
-                    if s.eager_watch {
-                        self.watch_all(&work).await?;
+                _ = rescan.tick() => self.after_ddl(&work).await?,
+                _ = roles.tick() => {
+                    if self.poll_global(&work).await? {
+                        self.after_ddl(&work).await?;
                     }
                 }
             }
@@ -220,7 +232,7 @@ impl Listener {
     async fn after_ddl(&self, client: &Client) -> anyhow::Result<()> {
         self.reload_catalog(client).await?;
         if self.settings.auto_install && self.missing_triggers() {
-            triggers::install(client, &self.settings.channel, &self.settings.scope, true).await?;
+            self.install_missing(client).await?;
             self.reload_catalog(client).await?;
         }
         if self.settings.eager_watch {
@@ -280,59 +292,124 @@ impl Listener {
         Ok(())
     }
 
-    /// Tables in scope that have no trigger yet (created since the last install).
+    /// Tables in scope that have no trigger yet (created since the last install)
+    /// and that the role has not been refused.
     fn missing_triggers(&self) -> bool {
+        let Ok(tracked) = self.tracked.lock() else {
+            return false;
+        };
         self.db.catalog.load().relations.iter().any(|r| {
             matches!(r.kind, b'r' | b'p')
                 && !r.has_trigger
+                && !tracked.refused.contains(&r.oid)
                 && self.settings.scope.covers(&r.schema, &r.name)
         })
     }
 
+    /// Install triggers where they are missing; returns how many tables got them.
+    async fn install_missing(&self, client: &Client) -> anyhow::Result<usize> {
+        let s = &self.settings;
+        let r = triggers::install(client, &s.channel, &s.scope, true).await?;
+        if let Ok(mut t) = self.tracked.lock() {
+            t.refused.extend(r.refused);
+        }
+        Ok(r.tables)
+    }
+
+    /// Tell every pgtier (this one included) through the channel.
+    async fn announce(&self, client: &Client, payload: &str) -> anyhow::Result<()> {
+        client
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&self.settings.channel, &payload],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Compare roles (and, without event triggers, privileges) with the last
+    /// look. A change may let any role see more or less of anything, so every
+    /// entry of this database goes. Returns whether privileges changed (the
+    /// catalog should be re-read).
+    async fn poll_global(&self, client: &Client) -> anyhow::Result<bool> {
+        let last = match self.tracked.lock() {
+            Ok(t) => t.global.clone(),
+            Err(_) => anyhow::bail!("poisoned"),
+        };
+        let now = fingerprint::global(client, last.as_ref()).await?;
+        if let Ok(mut t) = self.tracked.lock() {
+            t.global = Some(now.clone());
+        }
+        let Some(before) = last else {
+            return Ok(false);
+        };
+        if !before.changed(&now) {
+            return Ok(false);
+        }
+        tracing::debug!(database = %self.db.name, "roles or privileges changed");
+        self.db.invalidate_local_all();
+        self.cache.clear_descriptions();
+        self.announce(client, "*").await?;
+        Ok(before.access != now.access)
+    }
+
     /// Re-read the catalog and invalidate relations that changed under us
-    /// (renamed, dropped, altered, lost their trigger): this also covers DDL
-    /// made where no event trigger reports it.
+    /// (renamed, dropped, altered, lost their trigger, privileges, row
+    /// security, view definitions, partitions, inheritance): this also covers
+    /// DDL made where no event trigger reports it.
     async fn reload_catalog(&self, client: &Client) -> anyhow::Result<()> {
         let version = CATALOG_VERSION.fetch_add(1, Ordering::Relaxed);
-        let new = Catalog::load(client, version).await?;
+        // One snapshot for all of it: DDL committed half-way through a read
+        // would otherwise land in the checksums but not in the catalog, and
+        // the next read (which that DDL's notification asks for) would see no
+        // difference and kill nothing.
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let read = async {
+            let catalog = Catalog::load(client, version).await?;
+            let fp = fingerprint::relations(client).await?;
+            Ok::<_, tokio_postgres::Error>((catalog, fp))
+        }
+        .await;
+        client.batch_execute("COMMIT").await?;
+        let (new, new_fp) = read?;
         let old = self.db.catalog.load();
-        let mut changed: Vec<QualifiedName> = Vec::new();
-        for r in &old.relations {
-            let same = new.get(r.oid).is_some_and(|n| {
-                n.schema == r.schema
-                    && n.name == r.name
-                    && n.shape == r.shape
-                    && n.has_trigger == r.has_trigger
-                    && n.trigger_oid == r.trigger_oid
-            });
-            if !same {
-                changed.push((r.schema.clone(), r.name.clone()));
-                if let Some(n) = new.get(r.oid) {
-                    changed.push((n.schema.clone(), n.name.clone()));
-                }
-            }
-        }
-        // A new relation may take over an unqualified name.
-        let added: Vec<QualifiedName> = new
-            .relations
-            .iter()
-            .filter(|r| old.get(r.oid).is_none())
-            .map(|r| (r.schema.clone(), r.name.clone()))
-            .collect();
-        if !changed.is_empty() {
-            tracing::debug!(database = %self.db.name, ?changed, "catalog changed");
-            // A table whose trigger went or was replaced must be watched afresh.
-            self.db.unwatch(&changed);
-            self.cache.clear_descriptions();
-        }
-        let routines_changed = new.routines.fingerprint != old.routines.fingerprint;
+        let changes = match self.tracked.lock() {
+            // The first read of a session has nothing to compare with (its
+            // epoch is new anyway).
+            Ok(_) if old.version == 0 => Default::default(),
+            Ok(t) => fingerprint::compare(&old, &t.relations, &new, &new_fp),
+            Err(_) => anyhow::bail!("poisoned"),
+        };
+        // A table whose trigger went or was replaced must be watched afresh
+        // (named as the old catalog knows it, before it is replaced).
+        self.db.stop_watching(&changes.triggers, true);
+        // New resolutions before the entries go: a fill that resolved against
+        // the old catalog either took its snapshot before the bumps below, or
+        // is killed by the notification after them.
+        // Functions, operators, casts or role settings (not tied to a relation).
+        let routines_changed =
+            old.version != 0 && new.routines.fingerprint != old.routines.fingerprint;
         self.db.set_catalog(new);
-        // After the new catalog is in place: a fill resolved against the old one
-        // is dead once these land.
-        self.db.invalidate(&added);
+        if let Ok(mut t) = self.tracked.lock() {
+            t.relations = new_fp;
+        }
+        if !changes.names.is_empty() {
+            tracing::debug!(database = %self.db.name, changed = ?changes.names, "catalog changed");
+            self.db.invalidate_local(&changes.names);
+            self.cache.clear_descriptions();
+            // Every pgtier applies it at the same point of the stream (L2).
+            self.announce(client, &Payload::ddl_payload(&changes.names))
+                .await?;
+        }
         if routines_changed {
             tracing::debug!(database = %self.db.name, "functions, operators, casts or role settings changed");
-            self.db.invalidate_routines();
+            self.db.invalidate_routines_local();
+            self.cache.clear_descriptions();
+            // `d[]`: DDL on no relation, which every pgtier applies to the
+            // routines slot at the same point of the stream.
+            self.announce(client, &Payload::ddl_payload(&[])).await?;
         }
         Ok(())
     }

@@ -19,6 +19,7 @@
 pub mod catalog;
 pub mod commands;
 pub mod control;
+pub mod fingerprint;
 pub mod listener;
 pub mod payload;
 pub mod triggers;
@@ -270,12 +271,33 @@ impl DbState {
         self.bump(Generations::routines_slot(&self.name));
     }
 
+    /// Kill these tables' L1 entries here and now (and those that name them
+    /// without a schema), ahead of the notification that does it everywhere
+    /// (L2 versions move only with the stream).
+    pub fn invalidate_local(&self, tables: &[payload::QualifiedName]) {
+        for (schema, table) in tables {
+            self.gens.bump(Generations::slot(&self.name, schema, table));
+            self.gens.bump(Generations::name_slot(&self.name, table));
+        }
+    }
+
+    /// As `invalidate_routines`, here and now, ahead of the notification.
+    pub fn invalidate_routines_local(&self) {
+        self.gens.bump(Generations::routines_slot(&self.name));
+    }
+
     fn bump(&self, slot: u32) {
         // L2 version first: a reader that sees the new L1 generation must not
         // then compute the old L2 key.
         let v = &self.l2_versions[slot as usize % SLOTS];
         v.store(mix(v.load(Ordering::Acquire)), Ordering::Release);
         self.gens.bump(slot);
+    }
+
+    /// Kill every L1 entry of this database here and now, ahead of the `*`
+    /// notification that does it everywhere.
+    pub fn invalidate_local_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Everything in this database changed.

@@ -79,6 +79,15 @@ impl Payload {
         }
     }
 
+    /// A `d` payload naming these relations, or `*` when it would not fit.
+    pub fn ddl_payload(tables: &[QualifiedName]) -> String {
+        let w = Self::write_payload(tables);
+        match w.strip_prefix('w') {
+            Some(json) => format!("d{json}"),
+            None => w,
+        }
+    }
+
     pub fn fence(instance: u64, seq: u64) -> String {
         format!("f{instance}:{seq}")
     }
@@ -99,7 +108,7 @@ mod tests {
             ("s".into(), "t".into()),
         ];
         let p = Payload::write_payload(&t);
-        assert_eq!(Payload::parse(&p), Some(Payload::Write(t)));
+        assert_eq!(Payload::parse(&p), Some(Payload::Write(t.clone())));
         assert_eq!(
             Payload::parse("f12:34"),
             Some(Payload::Fence {
@@ -126,5 +135,10 @@ mod tests {
             .map(|i| ("public".into(), format!("partition_{i}")))
             .collect();
         assert_eq!(Payload::write_payload(&many), "*");
+        assert_eq!(Payload::ddl_payload(&many), "*");
+        assert_eq!(
+            Payload::parse(&Payload::ddl_payload(&t)),
+            Some(Payload::Ddl(t))
+        );
     }
 }

@@ -2,11 +2,18 @@
 //!
 //! One plpgsql function and one statement-level trigger per table
 //! (`AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ... FOR EACH STATEMENT`). The
-//! payload is a trigger argument fixed at install time: the table plus its
-//! inheritance family, so the trigger does no catalog work per statement and a
-//! write through a parent or straight into a partition reaches both. Where the
-//! role may create event triggers, DDL is announced too; otherwise the listener
-//! notices it by re-reading the catalog periodically.
+//! payload names the written table as it is called when the trigger fires
+//! (`TG_TABLE_SCHEMA`, `TG_TABLE_NAME`), so renames and schema moves cannot make
+//! it announce a stale name; a reader depends on its tables' whole inheritance
+//! family (see `Catalog::resolve`), so a write through a parent or straight into
+//! a partition reaches both without the trigger doing catalog work.
+//!
+//! The statement triggers are `ENABLE ALWAYS`: writes made with `session_replication_role =
+//! replica` (pg_restore, migration tools) are announced too. Logical replication's
+//! apply worker fires row triggers only, so plain tables also get a row-level
+//! trigger that is `ENABLE REPLICA` (it fires only in replica mode). Where the role may
+//! create event triggers, DDL is announced too (also `ENABLE ALWAYS`); otherwise
+//! the listener notices it by re-reading the catalog periodically.
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
@@ -15,6 +22,8 @@ use super::catalog::Catalog;
 use super::payload::Payload;
 
 pub const TRIGGER: &str = "pgtier_notify";
+/// The row-level trigger for writes in `session_replication_role = replica`.
+pub const REPLICA_TRIGGER: &str = "pgtier_notify_replica";
 
 /// Which tables to cover; empty lists mean every user table.
 #[derive(Debug, Clone, Default)]
@@ -40,6 +49,9 @@ impl Scope {
 pub struct Report {
     pub tables: usize,
     pub event_triggers: bool,
+    /// Tables whose triggers the role may not install (or make `ENABLE ALWAYS`,
+    /// which needs ownership): they stay uncached.
+    pub refused: Vec<u32>,
 }
 
 fn quote_literal(s: &str) -> String {
@@ -58,7 +70,10 @@ GRANT USAGE ON SCHEMA pgtier TO PUBLIC;
 CREATE OR REPLACE FUNCTION pgtier.notify_change() RETURNS trigger
 LANGUAGE plpgsql AS $pgtier$
 BEGIN
-  -- pgtier-notify-v5. Only tables a pgtier caches are announced: their watch
+  -- pgtier-notify-v6. The table is named as it is called now: a payload fixed
+  -- at install time went stale when the table was renamed. (TG_ARGV[0], the
+  -- install-time payload, is only read by older versions.) Only tables a pgtier
+  -- caches are announced: their watch
   -- sequence (TG_ARGV[1]) stands at 2. A notifying commit serialises with every
   -- other one (Postgres's notify queue lock is held through the commit), so
   -- tables nobody caches must not pay for it. The trigger's WHEN clause makes
@@ -67,7 +82,7 @@ BEGIN
   -- a privilege and search_path switch; writers instead may read the watch
   -- sequences, which say nothing but whether pgtier caches.)
   IF pg_sequence_last_value(TG_ARGV[1]::oid::regclass) > 1 THEN
-    PERFORM pg_notify({ch}, TG_ARGV[0]);
+    PERFORM pg_notify({ch}, 'w' || json_build_array(json_build_array(TG_TABLE_SCHEMA, TG_TABLE_NAME))::text);
   END IF;
   RETURN NULL;
 END
@@ -85,9 +100,17 @@ DECLARE
   t jsonb := '[]'::jsonb;
   r record;
 BEGIN
-  -- pgtier-ddl-v2. pgtier's own listener reloads the catalog after its DDL;
+  -- pgtier-ddl-v3. pgtier's own listener reloads the catalog after its DDL;
   -- announcing it would only echo back.
   IF current_setting('application_name', true) = 'pgtier-control' THEN
+    RETURN;
+  END IF;
+  -- Privileges and row security policies change what a role may see without
+  -- naming a relation here (GRANT ON ALL TABLES, schemas, columns): every
+  -- entry of this database goes.
+  IF TG_TAG IN ('GRANT', 'REVOKE', 'ALTER DEFAULT PRIVILEGES', 'CREATE POLICY',
+                'ALTER POLICY', 'DROP POLICY', 'ALTER SCHEMA', 'DROP OWNED', 'REASSIGN OWNED') THEN
+    PERFORM pg_notify({ch}, '*');
     RETURN;
   END IF;
   IF TG_EVENT = 'sql_drop' THEN
@@ -114,7 +137,9 @@ $pgtier$;
 DROP EVENT TRIGGER IF EXISTS pgtier_ddl;
 DROP EVENT TRIGGER IF EXISTS pgtier_drop;
 CREATE EVENT TRIGGER pgtier_ddl ON ddl_command_end EXECUTE FUNCTION pgtier.on_ddl();
-CREATE EVENT TRIGGER pgtier_drop ON sql_drop EXECUTE FUNCTION pgtier.on_ddl();"
+CREATE EVENT TRIGGER pgtier_drop ON sql_drop EXECUTE FUNCTION pgtier.on_ddl();
+ALTER EVENT TRIGGER pgtier_ddl ENABLE ALWAYS;
+ALTER EVENT TRIGGER pgtier_drop ENABLE ALWAYS;"
     )
 }
 
@@ -123,7 +148,10 @@ pub fn watch_sequence(oid: u32) -> String {
     format!("pgtier.w{oid}")
 }
 
-/// The CREATE TRIGGER statement for one table, given its watch sequence's oid.
+/// The statements that (re)create one table's triggers, given its watch
+/// sequence's oid. Meant to run as one implicit transaction: `CREATE OR REPLACE
+/// TRIGGER` resets a trigger to fire in origin mode only, and no other session
+/// may see it in that state.
 pub fn trigger_sql(catalog: &Catalog, oid: u32, sequence: u32) -> Option<String> {
     let r = catalog.get(oid)?;
     let family: Vec<(String, String)> = catalog
@@ -132,16 +160,30 @@ pub fn trigger_sql(catalog: &Catalog, oid: u32, sequence: u32) -> Option<String>
         .filter_map(|o| catalog.get(o).map(|m| (m.schema.clone(), m.name.clone())))
         .collect();
     let payload = Payload::write_payload(&family);
+    let table = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.name));
+    let args = format!("{}, '{sequence}'", quote_literal(&payload));
     // The WHEN test runs in the executor: a write to a table nobody caches
     // costs one sequence read, not a plpgsql call.
-    Some(format!(
-        "CREATE OR REPLACE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {}.{} \
+    let mut sql = format!(
+        "CREATE OR REPLACE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} \
          FOR EACH STATEMENT WHEN (pg_sequence_last_value({sequence}::oid::regclass) > 1) \
-         EXECUTE FUNCTION pgtier.notify_change({}, '{sequence}')",
-        quote_ident(&r.schema),
-        quote_ident(&r.name),
-        quote_literal(&payload)
-    ))
+         EXECUTE FUNCTION pgtier.notify_change({args});
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER {TRIGGER};"
+    );
+    // Only leaf tables: a row trigger on a partitioned table would be cloned to
+    // its partitions (whose own would then clash with the clone), and rows are
+    // written to the leaves anyway. ENABLE REPLICA: outside replica mode the
+    // executor skips it without evaluating anything per row (a WHEN test of
+    // the setting doubled the cost of a bulk INSERT).
+    if r.kind == b'r' {
+        sql.push_str(&format!(
+            "CREATE OR REPLACE TRIGGER {REPLICA_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {table} \
+             FOR EACH ROW WHEN (pg_sequence_last_value({sequence}::oid::regclass) > 1) \
+             EXECUTE FUNCTION pgtier.notify_change({args});
+             ALTER TABLE {table} ENABLE REPLICA TRIGGER {REPLICA_TRIGGER};"
+        ));
+    }
+    Some(sql)
 }
 
 /// Install the function, the event triggers (when permitted) and the table
@@ -167,6 +209,7 @@ pub async fn install(
     };
     let catalog = Catalog::load(client, 0).await?;
     let mut tables = 0;
+    let mut refused = Vec::new();
     for r in &catalog.relations {
         if !matches!(r.kind, b'r' | b'p') || !scope.covers(&r.schema, &r.name) {
             continue;
@@ -186,13 +229,27 @@ pub async fn install(
             .await?
             .get(0);
         if let Some(sql) = trigger_sql(&catalog, r.oid, seq_oid as u32) {
-            client.batch_execute(&sql).await?;
-            tables += 1;
+            match client.batch_execute(&sql).await {
+                Ok(()) => tables += 1,
+                // ENABLE ALWAYS needs the table's owner; the table stays
+                // uncached rather than announced only in origin mode.
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    tracing::warn!(
+                        table = format!("{}.{}", r.schema, r.name),
+                        error = %e,
+                        "cannot install the invalidation triggers (ENABLE ALWAYS needs the table's owner); \
+                         the table is not cached: run `pgtier install-triggers` as its owner"
+                    );
+                    refused.push(r.oid);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(Report {
         tables,
         event_triggers,
+        refused,
     })
 }
 
@@ -350,7 +407,9 @@ pub async fn uninstall(client: &Client) -> Result<usize, tokio_postgres::Error> 
     for row in &rows {
         let rel: String = row.get(0);
         client
-            .batch_execute(&format!("DROP TRIGGER IF EXISTS {TRIGGER} ON {rel}"))
+            .batch_execute(&format!(
+                "DROP TRIGGER IF EXISTS {TRIGGER} ON {rel}; DROP TRIGGER IF EXISTS {REPLICA_TRIGGER} ON {rel}"
+            ))
             .await?;
     }
     match client

@@ -1168,15 +1168,17 @@ impl SessionCache {
         if decision.analysis.may_write {
             self.wrote = true;
         }
-        let calls = &decision.analysis.user_calls;
+        let calls = &decision.analysis.calls;
         if !calls.is_empty()
             && !self
                 .catalog_db
                 .as_ref()
                 .is_some_and(|d| d.all_immutable(calls))
         {
-            // A function that is not IMMUTABLE may SET, set_config(), or create
-            // temporary objects, none of which pgtier would see.
+            // A function that is not IMMUTABLE (or one that shadows a built-in)
+            // may write, SET, set_config(), or create temporary objects, none of
+            // which pgtier would see.
+            self.wrote = true;
             self.taint("function_call");
         }
         for e in &decision.analysis.effects {

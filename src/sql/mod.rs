@@ -134,10 +134,12 @@ pub struct Analysis {
     pub writes: Vec<TableRef>,
     /// Whether it may write at all (anything but plain reads and session commands).
     pub may_write: bool,
-    /// Functions it calls that are neither known-safe built-ins nor built-ins
-    /// known to be volatile: user functions, which may write, change settings
-    /// or create temporary objects unless the catalog says they are IMMUTABLE.
-    pub user_calls: Vec<String>,
+    /// Functions it calls by name that are not built-ins known to be volatile
+    /// (those change no session state; set_config is found on its own). The
+    /// catalog decides what each name means: a user function, or one shadowing
+    /// a built-in, may write, change settings or create temporary objects
+    /// unless it is IMMUTABLE.
+    pub calls: Vec<String>,
     /// pg_query fingerprint: the statement's shape with constants removed.
     pub fingerprint: u64,
 }
@@ -159,7 +161,7 @@ pub fn analyze(sql: &str) -> Analysis {
                 effects: Vec::new(),
                 writes: Vec::new(),
                 may_write: true,
-                user_calls: Vec::new(),
+                calls: Vec::new(),
                 fingerprint,
             }
         }
@@ -169,7 +171,7 @@ pub fn analyze(sql: &str) -> Analysis {
         effects: Vec::new(),
         writes: Vec::new(),
         may_write: false,
-        user_calls: Vec::new(),
+        calls: Vec::new(),
         fingerprint,
     };
     let stmts = &parsed.protobuf.stmts;
@@ -186,7 +188,7 @@ pub fn analyze(sql: &str) -> Analysis {
         let facts = Facts::collect(&tree);
         out.effects.extend(session_effects(&top, &tree, &facts));
         out.writes.extend(facts.written.iter().cloned());
-        out.user_calls.extend(facts.user_calls());
+        out.calls.extend(facts.calls());
         if !matches!(
             top.as_str(),
             "SelectStmt" | "VariableSetStmt" | "VariableShowStmt"
@@ -208,11 +210,11 @@ pub fn analyze(sql: &str) -> Analysis {
     }
     // A user function may write, whatever else makes the statement
     // uncacheable (`SELECT now(), write_fn()`): the write must be fenced.
-    if !out.user_calls.is_empty() {
+    if out.calls.iter().any(|f| !is_safe_builtin(f)) {
         out.may_write = true;
     }
-    out.user_calls.sort();
-    out.user_calls.dedup();
+    out.calls.sort();
+    out.calls.dedup();
     out.writes.sort();
     out.writes.dedup();
     out
@@ -499,14 +501,9 @@ impl Facts {
 }
 
 impl Facts {
-    /// Called functions that are neither safe built-ins nor known volatile
-    /// built-ins (those change no session state, set_config aside, which is
-    /// found on its own).
-    fn user_calls(&self) -> impl Iterator<Item = String> + '_ {
+    /// Called functions the catalog must vet (see `Analysis::calls`).
+    fn calls(&self) -> impl Iterator<Item = String> + '_ {
         self.functions.iter().filter_map(|f| {
-            if is_safe_builtin(f) {
-                return None;
-            }
             let bare = f.strip_prefix("pg_catalog.").unwrap_or(f);
             (!f.starts_with("pg_catalog.") && !builtin_volatile(bare)).then(|| f.clone())
         })
