@@ -82,6 +82,7 @@ fi
 port=$(free_port)
 work=$(mktemp -d)
 # shellcheck disable=SC2086
+PGTIER_L2_SIGNING_KEY="${PGTIER_L2_SIGNING_KEY:-$(printf 'ab%.0s' $(seq 32))}" \
 "$bin" --listen "127.0.0.1:$port" --upstream "$upstream" --admin-listen "" \
   --pid-file "$work/pgtier.pid" --upgrade-sock "$work/upgrade.sock" --log-level warn $pgtier_args \
   >"$work/pgtier.log" 2>&1 &

@@ -378,6 +378,12 @@ pub struct L2Config {
     /// Client certificate and key (PEM) for Redis servers that require mutual TLS.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// HMAC key (hex, or `base64:...`; at least 32 bytes) shared by every
+    /// pgtier of the deployment: values in Redis and L2 epoch notifications are
+    /// signed with it. Required when L2 is on.
+    pub signing_key: Option<String>,
+    /// The same, read from a file.
+    pub signing_key_file: Option<PathBuf>,
 }
 
 impl Default for L2Config {
@@ -396,6 +402,8 @@ impl Default for L2Config {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            signing_key: None,
+            signing_key_file: None,
         }
     }
 }
@@ -546,6 +554,18 @@ impl Config {
                 "tls_cert_file and tls_key_file go together",
             ));
         }
+        let key = crate::cache::l2::signing::load_key(
+            self.l2.signing_key.as_deref(),
+            self.l2.signing_key_file.as_deref(),
+        )
+        .map_err(|e| invalid("l2.signing_key", e))?;
+        if key.is_none() && !self.l2.nodes().is_empty() {
+            return Err(invalid(
+                "l2.signing_key",
+                "required when L2 is on: pgtier does not trust what it reads from Redis without it \
+                 (make one with `openssl rand -hex 32`; the same key on every pgtier sharing the Redis)",
+            ));
+        }
         if self.l2.timeout.0.is_zero() {
             return Err(invalid("l2.timeout", "must be greater than 0"));
         }
@@ -649,6 +669,9 @@ impl Config {
         c.invalidation.control_urls.iter_mut().for_each(hide);
         c.l2.redis_url.iter_mut().for_each(hide);
         c.l2.seeds.iter_mut().for_each(hide);
+        if c.l2.signing_key.is_some() {
+            c.l2.signing_key = Some("****".into());
+        }
         c
     }
 

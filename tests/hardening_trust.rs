@@ -1,0 +1,176 @@
+//! Trust boundaries (issue 12, cases 8, 21, 22): what another role connected
+//! straight to Postgres can NOTIFY, what whoever can write Redis can store, and
+//! two-phase commit, must never make pgtier answer anything Postgres would not.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::sql::first;
+use common::{direct, fresh_db, Metrics, Pgtier};
+
+fn l2(m: &Metrics, outcome: &str) -> f64 {
+    m.get(
+        "pgtier_cache_lookups_total",
+        &[("tier", "l2"), ("outcome", outcome)],
+    )
+}
+
+fn l2_errors(m: &Metrics, kind: &str) -> f64 {
+    m.get("pgtier_l2_errors_total", &[("kind", kind)])
+}
+
+/// Wait (bounded) until `p` has stored `n` values in Redis.
+async fn stored(p: &Pgtier, n: f64) {
+    let t = Instant::now();
+    while p
+        .metrics()
+        .await
+        .get("pgtier_l2_writes_total", &[("result", "stored")])
+        < n
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "nothing stored in L2"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A pgtier caching `db` that keeps nothing in L1: every cached read goes to
+/// the Redis at `url`.
+async fn l2_only(db: &str, url: &str, args: &[&str]) -> Pgtier {
+    let mut all = vec!["--redis", url, "--l1-max-bytes", "0"];
+    all.extend_from_slice(args);
+    Pgtier::cached(db, "[cache]\ndefault_ttl = \"10m\"\n", &all).await
+}
+
+fn redis_conn(r: &RedisServer) -> redis::Connection {
+    redis::Client::open(r.url())
+        .and_then(|c| c.get_connection())
+        .expect("redis connection")
+}
+
+fn keys(c: &mut redis::Connection) -> Vec<String> {
+    let mut k: Vec<String> = redis::cmd("KEYS").arg("*").query(c).expect("KEYS");
+    k.sort();
+    k
+}
+
+fn backend_msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// A value in the format of the unsigned (format 2) L2, with a valid
+/// checksum: the RowDescription of `genuine` and one row saying `text`.
+fn forged_v2(genuine: &[u8], text: &str) -> Vec<u8> {
+    let rd_len = u32::from_le_bytes(genuine[4..8].try_into().unwrap()) as usize;
+    let rd = &genuine[8..8 + rd_len];
+    let mut row = 1i16.to_be_bytes().to_vec();
+    row.extend_from_slice(&(text.len() as i32).to_be_bytes());
+    row.extend_from_slice(text.as_bytes());
+    let mut rows = backend_msg(b'D', &row);
+    rows.extend(backend_msg(b'C', b"SELECT 1\0"));
+    let mut v = b"PGT2".to_vec();
+    v.extend_from_slice(&(rd.len() as u32).to_le_bytes());
+    v.extend_from_slice(rd);
+    v.extend_from_slice(&(rows.len() as u32).to_le_bytes());
+    v.extend_from_slice(&rows);
+    let sum = xxhash_rust::xxh3::xxh3_64(&v);
+    v.extend_from_slice(&sum.to_le_bytes());
+    v
+}
+
+#[tokio::test]
+async fn case_21_values_written_into_redis_are_never_replayed() {
+    let redis = RedisServer::start();
+    let db = fresh_db("ht_l2_forge").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "create table t(id int primary key, v text); insert into t values (1, 'one'), (2, 'two')",
+    )
+    .await
+    .unwrap();
+    let url = redis.url();
+    let p = l2_only(&db, &url, &[]).await;
+    let c = p.connect(&db).await;
+    let q1 = "select v from t where id = 1";
+    let q2 = "select v from t where id = 2";
+    assert_eq!(first(&c, q1).await, "one");
+    stored(&p, 1.0).await;
+    assert_eq!(first(&c, q2).await, "two");
+    stored(&p, 2.0).await;
+    // L2 is in use: a read is an L2 hit.
+    let before = p.metrics().await;
+    assert_eq!(first(&c, q1).await, "one");
+    assert_eq!(l2(&p.metrics().await, "hit") - l2(&before, "hit"), 1.0);
+
+    let mut r = redis_conn(&redis);
+    let ks = keys(&mut r);
+    assert_eq!(ks.len(), 2, "{ks:?}");
+    let values: Vec<Vec<u8>> = ks
+        .iter()
+        .map(|k| redis::cmd("GET").arg(k).query(&mut r).unwrap())
+        .collect();
+
+    // 1. Values swapped between keys: each is genuine, but for the other query.
+    for (k, v) in ks.iter().zip(values.iter().rev()) {
+        let _: () = redis::cmd("SET").arg(k).arg(v).query(&mut r).unwrap();
+    }
+    let before = p.metrics().await;
+    assert_eq!(first(&c, q1).await, "one", "a value moved to another key");
+    assert_eq!(first(&c, q2).await, "two", "a value moved to another key");
+    let after = p.metrics().await;
+    assert_eq!(l2(&after, "hit") - l2(&before, "hit"), 0.0);
+    assert!(l2_errors(&after, "bad_signature") - l2_errors(&before, "bad_signature") >= 2.0);
+
+    // 2. Values written by someone without the key (a well-formed reply with a
+    //    valid checksum in the old unsigned format, and random bytes).
+    let ks = keys(&mut r);
+    for k in &ks {
+        let genuine: Vec<u8> = redis::cmd("GET").arg(k).query(&mut r).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg(forged_v2(&genuine, "pwned"))
+            .query(&mut r)
+            .unwrap();
+    }
+    let before = p.metrics().await;
+    assert_eq!(first(&c, q1).await, "one", "a forged value was replayed");
+    assert_eq!(first(&c, q2).await, "two", "a forged value was replayed");
+    let after = p.metrics().await;
+    assert!(l2_errors(&after, "corrupt") - l2_errors(&before, "corrupt") >= 2.0);
+    let ks = keys(&mut r);
+    for k in &ks {
+        let _: () = redis::cmd("SET")
+            .arg(k)
+            .arg(
+                b"PGT3\xff\xff\xff\xff\x00\x00\x00\x00random bytes, then a made-up tag...."
+                    .to_vec(),
+            )
+            .query(&mut r)
+            .unwrap();
+    }
+    assert_eq!(first(&c, q1).await, "one");
+
+    // 3. A pgtier with another key shares the Redis: it trusts none of it
+    //    (including the value `p` stores after `q` started).
+    let other = "00".repeat(32);
+    let q = l2_only(&db, &url, &["--l2-signing-key", &other]).await;
+    let cq = q.connect(&db).await;
+    let n = p
+        .metrics()
+        .await
+        .get("pgtier_l2_writes_total", &[("result", "stored")]);
+    assert_eq!(first(&c, q2).await, "two");
+    stored(&p, n + 1.0).await;
+    let before = q.metrics().await;
+    assert_eq!(first(&cq, q2).await, "two");
+    assert_eq!(first(&cq, q1).await, "one");
+    let after = q.metrics().await;
+    assert_eq!(l2(&after, "hit") - l2(&before, "hit"), 0.0);
+}
