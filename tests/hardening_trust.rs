@@ -174,3 +174,233 @@ async fn case_21_values_written_into_redis_are_never_replayed() {
     let after = q.metrics().await;
     assert_eq!(l2(&after, "hit") - l2(&before, "hit"), 0.0);
 }
+
+const CHANNEL: &str = "pgtier_invalidate";
+
+/// A plain role with no privileges beyond connecting: what any application
+/// user of the database is.
+async fn plain_role(db: &str) -> tokio_postgres::Client {
+    let d = direct(db).await;
+    d.batch_execute(
+        "DO $$ BEGIN CREATE ROLE ht_plain LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    .await
+    .unwrap();
+    common::connect_str(&format!(
+        "host={} port={} user=ht_plain dbname={db}",
+        common::PG_HOST,
+        common::PG_PORT
+    ))
+    .await
+}
+
+/// LISTEN on the invalidation channel straight at Postgres: every payload, in
+/// order.
+async fn listen(
+    db: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user=postgres dbname={db}",
+            common::PG_HOST,
+            common::PG_PORT
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        use futures_util::StreamExt;
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// The next payload on the channel that starts with `prefix` (bounded wait).
+async fn next_payload(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    prefix: &str,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(p)) if p.starts_with(prefix) => return p,
+            Ok(Some(_)) => {}
+            _ => panic!("no '{prefix}' notification within 10 s"),
+        }
+    }
+}
+
+fn notifications(m: &Metrics, db: &str) -> f64 {
+    m.get(
+        "pgtier_invalidation_notifications_total",
+        &[("database", db)],
+    )
+}
+
+/// Send `payloads` as `who`, and wait (bounded) until `p`'s listener has
+/// taken them all in.
+async fn notify_as(who: &tokio_postgres::Client, p: &Pgtier, db: &str, payloads: &[String]) {
+    let before = notifications(&p.metrics().await, db);
+    for payload in payloads {
+        who.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, payload])
+            .await
+            .unwrap();
+    }
+    let t = Instant::now();
+    while notifications(&p.metrics().await, db) < before + payloads.len() as f64 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pgtier never saw the notifications"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn case_08_forged_or_replayed_epochs_never_bring_back_overwritten_values() {
+    let redis = RedisServer::start();
+    let db = fresh_db("ht_epoch").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table t(id int primary key, v int); insert into t values (1, 1)")
+        .await
+        .unwrap();
+    let attacker = plain_role(&db).await;
+    let (_l, mut seen) = listen(&db).await;
+    let url = redis.url();
+    let p = l2_only(&db, &url, &[]).await;
+    // The genuine epoch notification pgtier sent when its listener connected:
+    // anyone listening sees it.
+    let genuine = next_payload(&mut seen, "e").await;
+    let c = p.connect(&db).await;
+    let q = "select v from t where id = 1";
+    assert_eq!(first(&c, q).await, "1");
+    stored(&p, 1.0).await;
+    let before = p.metrics().await;
+    assert_eq!(first(&c, q).await, "1");
+    assert_eq!(
+        l2(&p.metrics().await, "hit") - l2(&before, "hit"),
+        1.0,
+        "the value is served from L2"
+    );
+
+    // Overwritten: the old value stays in Redis under the old versions' key.
+    d.execute("update t set v = 2 where id = 1", &[])
+        .await
+        .unwrap();
+    common::sql::until(&c, q, "2").await;
+    stored(&p, 2.0).await;
+
+    // The attacker replays the genuine epoch, and forges others from it.
+    let e: String = genuine[1..]
+        .split(':')
+        .nth(if genuine.contains(':') { 1 } else { 0 })
+        .unwrap()
+        .to_string();
+    let forged = [
+        genuine.clone(),
+        format!("e{e}"),
+        format!("e{}:{e}:{}", u64::MAX - 1, "00".repeat(32)),
+    ];
+    for f in &forged {
+        notify_as(&attacker, &p, &db, std::slice::from_ref(f)).await;
+        assert_eq!(
+            first(&c, q).await,
+            "2",
+            "after a forged epoch '{f}', an overwritten value came back"
+        );
+    }
+    let m = p.metrics().await;
+    assert_eq!(
+        m.get(
+            "pgtier_control_notifications_rejected_total",
+            &[("database", &db), ("kind", "epoch")]
+        ),
+        3.0
+    );
+    // L2 still works for this instance.
+    let before = p.metrics().await;
+    assert_eq!(first(&c, q).await, "2");
+    assert_eq!(l2(&p.metrics().await, "hit") - l2(&before, "hit"), 1.0);
+}
+
+/// Fences are only ever completed by the instance's own notification: a forged
+/// one, committed before a write but read by a lagging listener after the
+/// write registered its fence, must not release the client before the write's
+/// own invalidation has been applied.
+#[tokio::test]
+async fn case_08_forged_fences_do_not_release_a_write_early() {
+    let db = fresh_db("ht_fence").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "create table t(id int primary key, v int); insert into t values (1, 1);
+         create table scratch(x int)",
+    )
+    .await
+    .unwrap();
+    let attacker = plain_role(&db).await;
+    let (_l, mut seen) = listen(&db).await;
+    let p = Pgtier::cached(
+        &db,
+        "[cache]\ndefault_ttl = \"10m\"\n[invalidation]\nfence_timeout = \"60s\"\n",
+        &[],
+    )
+    .await;
+    let c = p.connect(&db).await;
+    let q = "select v from t where id = 1";
+    assert_eq!(first(&c, q).await, "1");
+    let before = p.metrics().await;
+    assert_eq!(first(&c, q).await, "1");
+    assert_eq!(p.metrics().await.hits() - before.hits(), 1.0, "cached");
+
+    // Any write through pgtier shows its instance id and fence number.
+    c.batch_execute("insert into scratch values (1)")
+        .await
+        .unwrap();
+    let fence = next_payload(&mut seen, "f").await;
+    let mut parts = fence[1..].split(':');
+    let instance: u64 = parts.next().unwrap().parse().unwrap();
+    let seq: u64 = parts.next().unwrap().parse().unwrap();
+
+    // The listener gets busy (harmless fences of another instance), then the
+    // forged fence for the next write, then more work ahead of that write's
+    // own invalidation.
+    let n = 20_000;
+    attacker
+        .batch_execute(&format!(
+            "SELECT pg_notify('{CHANNEL}', 'f1:' || g) FROM generate_series(1, {n}) g"
+        ))
+        .await
+        .unwrap();
+    attacker
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_notify('{CHANNEL}', 'f{instance}:{}');
+             SELECT pg_notify('{CHANNEL}', 'f1:' || g) FROM generate_series({n} + 1, 2 * {n}) g;
+             COMMIT",
+            seq + 1
+        ))
+        .await
+        .unwrap();
+    c.batch_execute("update t set v = 2 where id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        first(&c, q).await,
+        "2",
+        "read-your-writes: a forged fence released the write before its invalidation"
+    );
+}

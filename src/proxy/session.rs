@@ -448,8 +448,8 @@ impl Session {
             return;
         };
         let inv = &self.proxy.invalidation;
-        let (seq, done) = db.new_fence();
-        let payload = crate::invalidation::Payload::fence(inv.instance, seq);
+        let (seq, nonce, done) = db.new_fence();
+        let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
         let sql = format!(
             "NOTIFY \"{}\", '{payload}'",
             inv.channel.replace('"', "\"\"")

@@ -71,6 +71,13 @@ pub struct Signer {
     mac: Hmac<Sha256>,
 }
 
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.write_str("Signer(****)")
+    }
+}
+
 impl Signer {
     pub fn new(key: &[u8]) -> Signer {
         Signer {
