@@ -404,3 +404,94 @@ async fn case_08_forged_fences_do_not_release_a_write_early() {
         "read-your-writes: a forged fence released the write before its invalidation"
     );
 }
+
+/// Two-phase commit: a prepared transaction that wrote a table pgtier caches
+/// fails at PREPARE (Postgres refuses it after the trigger's NOTIFY) with a
+/// hint saying what to do; tables outside the trigger scope take prepared
+/// transactions through pgtier; and whatever happens, no read is stale.
+#[tokio::test]
+async fn case_22_prepared_transactions_fail_clearly_and_never_leave_stale_reads() {
+    let mut cluster = common::cluster::Cluster::start(
+        "local all all trust\nhost all all 127.0.0.1/32 trust\n",
+        "ALTER SYSTEM SET max_prepared_transactions = 10",
+    );
+    cluster.stop(false);
+    cluster.pg_ctl_start();
+    let port = cluster.port;
+    let url = |db: &str| format!("host=127.0.0.1 port={port} user=postgres dbname={db}");
+    let admin = common::connect_str(&url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE ht_2pc").await.unwrap();
+    let db = "ht_2pc";
+    let d = common::connect_str(&url(db)).await;
+    d.batch_execute(
+        "create table w(id int primary key, v int); insert into w values (1, 1);
+         create table y(id int primary key, v int); insert into y values (1, 1);
+         create table x(id int primary key, v int); insert into x values (1, 1)",
+    )
+    .await
+    .unwrap();
+    let control = format!("postgres://postgres@127.0.0.1:{port}/{db}");
+    let p = Pgtier::start_with(
+        port,
+        "[cache]\ndefault_ttl = \"10m\"\n[invalidation]\ntables = [\"public.w\", \"public.y\"]\n",
+        &[
+            "--control-url",
+            &control,
+            "--auto-install-triggers",
+            "--watch",
+            "lazy",
+        ],
+    );
+    p.wait_listener(db).await;
+    let c = p.connect(db).await;
+    let qw = "select v from w where id = 1";
+    common::sql::warm(&p, &c, qw, "1").await;
+
+    // A table pgtier caches: PREPARE fails, clearly, and the write is gone.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("UPDATE w SET v = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    let e = c
+        .batch_execute("PREPARE TRANSACTION 'ht_w'")
+        .await
+        .expect_err("Postgres refuses PREPARE after a NOTIFY");
+    let e = e.as_db_error().expect("an error from Postgres");
+    assert_eq!(e.code().code(), "0A000", "{e:?}");
+    assert!(
+        e.hint()
+            .is_some_and(|h| h.contains("pgtier") && h.contains("invalidation.tables")),
+        "the error should say what to do: {e:?}"
+    );
+    let _ = c.batch_execute("ROLLBACK").await;
+    assert_eq!(first(&c, qw).await, "1");
+    assert_eq!(first(&d, qw).await, "1");
+
+    // A table outside the trigger scope: two-phase commit works through pgtier.
+    let qx = "select v from x where id = 1";
+    c.batch_execute("BEGIN; UPDATE x SET v = 2 WHERE id = 1; PREPARE TRANSACTION 'ht_x'")
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT PREPARED 'ht_x'").await.unwrap();
+    assert_eq!(first(&c, qx).await, "2");
+
+    // A table in scope but not yet watched: prepared before anyone caches it.
+    // Reads meanwhile must not cache the pre-commit value past COMMIT PREPARED.
+    let qy = "select v from y where id = 1";
+    d.batch_execute("BEGIN; UPDATE y SET v = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    d.batch_execute("PREPARE TRANSACTION 'ht_y'").await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(first(&c, qy).await, "1");
+    }
+    d.batch_execute("COMMIT PREPARED 'ht_y'").await.unwrap();
+    assert_eq!(first(&c, qy).await, "2", "stale after COMMIT PREPARED");
+    common::sql::warm(&p, &c, qy, "2").await;
+    d.execute("UPDATE y SET v = 3 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    common::sql::until(&c, qy, "3").await;
+    drop((c, d, admin));
+    drop(p);
+}

@@ -10,6 +10,7 @@ pub mod startup;
 pub mod statements;
 pub mod tls;
 pub mod tracker;
+pub mod two_phase;
 pub mod upstream;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
