@@ -495,3 +495,38 @@ async fn case_22_prepared_transactions_fail_clearly_and_never_leave_stale_reads(
     drop((c, d, admin));
     drop(p);
 }
+
+/// Postgres sees pgtier's address, so its `hostssl` rules cannot demand TLS of
+/// pgtier's clients: `server.require_tls` does, for sessions and the admin
+/// console alike.
+#[tokio::test]
+async fn case_23_require_tls_refuses_plaintext_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let toml = format!(
+        "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\nrequire_tls = true\n",
+        cert.display(),
+        key.display()
+    );
+    let p = Pgtier::start_with(common::PG_PORT, &toml, &[]);
+    let psql = |sslmode: &str| {
+        common::run_bounded(
+            std::process::Command::new("psql")
+                .arg(format!(
+                    "host=127.0.0.1 port={} user=postgres dbname=test sslmode={sslmode}",
+                    p.port
+                ))
+                .args(["-X", "-Atc", "select 'ok'"]),
+            Duration::from_secs(30),
+        )
+    };
+    let (st, out, err) = psql("require");
+    assert!(st.success() && out.contains("ok"), "{err}");
+    let (st, _, err) = psql("disable");
+    assert!(!st.success(), "a plaintext client got in");
+    assert!(err.contains("requires TLS"), "{err}");
+}

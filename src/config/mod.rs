@@ -224,6 +224,10 @@ pub struct ServerConfig {
     /// PEM certificate chain and key for client-facing TLS; both or neither.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Refuse clients that did not negotiate TLS (needs tls_cert/tls_key).
+    /// Postgres sees pgtier's address, not the client's, so its `hostssl`
+    /// rules cannot require this for clients of pgtier.
+    pub require_tls: bool,
     /// Unix socket through which a new binary takes over the listener (SIGQUIT upgrade).
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
@@ -240,6 +244,7 @@ impl Default for ServerConfig {
             auth_timeout: Dur(std::time::Duration::from_secs(60)),
             tls_cert: None,
             tls_key: None,
+            require_tls: false,
             upgrade_sock: PathBuf::from("/tmp/pgtier_upgrade.sock"),
             pid_file: PathBuf::from("/tmp/pgtier.pid"),
         }
@@ -493,6 +498,12 @@ impl Config {
             (Some(c), Some(k)) => {
                 readable("server.tls_cert", c)?;
                 readable("server.tls_key", k)?;
+            }
+            (None, None) if self.server.require_tls => {
+                return Err(invalid(
+                    "server.require_tls",
+                    "needs server.tls_cert and server.tls_key",
+                ))
             }
             (None, None) => {}
             _ => {
