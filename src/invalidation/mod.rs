@@ -523,6 +523,17 @@ mod tests {
     }
 
     #[test]
+    fn only_the_right_nonce_completes_a_fence() {
+        let db = db_with(&[]);
+        let (seq, nonce, mut done) = db.new_fence();
+        assert!(!db.complete_fence(seq, nonce ^ 2), "forged");
+        assert!(done.try_recv().is_err(), "still outstanding");
+        assert!(db.complete_fence(seq, nonce));
+        assert!(done.try_recv().is_ok());
+        assert!(db.complete_fence(seq, nonce), "already done: nothing to refuse");
+    }
+
+    #[test]
     fn a_watch_overtaken_by_an_unwatch_does_not_take_effect() {
         let db = db_with(&[(10, "a"), (11, "b")]);
         db.come_up();
