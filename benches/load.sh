@@ -15,6 +15,8 @@
 #                       connections as pgbench, one GET at a time: the round-trip ceiling)
 #            --pgbouncer (also measure PgBouncer in session mode in front of the same upstream,
 #                       the reference for pure forwarding; needs the pgbouncer package)
+#            --baseline BIN (also measure another pgtier build, started with the same
+#                       arguments, alternating with this one: before/after in one run)
 #
 # Needs the local Postgres on 127.0.0.1:5432 (see README). Builds pgtier in release.
 set -euo pipefail
@@ -31,6 +33,7 @@ latency=0
 pgbouncer=0
 cache=0
 l2=""
+baseline=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --clients) clients=$2; shift ;;
@@ -42,6 +45,7 @@ while [ $# -gt 0 ]; do
     --script) script=$2; shift ;;
     --ceiling) ceiling=1 ;;
     --pgbouncer) pgbouncer=1 ;;
+    --baseline) baseline=$2; shift ;;
     --latency) latency=1 ;;
     --cache) cache=1 ;;
     --l2) l2=$2; shift ;;
@@ -79,17 +83,27 @@ if [ "$cache" = 1 ]; then
   [ -n "$l2" ] && pgtier_args="$pgtier_args --redis $l2 --l1-max-bytes 0"
 fi
 
+start_pgtier() { # binary port workdir
+  # L2 needs a signing key; older builds ignore the variable.
+  # shellcheck disable=SC2086
+  PGTIER_L2_SIGNING_KEY="${PGTIER_L2_SIGNING_KEY:-$(printf 'ab%.0s' $(seq 32))}" \
+  "$1" --listen "127.0.0.1:$2" --upstream "$upstream" --admin-listen "" \
+    --pid-file "$3/pgtier.pid" --upgrade-sock "$3/upgrade.sock" --log-level warn $pgtier_args \
+    >"$3/pgtier.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$2") 2>/dev/null && break; sleep 0.1; done
+  psql -h 127.0.0.1 -p "$2" -U postgres -d "$db" -qAtc "select 1" >/dev/null \
+    || { echo "pgtier ($1) did not start:" >&2; cat "$3/pgtier.log" >&2; exit 1; }
+}
 port=$(free_port)
 work=$(mktemp -d)
-# shellcheck disable=SC2086
-PGTIER_L2_SIGNING_KEY="${PGTIER_L2_SIGNING_KEY:-$(printf 'ab%.0s' $(seq 32))}" \
-"$bin" --listen "127.0.0.1:$port" --upstream "$upstream" --admin-listen "" \
-  --pid-file "$work/pgtier.pid" --upgrade-sock "$work/upgrade.sock" --log-level warn $pgtier_args \
-  >"$work/pgtier.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-psql -h 127.0.0.1 -p "$port" -U postgres -d "$db" -qAtc "select 1" >/dev/null \
-  || { echo "pgtier did not start:" >&2; cat "$work/pgtier.log" >&2; exit 1; }
+start_pgtier "$bin" "$port" "$work"
+base_port=""
+if [ -n "$baseline" ]; then
+  base_port=$(free_port)
+  base_work=$(mktemp -d)
+  start_pgtier "$baseline" "$base_port" "$base_work"
+fi
 
 ceil_port=""
 if [ "$ceiling" = 1 ]; then
@@ -152,6 +166,7 @@ echo "workload: $script, clients $clients, threads $threads, ${duration}s per ru
 printf "%-9s %10s %10s %8s" mode direct pgtier ratio
 [ "$ceiling" = 1 ] && printf " %10s %12s" ceiling pgtier/ceil
 [ "$pgbouncer" = 1 ] && printf " %10s %8s %10s" pgbouncer ratio pgtier/pgb
+[ -n "$baseline" ] && printf " %10s %8s %10s" baseline ratio pgt/base
 [ "$latency" = 1 ] && printf " %12s %12s" "p50 ms" "p99 ms"
 printf "\n"
 for mode in $modes; do
@@ -160,7 +175,8 @@ for mode in $modes; do
   tps "$port" "$mode" "$warmup" >/dev/null
   [ "$ceiling" = 1 ] && tps "$ceil_port" "$mode" "$warmup" >/dev/null
   [ "$pgbouncer" = 1 ] && tps "$pgb_port" "$mode" "$warmup" >/dev/null
-  d=0 p=0 c=0 b=0
+  [ -n "$baseline" ] && tps "$base_port" "$mode" "$warmup" >/dev/null
+  d=0 p=0 c=0 b=0 o=0
   for _ in $(seq "$rounds"); do
     # alternate targets so drift on the machine hits both alike
     d=$((d + $(tps 5432 "$mode" "$duration")))
@@ -172,11 +188,13 @@ for mode in $modes; do
     fi
     [ "$ceiling" = 1 ] && c=$((c + $(tps "$ceil_port" "$mode" "$duration")))
     [ "$pgbouncer" = 1 ] && b=$((b + $(tps "$pgb_port" "$mode" "$duration")))
+    [ -n "$baseline" ] && o=$((o + $(tps "$base_port" "$mode" "$duration")))
   done
-  d=$((d / rounds)) p=$((p / rounds)) c=$((c / rounds)) b=$((b / rounds))
+  d=$((d / rounds)) p=$((p / rounds)) c=$((c / rounds)) b=$((b / rounds)) o=$((o / rounds))
   printf "%-9s %10d %10d %8.2f" "$mode" "$d" "$p" "$(echo "$p / $d" | bc -l)"
   [ "$ceiling" = 1 ] && printf " %10d %12.2f" "$c" "$(echo "$p / $c" | bc -l)"
   [ "$pgbouncer" = 1 ] && printf " %10d %8.2f %10.2f" "$b" "$(echo "$b / $d" | bc -l)" "$(echo "$p / $b" | bc -l)"
+  [ -n "$baseline" ] && printf " %10d %8.2f %10.2f" "$o" "$(echo "$o / $d" | bc -l)" "$(echo "$p / $o" | bc -l)"
   if [ "$latency" = 1 ]; then read -r p50 p99 <<<"$(percentiles "$work/lat")"; printf " %12s %12s" "$p50" "$p99"; fi
   printf "\n"
 done

@@ -99,6 +99,47 @@ pub fn bypass(reason: &'static str) {
     });
 }
 
+/// Register every metric family with its known label sets (counters at 0), so
+/// that a healthy instance that has not yet reloaded, reconnected or failed
+/// shows those series at 0 rather than "No data" on dashboards and alerts.
+/// Call before the listeners start (it sets their `connected` gauge to 0).
+pub fn register_families(databases: &[String], l2: bool) {
+    let _ = hot();
+    for result in ["ok", "error"] {
+        counter!("pgtier_config_reloads_total", "result" => result).increment(0);
+    }
+    counter!("pgtier_fence_timeouts_total").increment(0);
+    if l2 {
+        for kind in [
+            "timeout",
+            "error",
+            "corrupt",
+            "bad_signature",
+            "bad_framing",
+        ] {
+            counter!("pgtier_l2_errors_total", "kind" => kind).increment(0);
+        }
+        for result in ["stored", "too_large", "error", "timeout"] {
+            counter!("pgtier_l2_writes_total", "result" => result).increment(0);
+        }
+        gauge!("pgtier_l2_breaker_state").set(0.0);
+    }
+    for db in databases {
+        let db = db.clone();
+        counter!("pgtier_listener_reconnects_total", "database" => db.clone()).increment(0);
+        counter!("pgtier_invalidations_total", "database" => db.clone()).increment(0);
+        counter!("pgtier_invalidation_notifications_total", "database" => db.clone()).increment(0);
+        counter!("pgtier_unwatches_total", "database" => db.clone()).increment(0);
+        for kind in ["fence", "epoch"] {
+            counter!("pgtier_control_notifications_rejected_total", "database" => db.clone(), "kind" => kind)
+                .increment(0);
+        }
+        gauge!("pgtier_listener_connected", "database" => db.clone()).set(0.0);
+        gauge!("pgtier_listener_lag_last_seconds", "database" => db.clone()).set(0.0);
+        let _ = histogram!("pgtier_listener_lag_seconds", "database" => db);
+    }
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge};
     describe_counter!(
@@ -129,7 +170,7 @@ fn describe() {
     );
     describe_counter!(
         "pgtier_l2_errors_total",
-        "Redis calls that failed, by kind (timeout, error, corrupt)"
+        "Redis calls that failed, by kind (timeout, error), and values refused as misses (corrupt, bad_signature, bad_framing)"
     );
     describe_gauge!(
         "pgtier_l2_breaker_state",
@@ -163,6 +204,10 @@ fn describe() {
     describe_counter!(
         "pgtier_fence_timeouts_total",
         "Read-your-writes fences that timed out"
+    );
+    describe_counter!(
+        "pgtier_control_notifications_rejected_total",
+        "Forged or replayed control notifications ignored, by database and kind (fence, epoch)"
     );
     describe_counter!(
         "pgtier_config_reloads_total",

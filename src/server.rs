@@ -59,6 +59,12 @@ pub fn run(config: Config, options: crate::config::cli::Options) -> Result<()> {
     let live = Arc::new(Live::new(config.clone()));
     let proxy = Arc::new(Proxy::new(live.clone(), options)?);
 
+    let databases: Vec<String> = proxy
+        .invalidation
+        .databases()
+        .map(|d| d.name.clone())
+        .collect();
+    crate::metrics::register_families(&databases, proxy.cache.l2().is_some());
     if let Some(l2) = proxy.cache.l2() {
         sessions.on_each(move || l2.clone().warm_up());
     }
@@ -113,6 +119,7 @@ pub fn run(config: Config, options: crate::config::cli::Options) -> Result<()> {
         workers,
         "pgtier listening"
     );
+    crate::banner::print(&config, &databases);
     let how = Arc::new(AtomicU8::new(0));
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals(how.clone())),

@@ -363,3 +363,51 @@ async fn sighup_reloads_rules_and_keeps_sessions() {
         .unwrap();
     assert_eq!(ttl_shown().await, "2s");
 }
+
+/// Every metric family the shipped Grafana dashboard queries is exported by an
+/// instance that has served nothing, reloaded nothing and failed at nothing yet,
+/// so no panel or alert shows "No data" on a healthy instance.
+#[tokio::test]
+async fn every_dashboard_metric_exists_on_a_fresh_instance() {
+    let db = fresh_db("pgtier_ops_fresh_metrics").await;
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docker/grafana/dashboards/pgtier.json"
+    ))
+    .expect("read the dashboard");
+    let re = regex::Regex::new(r"pgtier_[a-z0-9_]+").unwrap();
+    let mut families: Vec<String> = re
+        .find_iter(&dashboard)
+        .map(|m| {
+            let name = m.as_str();
+            ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name)
+                .to_string()
+        })
+        .collect();
+    families.sort();
+    families.dedup();
+    assert!(
+        families.len() > 10,
+        "the dashboard queries pgtier metrics: {families:?}"
+    );
+    let redis = common::redis::RedisServer::start();
+    let p = Pgtier::cached(&db, "", &["--redis", &redis.url()]).await;
+    let m = p.metrics().await;
+    let present: std::collections::HashSet<&str> =
+        m.0.samples.iter().map(|s| s.metric.as_str()).collect();
+    let missing: Vec<&String> = families
+        .iter()
+        .filter(|f| {
+            !present.contains(f.as_str())
+                && !present.contains(format!("{f}_bucket").as_str())
+                && !present.contains(format!("{f}_count").as_str())
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "absent from a fresh /metrics: {missing:?}"
+    );
+}

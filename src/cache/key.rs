@@ -50,23 +50,24 @@ impl Seed {
     }
 }
 
-/// Compute a session's seed. Each parameter list is hashed in sorted order so
-/// that the order in which settings arrived does not matter.
+/// Compute a session's seed from its settings, given from the oldest source to
+/// the newest (startup packet, then what the server reported, then SET): a
+/// later value of a name replaces an earlier one, as it does in the server.
+/// Names are then hashed in sorted order, so the order in which different
+/// settings arrived does not matter.
 pub fn session_seed<'a>(
     database: &str,
     user: &str,
     params: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> Seed {
-    let mut kv: Vec<(String, &str)> = params
-        .filter(|(k, _)| !ignored(k))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect();
-    kv.sort();
-    kv.dedup_by(|a, b| a.0 == b.0);
+    let mut effective: std::collections::BTreeMap<String, &str> = Default::default();
+    for (k, v) in params.filter(|(k, _)| !ignored(k)) {
+        effective.insert(k.to_ascii_lowercase(), v);
+    }
     let mut h = Xxh3::new();
-    put(&mut h, b"pgtier-seed-v1");
+    put(&mut h, b"pgtier-seed-v2");
     put(&mut h, database.as_bytes());
-    for (k, v) in &kv {
+    for (k, v) in &effective {
         put(&mut h, k.as_bytes());
         put(&mut h, v.as_bytes());
     }
@@ -146,6 +147,31 @@ mod tests {
             .into_iter(),
         );
         assert_eq!(a, reordered);
+    }
+
+    #[test]
+    fn the_newest_value_of_a_setting_is_keyed() {
+        // Startup said New York, the session then SET UTC: the session renders
+        // UTC, exactly like a session that started in UTC.
+        let ny_then_utc = session_seed(
+            "db",
+            "alice",
+            [("TimeZone", "America/New_York"), ("timezone", "UTC")].into_iter(),
+        );
+        let utc = session_seed("db", "alice", [("TimeZone", "UTC")].into_iter());
+        let ny = session_seed(
+            "db",
+            "alice",
+            [("TimeZone", "America/New_York")].into_iter(),
+        );
+        assert_eq!(ny_then_utc, utc);
+        assert_ne!(ny_then_utc, ny);
+        let utc_then_ny = session_seed(
+            "db",
+            "alice",
+            [("TimeZone", "UTC"), ("TimeZone", "America/New_York")].into_iter(),
+        );
+        assert_eq!(utc_then_ny, ny);
     }
 
     #[test]

@@ -189,6 +189,14 @@ impl Catalog {
         seen
     }
 
+    /// Whether every one of these user functions is IMMUTABLE (so cannot change
+    /// session state or read tables, by its declaration).
+    pub fn all_immutable(&self, functions: &[String]) -> bool {
+        functions
+            .iter()
+            .all(|f| self.immutable.contains(f.as_str()))
+    }
+
     /// The generation slots a cacheable statement depends on, or why it cannot be
     /// cached in this database. Tables with a trigger that this pgtier does not
     /// watch yet are added to `unwatched` (and the statement is not cacheable
@@ -201,10 +209,8 @@ impl Catalog {
         unwatched: &mut Vec<u32>,
     ) -> Result<(Vec<u32>, Vec<u32>), &'static str> {
         let read = decision.analysis.read.as_ref().map_err(|n| n.label())?;
-        for f in &read.user_functions {
-            if !self.immutable.contains(f.as_str()) {
-                return Err("volatile_function");
-            }
+        if !self.all_immutable(&read.user_functions) {
+            return Err("volatile_function");
         }
         let mut slots = Vec::new();
         let mut oids = Vec::new();

@@ -343,6 +343,11 @@ impl DbState {
         }
     }
 
+    /// Whether these user functions are all IMMUTABLE in the current catalog.
+    pub fn all_immutable(&self, functions: &[String]) -> bool {
+        functions.is_empty() || self.catalog.load().all_immutable(functions)
+    }
+
     /// Can a cacheable statement be cached in this database, and on what does
     /// its result depend? Decided against the current catalog, once per text.
     pub fn resolve(
@@ -530,7 +535,10 @@ mod tests {
         assert!(done.try_recv().is_err(), "still outstanding");
         assert!(db.complete_fence(seq, nonce));
         assert!(done.try_recv().is_ok());
-        assert!(db.complete_fence(seq, nonce), "already done: nothing to refuse");
+        assert!(
+            db.complete_fence(seq, nonce),
+            "already done: nothing to refuse"
+        );
     }
 
     #[test]

@@ -143,7 +143,19 @@ fn decode_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, ProtocolError
             return Ok(params);
         }
         let (value, r) = cstr(r)?;
-        params.push((utf8(key)?, utf8(value)?));
+        let key = utf8(key)?;
+        // Postgres lets a repeated key override the earlier one; anything that
+        // read the first (the cache key, the console) would then disagree with
+        // the server about who the session is. No driver repeats keys.
+        if params
+            .iter()
+            .any(|(k, _): &(String, String)| k.eq_ignore_ascii_case(&key))
+        {
+            return Err(ProtocolError::BadStartup(format!(
+                "parameter \"{key}\" appears more than once"
+            )));
+        }
+        params.push((key, utf8(value)?));
         rest = r;
     }
 }
@@ -198,5 +210,29 @@ mod tests {
         bad.extend_from_slice(&PROTOCOL_3_0.to_be_bytes());
         bad.extend_from_slice(b"user");
         assert!(StartupPacket::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn rejects_repeated_keys() {
+        for params in [
+            vec![("user", "alice"), ("database", "db"), ("user", "bob")],
+            vec![("user", "alice"), ("database", "a"), ("database", "b")],
+            vec![("user", "alice"), ("TimeZone", "UTC"), ("timezone", "EST")],
+        ] {
+            let m = StartupMessage {
+                minor_version: 0,
+                params: params
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            };
+            let mut b = BytesMut::new();
+            m.encode(&mut b);
+            assert!(
+                matches!(StartupPacket::decode(&b), Err(ProtocolError::BadStartup(e)) if e.contains("more than once")),
+                "{:?}",
+                m.params
+            );
+        }
     }
 }

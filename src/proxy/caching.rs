@@ -137,6 +137,29 @@ struct Portal {
     fill: Option<u16>,
 }
 
+/// Client encodings in which a multi-byte character may contain the bytes of a
+/// quote or a backslash, so the server splits a statement where pgtier's
+/// (UTF-8) parser does not.
+const SPLITTING_ENCODINGS: [&str; 6] = ["SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "UHC", "GB18030"];
+
+/// Why pgtier's parser may read this session's statements differently from the
+/// server (it parses as with `standard_conforming_strings = on` in UTF-8).
+fn parser_mismatch(server_params: &[(String, String)]) -> Option<&'static str> {
+    for (k, v) in server_params {
+        if k.eq_ignore_ascii_case("standard_conforming_strings") && !v.eq_ignore_ascii_case("on") {
+            return Some("standard_conforming_strings");
+        }
+        if k.eq_ignore_ascii_case("client_encoding")
+            && SPLITTING_ENCODINGS
+                .iter()
+                .any(|e| e.eq_ignore_ascii_case(v))
+        {
+            return Some("client_encoding");
+        }
+    }
+    None
+}
+
 /// What planning found an extended-protocol request to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Plan {
@@ -154,6 +177,9 @@ pub struct SessionCache {
     /// The invalidation state of this session's database; none means the
     /// database has no listener and is never cached.
     db: Option<Arc<DbState>>,
+    /// The same database state, kept for catalog questions asked while `db`
+    /// is lent out for a request.
+    catalog_db: Option<Arc<DbState>>,
     /// Whether the session's database has a listener at all. Fixed for the
     /// session: without one nothing is ever served from cache, so statements
     /// need no analysis.
@@ -165,6 +191,9 @@ pub struct SessionCache {
     database: String,
     user: String,
     startup_params: Vec<(String, String)>,
+    /// Digest of the settings the session started with beyond its startup
+    /// packet (role and database defaults, server configuration).
+    defaults: Option<String>,
     /// Settings changed with SET during the session (those the server does not
     /// report back in ParameterStatus).
     settings: BTreeMap<String, String>,
@@ -211,12 +240,14 @@ impl SessionCache {
         SessionCache {
             seed: Seed::default(),
             watched: db.is_some(),
+            catalog_db: db.clone(),
             db,
             wrote: false,
             fencing: false,
             database: database.to_string(),
             user: user.to_string(),
             startup_params: startup_params.to_vec(),
+            defaults: None,
             settings: BTreeMap::new(),
             tainted: None,
             pending_effects: VecDeque::new(),
@@ -238,15 +269,36 @@ impl SessionCache {
         }
     }
 
-    /// Recompute the key seed from everything that shapes output.
+    /// Recompute the key seed from everything that shapes output, oldest
+    /// source first (startup, then the server's reports, then SET): the newest
+    /// value of each setting is the one in force.
     pub fn reseed(&mut self, server_params: &[(String, String)]) {
-        let params = self
-            .startup_params
-            .iter()
-            .chain(server_params.iter())
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+        let defaults = self.defaults.as_deref().map(|d| ("pgtier.defaults", d));
+        let params = defaults
+            .into_iter()
+            .chain(
+                self.startup_params
+                    .iter()
+                    .chain(server_params.iter())
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .chain(self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.seed = session_seed(&self.database, &self.user, params);
+        if let Some(why) = parser_mismatch(server_params) {
+            // Statements may already have been read differently by the server
+            // than by pgtier (a hidden SET, a hidden table): never trust the
+            // session's state again, even once the setting is back.
+            self.taint(why);
+        }
+    }
+
+    /// What the server said of the session's starting settings; a cached
+    /// database's session that could not learn them never uses the cache.
+    pub fn set_defaults(&mut self, defaults: Option<String>) {
+        if self.watched && defaults.is_none() {
+            self.taint("settings_unknown");
+        }
+        self.defaults = defaults;
     }
 
     pub fn taint(&mut self, why: &'static str) {
@@ -861,6 +913,18 @@ impl SessionCache {
             };
             track.on_client(&msg);
             let (expect, ends) = track.expectation(&msg);
+            // The implicit transaction of extended-protocol messages lasts until
+            // Sync: a Flush (or COPY traffic) does not end it.
+            let open_batch = match &msg {
+                Frontend::Sync | Frontend::Query(_) | Frontend::FunctionCall(_) => false,
+                Frontend::Flush
+                | Frontend::CopyData(_)
+                | Frontend::CopyDone
+                | Frontend::CopyFail(_)
+                | Frontend::Terminate
+                | Frontend::Password(_) => track.open_batch,
+                _ => true,
+            };
             let mut tag = ReplyTag::None;
             match msg {
                 Frontend::Parse(p) => {
@@ -936,6 +1000,10 @@ impl SessionCache {
                     let d = cache.decide(q.sql);
                     self.note_effects(&d);
                 }
+                Frontend::FunctionCall(_) if self.watched => {
+                    // Calls a function by OID, unseen: as for any unvetted call.
+                    self.taint("function_call");
+                }
                 _ => {}
             }
             if let Some(e) = expect {
@@ -944,7 +1012,7 @@ impl SessionCache {
                 }
                 track.expect(e, false, tag);
             }
-            track.open_batch = !ends;
+            track.open_batch = open_batch;
         }
         if !self.inject.is_empty() {
             sout.push(self.inject.split().freeze());
@@ -1066,6 +1134,17 @@ impl SessionCache {
     fn note_effects(&mut self, decision: &Decision) {
         if decision.analysis.may_write {
             self.wrote = true;
+        }
+        let calls = &decision.analysis.user_calls;
+        if !calls.is_empty()
+            && !self
+                .catalog_db
+                .as_ref()
+                .is_some_and(|d| d.all_immutable(calls))
+        {
+            // A function that is not IMMUTABLE may SET, set_config(), or create
+            // temporary objects, none of which pgtier would see.
+            self.taint("function_call");
         }
         for e in &decision.analysis.effects {
             match e {

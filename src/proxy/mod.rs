@@ -4,6 +4,7 @@
 pub mod app;
 pub mod caching;
 pub mod conn;
+pub mod defaults;
 pub mod replies;
 pub mod session;
 pub mod startup;
@@ -250,7 +251,7 @@ impl Proxy {
             &startup,
             negotiate.as_ref(),
         );
-        let hello = match tokio::time::timeout(auth_timeout, relay).await {
+        let mut hello = match tokio::time::timeout(auth_timeout, relay).await {
             Ok(Ok(h)) => h,
             Ok(Err(StartupError::AuthFailed(msg))) => {
                 tracing::info!(user = startup.user(), %msg, "authentication failed");
@@ -265,6 +266,22 @@ impl Proxy {
                 return;
             }
         };
+        let cached = startup
+            .database()
+            .is_some_and(|d| self.invalidation.db(d).is_some());
+        if cached && startup.param("replication").is_none() {
+            match tokio::time::timeout(auth_timeout, defaults::probe(&mut server, &mut sin)).await {
+                Ok(Ok(d)) => hello.defaults = d,
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "upstream failed while reading session settings");
+                    return;
+                }
+                Err(_) => {
+                    fatal(&mut client, "08006", "pgtier: upstream did not answer").await;
+                    return;
+                }
+            }
+        }
         tracing::debug!(
             user = startup.user(),
             database = startup.database(),

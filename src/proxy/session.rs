@@ -113,6 +113,7 @@ impl Session {
         let database = startup.database().unwrap_or_default().to_string();
         let db = proxy.invalidation.db(&database);
         let mut cache = SessionCache::new(&database, &user, &startup.params, db);
+        cache.set_defaults(hello.defaults.clone());
         cache.reseed(&hello.params);
         Session {
             info,

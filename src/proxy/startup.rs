@@ -182,6 +182,9 @@ pub async fn fatal<W: AsyncWrite + Unpin>(w: &mut W, code: &str, message: &str) 
 pub struct ServerHello {
     pub params: Vec<(String, String)>,
     pub key: Option<BackendKeyData>,
+    /// Digest of the session's non-default settings (see `defaults`), for
+    /// sessions of cached databases; `None` if the server would not say.
+    pub defaults: Option<String>,
 }
 
 /// Messages during authentication are small; a bigger one means a confused peer.

@@ -45,6 +45,12 @@ pub enum NotCacheable {
     TempTable,
     /// 'now', 'today', ... literals are evaluated when the query runs.
     TimeLiteral,
+    /// A value cast to a date/time type at run time (`('to'||'day')::date`, a
+    /// column holding 'now'): the cast reads the clock when it meets such a word.
+    TimeCast,
+    /// A cast to a reg* type looks names up in the catalog, which pgtier does
+    /// not version.
+    CatalogLookup,
 }
 
 impl NotCacheable {
@@ -62,6 +68,8 @@ impl NotCacheable {
             NotCacheable::SystemCatalog => "system_catalog",
             NotCacheable::TempTable => "temp_table",
             NotCacheable::TimeLiteral => "time_literal",
+            NotCacheable::TimeCast => "time_cast",
+            NotCacheable::CatalogLookup => "catalog_lookup",
         }
     }
 }
@@ -110,6 +118,10 @@ pub struct Analysis {
     pub writes: Vec<TableRef>,
     /// Whether it may write at all (anything but plain reads and session commands).
     pub may_write: bool,
+    /// Functions it calls that are neither known-safe built-ins nor built-ins
+    /// known to be volatile: user functions, which may write, change settings
+    /// or create temporary objects unless the catalog says they are IMMUTABLE.
+    pub user_calls: Vec<String>,
     /// pg_query fingerprint: the statement's shape with constants removed.
     pub fingerprint: u64,
 }
@@ -125,10 +137,39 @@ fn builtins() -> &'static HashSet<&'static str> {
     })
 }
 
+/// Input functions of the date/time types: called on a run-time text they read
+/// the clock for 'now', 'today', ... so they are never safe.
+const TIME_INPUTS: [&str; 5] = [
+    "date_in",
+    "timestamp_in",
+    "timestamptz_in",
+    "time_in",
+    "timetz_in",
+];
+
+/// Date/time types whose input accepts the special words; a cast of a run-time
+/// value to one of them (or the function-style `date(x)`) may read the clock.
+const TIME_TYPES: [&str; 5] = ["date", "timestamp", "timestamptz", "time", "timetz"];
+
+/// Object identifier types: their input looks a name up in the catalog.
+const REG_TYPES: [&str; 11] = [
+    "regclass",
+    "regcollation",
+    "regconfig",
+    "regdictionary",
+    "regnamespace",
+    "regoper",
+    "regoperator",
+    "regproc",
+    "regprocedure",
+    "regrole",
+    "regtype",
+];
+
 /// Whether a (possibly pg_catalog-qualified) function is a known safe built-in.
 pub fn is_safe_builtin(name: &str) -> bool {
     let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
-    !bare.contains('.') && builtins().contains(bare)
+    !bare.contains('.') && builtins().contains(bare) && !TIME_INPUTS.contains(&bare)
 }
 
 const TIME_WORDS: [&str; 4] = ["now", "today", "tomorrow", "yesterday"];
@@ -162,6 +203,7 @@ pub fn analyze(sql: &str) -> Analysis {
                 effects: Vec::new(),
                 writes: Vec::new(),
                 may_write: true,
+                user_calls: Vec::new(),
                 fingerprint,
             }
         }
@@ -171,6 +213,7 @@ pub fn analyze(sql: &str) -> Analysis {
         effects: Vec::new(),
         writes: Vec::new(),
         may_write: false,
+        user_calls: Vec::new(),
         fingerprint,
     };
     let stmts = &parsed.protobuf.stmts;
@@ -187,6 +230,7 @@ pub fn analyze(sql: &str) -> Analysis {
         let facts = Facts::collect(&tree);
         out.effects.extend(session_effects(&top, &tree, &facts));
         out.writes.extend(facts.written.iter().cloned());
+        out.user_calls.extend(facts.user_calls());
         if !matches!(
             top.as_str(),
             "SelectStmt" | "VariableSetStmt" | "VariableShowStmt"
@@ -206,13 +250,13 @@ pub fn analyze(sql: &str) -> Analysis {
     if stmts.len() > 1 {
         out.read = Err(NotCacheable::MultiStatement);
     }
-    if out
-        .read
-        .as_ref()
-        .is_ok_and(|r| !r.user_functions.is_empty())
-    {
+    // A user function may write, whatever else makes the statement
+    // uncacheable (`SELECT now(), write_fn()`): the write must be fenced.
+    if !out.user_calls.is_empty() {
         out.may_write = true;
     }
+    out.user_calls.sort();
+    out.user_calls.dedup();
     out.writes.sort();
     out.writes.dedup();
     out
@@ -233,6 +277,12 @@ struct Facts {
     time_literal: bool,
     set_config: bool,
     written: Vec<TableRef>,
+    /// A cast or function-style cast of a run-time value to a date/time type.
+    time_cast: bool,
+    /// A cast to a reg* type (catalog lookup by name).
+    reg_cast: bool,
+    /// A name in `pg_temp` (a session-private object, with or without TEMP).
+    pg_temp_name: bool,
 }
 
 fn str_of(v: &Value, key: &str) -> String {
@@ -289,6 +339,9 @@ impl Facts {
         if str_of(v, "relpersistence") == "t" {
             self.temp_into = true;
         }
+        if str_of(v, "schemaname").starts_with("pg_temp") {
+            self.pg_temp_name = true;
+        }
         self.tables.push(range_var(v));
     }
 
@@ -302,7 +355,34 @@ impl Facts {
                 if name == "set_config" || name == "pg_catalog.set_config" {
                     self.set_config = true;
                 }
+                if name.starts_with("pg_temp") {
+                    self.pg_temp_name = true;
+                }
+                let bare = name.strip_prefix("pg_catalog.").unwrap_or(&name);
+                if TIME_TYPES.contains(&bare)
+                    && v.get("args")
+                        .and_then(|a| a.as_array())
+                        .is_some_and(|args| args.iter().any(|a| !fixed_value(a)))
+                {
+                    self.time_cast = true;
+                }
                 self.functions.push(name);
+            }
+            "TypeCast" => {
+                let ty = qualified_name(v.pointer("/type_name/names"));
+                let bare = ty.strip_prefix("pg_catalog.").unwrap_or(&ty);
+                if REG_TYPES.contains(&bare) {
+                    self.reg_cast = true;
+                }
+                if TIME_TYPES.contains(&bare) && !v.get("arg").is_some_and(fixed_value) {
+                    self.time_cast = true;
+                }
+            }
+            // CREATE FUNCTION/TYPE/... pg_temp.x: a session-private object.
+            "funcname" | "defnames" | "domainname" | "type_name"
+                if qualified_name(Some(v)).starts_with("pg_temp") =>
+            {
+                self.pg_temp_name = true;
             }
             "SQLValueFunction" | "SqlvalueFunction" => self.sql_value_functions = true,
             "locking_clause" if v.as_array().is_some_and(|a| !a.is_empty()) => self.locking = true,
@@ -379,6 +459,12 @@ impl Facts {
         if self.time_literal {
             return Err(NotCacheable::TimeLiteral);
         }
+        if self.time_cast {
+            return Err(NotCacheable::TimeCast);
+        }
+        if self.reg_cast {
+            return Err(NotCacheable::CatalogLookup);
+        }
         if self.sql_value_functions {
             return Err(NotCacheable::Volatile("CURRENT_* / USER".into()));
         }
@@ -421,6 +507,36 @@ impl Facts {
     }
 }
 
+impl Facts {
+    /// Called functions that are neither safe built-ins nor known volatile
+    /// built-ins (those change no session state, set_config aside, which is
+    /// found on its own).
+    fn user_calls(&self) -> impl Iterator<Item = String> + '_ {
+        self.functions.iter().filter_map(|f| {
+            if is_safe_builtin(f) {
+                return None;
+            }
+            let bare = f.strip_prefix("pg_catalog.").unwrap_or(f);
+            (!f.starts_with("pg_catalog.") && !builtin_volatile(bare)).then(|| f.clone())
+        })
+    }
+}
+
+/// Whether an expression is a literal or a Bind parameter, possibly cast: its
+/// value is fixed by the request text, where time words are looked for.
+fn fixed_value(v: &Value) -> bool {
+    let node = v.get("node").unwrap_or(v);
+    if node.get("AConst").is_some() || node.get("A_Const").is_some() {
+        return true;
+    }
+    if node.get("ParamRef").is_some() {
+        return true;
+    }
+    node.get("TypeCast")
+        .and_then(|c| c.get("arg"))
+        .is_some_and(fixed_value)
+}
+
 /// Built-in names that exist in pg_catalog but are deliberately not allowed.
 fn builtin_volatile(name: &str) -> bool {
     static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
@@ -456,6 +572,7 @@ fn builtin_volatile(name: &str) -> bool {
         .collect()
     })
     .contains(name)
+        || TIME_INPUTS.contains(&name)
         || name.starts_with("pg_")
         || name.starts_with("has_")
         || name.starts_with("to_reg")
@@ -485,8 +602,15 @@ fn session_effects(top: &str, tree: &Value, facts: &Facts) -> Vec<SessionEffect>
     if facts.set_config {
         out.push(SessionEffect::Taint("set_config"));
     }
-    if facts.temp_into {
+    if facts.temp_into || (facts.pg_temp_name && top != "SelectStmt") {
         out.push(SessionEffect::Taint("temporary_objects"));
+    }
+    match top {
+        // Arbitrary code in the session: it may SET, set_config(), create
+        // temporary objects or change what names resolve to, unseen.
+        "DoStmt" => out.push(SessionEffect::Taint("do_block")),
+        "CallStmt" => out.push(SessionEffect::Taint("procedure_call")),
+        _ => {}
     }
     let node = tree
         .pointer(&format!("/node/{top}"))
@@ -650,6 +774,60 @@ mod tests {
         );
         // same value spelled the same way renders the same
         assert_eq!(e("SET TimeZone = 'UTC'"), e("set timezone to 'UTC'"));
+    }
+
+    #[test]
+    fn time_words_built_at_run_time_are_not_cacheable() {
+        let v = |s: &str| read(s).unwrap_err();
+        assert_eq!(v("select ('to'||'day')::date"), NotCacheable::TimeCast);
+        assert_eq!(v("select d::timestamptz from t"), NotCacheable::TimeCast);
+        assert_eq!(
+            v("select cast(d as timestamp with time zone) from t"),
+            NotCacheable::TimeCast
+        );
+        assert_eq!(v("select date(d) from t"), NotCacheable::TimeCast);
+        assert!(matches!(
+            v("select date_in(textout(d)) from t"),
+            NotCacheable::Volatile(_)
+        ));
+        // Values fixed by the request are checked where they are known.
+        assert!(read("select '2024-01-01'::date").is_ok());
+        assert!(read("select $1::date").is_ok());
+        assert!(read("select $1::text::timestamptz").is_ok());
+        assert!(read("select d::text from t").is_ok());
+        assert_eq!(v("select 'items'::regclass"), NotCacheable::CatalogLookup);
+    }
+
+    #[test]
+    fn session_private_code_and_objects_taint() {
+        let e = |s: &str| analyze(s).effects;
+        let temp = vec![SessionEffect::Taint("temporary_objects")];
+        assert_eq!(e("create table pg_temp.t (a int)"), temp);
+        assert_eq!(e("create view pg_temp.v as select 1"), temp);
+        assert_eq!(
+            e("create function pg_temp.f() returns int language sql as 'select 1'"),
+            temp
+        );
+        assert_eq!(
+            e("do $$ begin perform set_config('search_path', 'x', false); end $$"),
+            vec![SessionEffect::Taint("do_block")]
+        );
+        assert_eq!(e("call p(1)"), vec![SessionEffect::Taint("procedure_call")]);
+        assert!(e("select * from pg_temp.t").is_empty());
+        assert!(e("create table t (a int)").is_empty());
+    }
+
+    #[test]
+    fn user_calls_make_a_statement_a_possible_write() {
+        let a = analyze("select now(), write_fn()");
+        assert!(a.read.is_err());
+        assert!(a.may_write);
+        assert_eq!(a.user_calls, vec!["write_fn".to_string()]);
+        let a = analyze("insert into t values (my_default())");
+        assert_eq!(a.user_calls, vec!["my_default".to_string()]);
+        let a = analyze("select lower(name), count(*), now() from t group by 1");
+        assert!(a.user_calls.is_empty());
+        assert!(!a.may_write);
     }
 
     #[test]
