@@ -447,8 +447,10 @@ impl Applier {
                 }
                 all @ (Some(Payload::All) | None) => {
                     if all.is_none() {
+                        // Any role may send one: bounded, so it cannot fill the log.
+                        let payload: String = note.payload().chars().take(100).collect();
                         tracing::warn!(
-                            payload = note.payload(),
+                            payload,
                             "unreadable invalidation payload; invalidating the whole database"
                         );
                     }
