@@ -439,7 +439,7 @@ async fn case_08_forged_fences_do_not_release_a_write_early() {
     // The forged fence for the next write, then work queued behind it ahead
     // of that write's own invalidation: write notifications naming 250 tables
     // that do not exist (each distinct, or Postgres would fold them into one).
-    let n = 4_000;
+    let n = 500;
     attacker
         .batch_execute(&format!(
             "BEGIN; SELECT pg_notify('{CHANNEL}', 'f{instance}:{}');
