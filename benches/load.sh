@@ -84,7 +84,9 @@ if [ "$cache" = 1 ]; then
 fi
 
 start_pgtier() { # binary port workdir
+  # L2 needs a signing key; older builds ignore the variable.
   # shellcheck disable=SC2086
+  PGTIER_L2_SIGNING_KEY="${PGTIER_L2_SIGNING_KEY:-$(printf 'ab%.0s' $(seq 32))}" \
   "$1" --listen "127.0.0.1:$2" --upstream "$upstream" --admin-listen "" \
     --pid-file "$3/pgtier.pid" --upgrade-sock "$3/upgrade.sock" --log-level warn $pgtier_args \
     >"$3/pgtier.log" 2>&1 &

@@ -110,7 +110,13 @@ pub fn register_families(databases: &[String], l2: bool) {
     }
     counter!("pgtier_fence_timeouts_total").increment(0);
     if l2 {
-        for kind in ["timeout", "error", "corrupt"] {
+        for kind in [
+            "timeout",
+            "error",
+            "corrupt",
+            "bad_signature",
+            "bad_framing",
+        ] {
             counter!("pgtier_l2_errors_total", "kind" => kind).increment(0);
         }
         for result in ["stored", "too_large", "error", "timeout"] {
@@ -124,6 +130,10 @@ pub fn register_families(databases: &[String], l2: bool) {
         counter!("pgtier_invalidations_total", "database" => db.clone()).increment(0);
         counter!("pgtier_invalidation_notifications_total", "database" => db.clone()).increment(0);
         counter!("pgtier_unwatches_total", "database" => db.clone()).increment(0);
+        for kind in ["fence", "epoch"] {
+            counter!("pgtier_control_notifications_rejected_total", "database" => db.clone(), "kind" => kind)
+                .increment(0);
+        }
         gauge!("pgtier_listener_connected", "database" => db.clone()).set(0.0);
         gauge!("pgtier_listener_lag_last_seconds", "database" => db.clone()).set(0.0);
         let _ = histogram!("pgtier_listener_lag_seconds", "database" => db);
@@ -160,7 +170,7 @@ fn describe() {
     );
     describe_counter!(
         "pgtier_l2_errors_total",
-        "Redis calls that failed, by kind (timeout, error, corrupt)"
+        "Redis calls that failed, by kind (timeout, error), and values refused as misses (corrupt, bad_signature, bad_framing)"
     );
     describe_gauge!(
         "pgtier_l2_breaker_state",
@@ -194,6 +204,10 @@ fn describe() {
     describe_counter!(
         "pgtier_fence_timeouts_total",
         "Read-your-writes fences that timed out"
+    );
+    describe_counter!(
+        "pgtier_control_notifications_rejected_total",
+        "Forged or replayed control notifications ignored, by database and kind (fence, epoch)"
     );
     describe_counter!(
         "pgtier_config_reloads_total",

@@ -184,6 +184,12 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
         auto_install: inv.auto_install,
         eager_watch: inv.watch == crate::config::WatchMode::Eager,
         unwatch_on_write: inv.unwatch_on_write,
+        signer: crate::cache::l2::signing::load_key(
+            config.l2.signing_key.as_deref(),
+            config.l2.signing_key_file.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("l2.signing_key: {e}"))?
+        .map(|k| crate::cache::l2::Signer::new(&k)),
         scope: Scope {
             schemas: inv.schemas.clone(),
             tables: inv.tables.clone(),

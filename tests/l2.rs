@@ -261,7 +261,7 @@ async fn a_corrupt_value_is_a_miss_and_gets_replaced() {
     let q = "select v from t where id = 9";
     assert_eq!(first(&c, q).await, "9");
     stored(&p, 1.0).await;
-    let keys = redis.cli(&["--scan", "--pattern", "pgtier:2:*"]);
+    let keys = redis.cli(&["--scan", "--pattern", "pgtier:3:*"]);
     let key = keys.lines().next().expect("a key in Redis").to_string();
     redis.cli(&["set", &key, "not a pgtier value"]);
     let before = p.metrics().await;
@@ -278,7 +278,7 @@ async fn a_corrupt_value_is_a_miss_and_gets_replaced() {
     assert_eq!(after.misses() - before.misses(), 1.0);
     stored(&p, 2.0).await;
     let value = redis.cli(&["getrange", &key, "0", "3"]);
-    assert_eq!(value.trim(), "PGT2", "the value was replaced by a good one");
+    assert_eq!(value.trim(), "PGT3", "the value was replaced by a good one");
     let before = p.metrics().await;
     assert_eq!(first(&c, q).await, "9");
     assert_eq!(l2(&p.metrics().await, "hit") - l2(&before, "hit"), 1.0);

@@ -1,5 +1,6 @@
 //! A sample statement text per shape (pg_query fingerprint) and the rule that
-//! decided it, for the admin console. Bounded; texts never go into metrics.
+//! decided it, for the admin console. Bounded; texts never go into metrics,
+//! and their literals are replaced by placeholders.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -24,15 +25,18 @@ fn table() -> &'static Mutex<HashMap<u64, ShapeInfo>> {
 
 pub fn remember(shape: u64, text: &str, policy: &Policy) {
     if let Ok(mut t) = table().lock() {
-        if t.len() >= MAX_SHAPES && !t.contains_key(&shape) {
+        if let Some(known) = t.get_mut(&shape) {
+            known.ttl = policy.ttl;
+            known.rule = policy.rule;
             return;
         }
-        let mut text: String = text.chars().take(MAX_TEXT).collect();
-        text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if t.len() >= MAX_SHAPES {
+            return;
+        }
         t.insert(
             shape,
             ShapeInfo {
-                text,
+                text: sample(text),
                 ttl: policy.ttl,
                 rule: policy.rule,
             },
@@ -40,6 +44,27 @@ pub fn remember(shape: u64, text: &str, policy: &Policy) {
     }
 }
 
+/// The text shown for a shape: its constants replaced by `$n` (as
+/// pg_stat_statements shows them), so the console shows the shape of what
+/// clients ask, never the values they asked with. Once per new shape.
+fn sample(text: &str) -> String {
+    let normalized = pg_query::normalize(text).unwrap_or_else(|_| "(not shown)".into());
+    let text: String = normalized.chars().take(MAX_TEXT).collect();
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 pub fn get(shape: u64) -> Option<ShapeInfo> {
     table().lock().ok().and_then(|t| t.get(&shape).cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_show_no_literals() {
+        let s = sample("select * from users where email = 'alice@example.com' and id = 42");
+        assert!(!s.contains("alice") && !s.contains("42"), "{s}");
+        assert!(s.contains("$1") && s.contains("$2"), "{s}");
+    }
 }

@@ -74,6 +74,14 @@ pub struct Options {
     /// Redis URL for the shared L2 cache (l2.redis_url).
     #[arg(long, env = "PGTIER_REDIS", global = true)]
     pub redis: Option<String>,
+    /// HMAC key for values in Redis, hex or base64:... (l2.signing_key).
+    #[arg(
+        long,
+        env = "PGTIER_L2_SIGNING_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub l2_signing_key: Option<String>,
     /// Default cache TTL, e.g. 30s; 0 disables caching (cache.default_ttl).
     #[arg(long, env = "PGTIER_DEFAULT_TTL", global = true)]
     pub default_ttl: Option<Dur>,
@@ -160,6 +168,9 @@ impl Options {
         }
         if let Some(v) = &self.redis {
             c.l2.redis_url = (!v.is_empty()).then(|| v.clone());
+        }
+        if let Some(v) = &self.l2_signing_key {
+            c.l2.signing_key = (!v.is_empty()).then(|| v.clone());
         }
         if let Some(v) = self.default_ttl {
             c.cache.default_ttl = v;

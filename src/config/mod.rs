@@ -224,6 +224,10 @@ pub struct ServerConfig {
     /// PEM certificate chain and key for client-facing TLS; both or neither.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Refuse clients that did not negotiate TLS (needs tls_cert/tls_key).
+    /// Postgres sees pgtier's address, not the client's, so its `hostssl`
+    /// rules cannot require this for clients of pgtier.
+    pub require_tls: bool,
     /// Unix socket through which a new binary takes over the listener (SIGQUIT upgrade).
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
@@ -240,6 +244,7 @@ impl Default for ServerConfig {
             auth_timeout: Dur(std::time::Duration::from_secs(60)),
             tls_cert: None,
             tls_key: None,
+            require_tls: false,
             upgrade_sock: PathBuf::from("/tmp/pgtier_upgrade.sock"),
             pid_file: PathBuf::from("/tmp/pgtier.pid"),
         }
@@ -378,6 +383,12 @@ pub struct L2Config {
     /// Client certificate and key (PEM) for Redis servers that require mutual TLS.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// HMAC key (hex, or `base64:...`; at least 32 bytes) shared by every
+    /// pgtier of the deployment: values in Redis and L2 epoch notifications are
+    /// signed with it. Required when L2 is on.
+    pub signing_key: Option<String>,
+    /// The same, read from a file.
+    pub signing_key_file: Option<PathBuf>,
 }
 
 impl Default for L2Config {
@@ -396,6 +407,8 @@ impl Default for L2Config {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            signing_key: None,
+            signing_key_file: None,
         }
     }
 }
@@ -486,6 +499,12 @@ impl Config {
                 readable("server.tls_cert", c)?;
                 readable("server.tls_key", k)?;
             }
+            (None, None) if self.server.require_tls => {
+                return Err(invalid(
+                    "server.require_tls",
+                    "needs server.tls_cert and server.tls_key",
+                ))
+            }
             (None, None) => {}
             _ => {
                 return Err(invalid(
@@ -544,6 +563,18 @@ impl Config {
             return Err(invalid(
                 "l2.tls_cert_file",
                 "tls_cert_file and tls_key_file go together",
+            ));
+        }
+        let key = crate::cache::l2::signing::load_key(
+            self.l2.signing_key.as_deref(),
+            self.l2.signing_key_file.as_deref(),
+        )
+        .map_err(|e| invalid("l2.signing_key", e))?;
+        if key.is_none() && !self.l2.nodes().is_empty() {
+            return Err(invalid(
+                "l2.signing_key",
+                "required when L2 is on: pgtier does not trust what it reads from Redis without it \
+                 (make one with `openssl rand -hex 32`; the same key on every pgtier sharing the Redis)",
             ));
         }
         if self.l2.timeout.0.is_zero() {
@@ -649,6 +680,9 @@ impl Config {
         c.invalidation.control_urls.iter_mut().for_each(hide);
         c.l2.redis_url.iter_mut().for_each(hide);
         c.l2.seeds.iter_mut().for_each(hide);
+        if c.l2.signing_key.is_some() {
+            c.l2.signing_key = Some("****".into());
+        }
         c
     }
 

@@ -19,6 +19,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::catalog::Catalog;
 use super::control::{self, ControlTarget};
+use super::epoch;
 use super::fingerprint::{self, Tracked};
 use super::payload::{Payload, QualifiedName};
 use super::triggers::{self, Scope};
@@ -44,6 +45,9 @@ pub struct Settings {
     /// Stop announcing writes to a table written in quick succession until a
     /// read wants it cached again (`invalidation.unwatch_on_write`).
     pub unwatch_on_write: bool,
+    /// The L2 signing key: signs and checks epoch notifications. None: no L2,
+    /// and no epoch is sent or accepted.
+    pub signer: Option<crate::cache::l2::Signer>,
 }
 
 pub struct Listener {
@@ -137,10 +141,23 @@ impl Listener {
         self.db.come_up();
         // Put every instance's L2 versions back in step (ours included: L2 is
         // used for this database once our own epoch notification comes back).
-        let epoch = super::Invalidation::random();
-        client
-            .batch_execute(&format!("NOTIFY {channel}, '{}'", Payload::epoch(epoch)))
-            .await?;
+        if let Some(signer) = &s.signer {
+            // A transaction id taken after LISTEN: every epoch sent before it
+            // carries a smaller one (see `epoch`).
+            let counter: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
+            let counter = counter as u64;
+            self.db.epoch_floor.open(counter);
+            let e = epoch::sign(
+                signer,
+                &self.db.name,
+                &s.channel,
+                counter,
+                super::Invalidation::random(),
+            );
+            client
+                .batch_execute(&format!("NOTIFY {channel}, '{}'", Payload::epoch(&e)))
+                .await?;
+        }
         connected.set(1.0);
         tracing::info!(database = %self.db.name, target = %self.target.display, "invalidation listener connected");
 
@@ -427,6 +444,10 @@ struct Applier {
     cache: Arc<Cache>,
     channel: String,
     instance: u64,
+    signer: Option<crate::cache::l2::Signer>,
+    /// Control notifications refused as forged or replayed.
+    rejected_epoch: metrics::Counter,
+    rejected_fence: metrics::Counter,
     invalidations: metrics::Counter,
     notifications: metrics::Counter,
     lag: metrics::Histogram,
@@ -443,6 +464,9 @@ impl Applier {
             cache: l.cache.clone(),
             channel: l.settings.channel.clone(),
             instance: l.settings.instance,
+            signer: l.settings.signer.clone(),
+            rejected_epoch: counter!("pgtier_control_notifications_rejected_total", "database" => name.clone(), "kind" => "epoch"),
+            rejected_fence: counter!("pgtier_control_notifications_rejected_total", "database" => name.clone(), "kind" => "fence"),
             invalidations: counter!("pgtier_invalidations_total", "database" => name.clone()),
             notifications: counter!("pgtier_invalidation_notifications_total", "database" => name.clone()),
             lag: histogram!("pgtier_listener_lag_seconds", "database" => name.clone()),
@@ -495,15 +519,35 @@ impl Applier {
                     self.cache.clear_descriptions();
                     schema_changed = true;
                 }
-                Some(Payload::Fence { instance, seq }) if instance == self.instance => {
-                    self.db.complete_fence(seq)
+                Some(Payload::Fence {
+                    instance,
+                    seq,
+                    nonce,
+                }) if instance == self.instance => {
+                    if !self.db.complete_fence(seq, nonce) {
+                        self.rejected_fence.increment(1);
+                    }
                 }
                 Some(Payload::Fence { .. }) => {}
-                Some(Payload::Epoch(e)) => self.db.set_l2_epoch(e),
+                Some(Payload::Epoch(e)) => {
+                    let genuine = self
+                        .signer
+                        .as_ref()
+                        .is_some_and(|s| epoch::verify(s, &self.db.name, &self.channel, &e));
+                    if genuine && self.db.epoch_floor.advance(e.counter) {
+                        self.db.set_l2_epoch(e.epoch, e.counter);
+                    } else {
+                        // Forged, replayed, or from an instance with another
+                        // key: our versions stay as they are.
+                        self.rejected_epoch.increment(1);
+                    }
+                }
                 all @ (Some(Payload::All) | None) => {
                     if all.is_none() {
+                        // Any role may send one: bounded, so it cannot fill the log.
+                        let payload: String = note.payload().chars().take(100).collect();
                         tracing::warn!(
-                            payload = note.payload(),
+                            payload,
                             "unreadable invalidation payload; invalidating the whole database"
                         );
                     }

@@ -12,13 +12,15 @@
 //! talking to each other. Postgres delivers notifications to every listener in
 //! the same (commit) order, so each instance derives a table's L2 version by
 //! hashing forward once per notification since the last epoch notification
-//! (`e<n>`, sent by any instance when its listener (re)connects). Instances at
-//! the same point of the stream compute the same L2 keys; a version that has
-//! moved on never maps back to an older key.
+//! (`e...`, sent by any instance when its listener (re)connects, signed and
+//! never rewound: see `epoch`). Instances at the same point of the stream
+//! compute the same L2 keys; a version that has moved on never maps back to an
+//! older key.
 
 pub mod catalog;
 pub mod commands;
 pub mod control;
+pub mod epoch;
 pub mod fingerprint;
 pub mod listener;
 pub mod payload;
@@ -114,7 +116,8 @@ pub struct DbState {
     epoch: AtomicU64,
     pub catalog: ArcSwap<Catalog>,
     resolved: moka::sync::Cache<u128, Arc<Result<Resolved, &'static str>>>,
-    fences: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Outstanding fences: seq -> (nonce, waiter).
+    fences: Mutex<HashMap<u64, (u64, oneshot::Sender<()>)>>,
     next_fence: AtomicU64,
     pub gens: Arc<Generations>,
     /// Tables this instance has started watching (writes to them are announced).
@@ -129,6 +132,8 @@ pub struct DbState {
     pub watch_wanted: tokio::sync::Notify,
     /// L2 epoch from the last `e` notification; 0 until one is seen (no L2).
     l2_epoch: AtomicU64,
+    /// Which epoch notifications may still be accepted.
+    pub epoch_floor: epoch::Floor,
     /// L2 table versions per generation slot, advanced by each notification.
     l2_versions: Box<[AtomicU64]>,
 }
@@ -149,6 +154,7 @@ impl DbState {
             watch_requests: Mutex::new(HashSet::new()),
             watch_wanted: tokio::sync::Notify::new(),
             l2_epoch: AtomicU64::new(0),
+            epoch_floor: epoch::Floor::default(),
             l2_versions: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -167,6 +173,7 @@ impl DbState {
     /// Stop serving (listener lost): nothing from before may be trusted.
     pub fn go_down(&self) {
         self.live.store(false, Ordering::Release);
+        self.epoch_floor.close();
         self.l2_epoch.store(0, Ordering::Release);
         // Waiters for fences that will never arrive are released; their sessions
         // then see the database is down and bypass the cache.
@@ -309,13 +316,19 @@ impl DbState {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// An epoch notification: every instance restarts its L2 versions here.
-    pub fn set_l2_epoch(&self, epoch: u64) {
+    /// An accepted epoch notification: every instance restarts its L2 versions
+    /// here. The counter is part of the epoch, so versions restarted from it
+    /// never reproduce the keys of an earlier epoch.
+    pub fn set_l2_epoch(&self, epoch: u64, counter: u64) {
         self.l2_epoch.store(0, Ordering::Release);
         for v in self.l2_versions.iter() {
             v.store(0, Ordering::Relaxed);
         }
-        self.l2_epoch.store(epoch.max(1), Ordering::Release);
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&epoch.to_le_bytes());
+        b[8..].copy_from_slice(&counter.to_le_bytes());
+        self.l2_epoch
+            .store(xxhash_rust::xxh3::xxh3_64(&b) | 1, Ordering::Release);
     }
 
     /// The L2 key for a result with L1 key `key` that read `slots`, or None while
@@ -420,20 +433,38 @@ impl DbState {
         r
     }
 
-    /// Register a fence; the listener completes it when the notification arrives.
-    pub fn new_fence(&self) -> (u64, oneshot::Receiver<()>) {
+    /// Register a fence; the listener completes it when the notification
+    /// arrives. The nonce is random: sequence numbers can be guessed, and any
+    /// role may NOTIFY the channel, but only this instance's own notification
+    /// carries the nonce (returns seq, nonce, waiter).
+    pub fn new_fence(&self) -> (u64, u64, oneshot::Receiver<()>) {
         let seq = self.next_fence.fetch_add(1, Ordering::Relaxed);
+        let nonce = rand::random::<u64>() | 1;
         let (tx, rx) = oneshot::channel();
         if let Ok(mut f) = self.fences.lock() {
-            f.insert(seq, tx);
+            f.insert(seq, (nonce, tx));
         }
-        (seq, rx)
+        (seq, nonce, rx)
     }
 
-    pub fn complete_fence(&self, seq: u64) {
-        let tx = self.fences.lock().ok().and_then(|mut f| f.remove(&seq));
-        if let Some(tx) = tx {
-            let _ = tx.send(());
+    /// Complete a fence; false if one is registered under `seq` with another
+    /// nonce (a forged notification: the fence stays outstanding).
+    pub fn complete_fence(&self, seq: u64, nonce: u64) -> bool {
+        let Ok(mut f) = self.fences.lock() else {
+            return true;
+        };
+        match f.get(&seq) {
+            Some((n, _)) if *n != nonce => false,
+            Some(_) => {
+                let done = f.remove(&seq);
+                drop(f);
+                if let Some((_, tx)) = done {
+                    let _ = tx.send(());
+                }
+                true
+            }
+            // Timed out and forgotten, or never ours.
+            None => true,
         }
     }
 
@@ -453,20 +484,14 @@ pub struct Invalidation {
 }
 
 impl Invalidation {
-    /// A fresh random number (epochs, instance ids).
+    /// A fresh random number (epochs).
     pub fn random() -> u64 {
-        let mut b = [0u8; 8];
-        getrandom_fill(&mut b);
-        u64::from_le_bytes(b) | 1
+        rand::random::<u64>() | 1
     }
 
     pub fn new(databases: impl IntoIterator<Item = String>, channel: &str) -> Invalidation {
         let gens = Arc::new(Generations::default());
-        let instance = {
-            let mut b = [0u8; 8];
-            getrandom_fill(&mut b);
-            u64::from_le_bytes(b) >> 1
-        };
+        let instance = rand::random::<u64>() >> 1;
         Invalidation {
             instance,
             channel: channel.to_string(),
@@ -490,19 +515,6 @@ impl Invalidation {
 /// Advance an L2 version: deterministic, so every instance lands on the same value.
 fn mix(v: u64) -> u64 {
     xxhash_rust::xxh3::xxh3_64(&v.to_le_bytes()) | 1
-}
-
-/// Randomness for the instance id, without another dependency: the process id,
-/// the clock and a stack address are unique enough to tell instances apart.
-fn getrandom_fill(out: &mut [u8; 8]) {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let local = 0u8;
-    let mix =
-        xxhash_rust::xxh3::xxh3_64(format!("{}:{t}:{:p}", std::process::id(), &local).as_bytes());
-    *out = mix.to_le_bytes();
 }
 
 #[cfg(test)]
@@ -561,6 +573,20 @@ mod tests {
         assert_eq!(was, vec![10]);
         assert!(!db.valid(epoch, &deps), "an unwatch invalidates");
         assert!(db.snapshot(&r).is_none(), "and stops fills");
+    }
+
+    #[test]
+    fn only_the_right_nonce_completes_a_fence() {
+        let db = db_with(&[]);
+        let (seq, nonce, mut done) = db.new_fence();
+        assert!(!db.complete_fence(seq, nonce ^ 2), "forged");
+        assert!(done.try_recv().is_err(), "still outstanding");
+        assert!(db.complete_fence(seq, nonce));
+        assert!(done.try_recv().is_ok());
+        assert!(
+            db.complete_fence(seq, nonce),
+            "already done: nothing to refuse"
+        );
     }
 
     #[test]

@@ -5,12 +5,20 @@
 //!   inheritance ancestors and descendants, fixed when the trigger is installed)
 //! - `d[["schema","table"],...]` DDL on these relations (also re-read the catalog)
 //! - `*` everything in this database changed (a payload that would not fit)
-//! - `f<instance>:<n>` a fence sent by a pgtier instance after a session's write
+//! - `f<instance>:<n>:<nonce>` a fence sent by a pgtier instance after a
+//!   session's write; only the instance that registered it, with that random
+//!   nonce, completes it (any role may NOTIFY the channel)
 //! - `u[["schema","table"],...]` a pgtier stopped these tables' writes being
 //!   announced (after a write, until a read wants them cached again): drop their
 //!   entries and cache them only after watching them afresh
-//! - `e<n>` a pgtier instance (re)connected: every instance restarts its shared
-//!   (L2) table versions from here, so all of them agree again
+//! - `e<counter>:<n>:<tag>` a pgtier instance (re)connected: every instance
+//!   restarts its shared (L2) table versions from here, so all of them agree
+//!   again. Signed with the L2 signing key (`tag`, see `epoch`), and `counter`
+//!   (a transaction id of the sender's) must exceed every counter accepted
+//!   before, so a forged or replayed epoch cannot rewind L2 versions.
+//!
+//! `w`, `d`, `*` and `u` come from triggers and from any pgtier (not
+//! authenticated): each of them only ever causes invalidation, never a hit.
 
 use serde_json::Value;
 
@@ -25,8 +33,16 @@ pub enum Payload {
     Ddl(Vec<QualifiedName>),
     Unwatch(Vec<QualifiedName>),
     All,
-    Fence { instance: u64, seq: u64 },
-    Epoch(u64),
+    Fence { instance: u64, seq: u64, nonce: u64 },
+    Epoch(Epoch),
+}
+
+/// An epoch notification as received; `tag` is checked by `epoch::verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Epoch {
+    pub counter: u64,
+    pub epoch: u64,
+    pub tag: String,
 }
 
 fn names(json: &str) -> Option<Vec<QualifiedName>> {
@@ -51,12 +67,30 @@ impl Payload {
             "d" => names(rest).map(Payload::Ddl),
             "u" => names(rest).map(Payload::Unwatch),
             "*" => Some(Payload::All),
-            "e" => rest.parse().ok().map(Payload::Epoch),
+            "e" => {
+                let mut parts = rest.splitn(3, ':');
+                let first = parts.next()?;
+                Some(Payload::Epoch(match (parts.next(), parts.next()) {
+                    (Some(e), Some(tag)) => Epoch {
+                        counter: first.parse().ok()?,
+                        epoch: e.parse().ok()?,
+                        tag: tag.to_string(),
+                    },
+                    // The unsigned form of older versions: never accepted.
+                    _ => Epoch {
+                        counter: 0,
+                        epoch: first.parse().ok()?,
+                        tag: String::new(),
+                    },
+                }))
+            }
             "f" => {
-                let (i, n) = rest.split_once(':')?;
+                let mut parts = rest.splitn(3, ':');
                 Some(Payload::Fence {
-                    instance: i.parse().ok()?,
-                    seq: n.parse().ok()?,
+                    instance: parts.next()?.parse().ok()?,
+                    seq: parts.next()?.parse().ok()?,
+                    // Older versions sent none: never matches a registered fence.
+                    nonce: parts.next().map_or(Some(0), |n| n.parse().ok())?,
                 })
             }
             _ => None,
@@ -88,12 +122,12 @@ impl Payload {
         }
     }
 
-    pub fn fence(instance: u64, seq: u64) -> String {
-        format!("f{instance}:{seq}")
+    pub fn fence(instance: u64, seq: u64, nonce: u64) -> String {
+        format!("f{instance}:{seq}:{nonce}")
     }
 
-    pub fn epoch(n: u64) -> String {
-        format!("e{n}")
+    pub fn epoch(e: &Epoch) -> String {
+        format!("e{}:{}:{}", e.counter, e.epoch, e.tag)
     }
 }
 
@@ -110,16 +144,35 @@ mod tests {
         let p = Payload::write_payload(&t);
         assert_eq!(Payload::parse(&p), Some(Payload::Write(t.clone())));
         assert_eq!(
+            Payload::parse(&Payload::fence(12, 34, 56)),
+            Some(Payload::Fence {
+                instance: 12,
+                seq: 34,
+                nonce: 56
+            })
+        );
+        assert_eq!(
             Payload::parse("f12:34"),
             Some(Payload::Fence {
                 instance: 12,
-                seq: 34
+                seq: 34,
+                nonce: 0
             })
         );
         assert_eq!(Payload::parse("*"), Some(Payload::All));
+        let e = Epoch {
+            counter: 9,
+            epoch: 77,
+            tag: "abcd".into(),
+        };
+        assert_eq!(Payload::parse(&Payload::epoch(&e)), Some(Payload::Epoch(e)));
         assert_eq!(
-            Payload::parse(&Payload::epoch(77)),
-            Some(Payload::Epoch(77))
+            Payload::parse("e77"),
+            Some(Payload::Epoch(Epoch {
+                counter: 0,
+                epoch: 77,
+                tag: String::new()
+            }))
         );
         assert_eq!(
             Payload::parse("d[[\"a\",\"b\"]]"),

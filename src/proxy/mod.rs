@@ -11,6 +11,7 @@ pub mod startup;
 pub mod statements;
 pub mod tls;
 pub mod tracker;
+pub mod two_phase;
 pub mod upstream;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -149,6 +150,9 @@ impl Proxy {
         fixed!(upstream, "upstream");
         fixed!(admin.listen, "admin.listen");
         fixed!(invalidation, "invalidation");
+        // The listeners sign and check L2 epochs with the key they started with.
+        fixed!(l2.signing_key, "l2.signing_key");
+        fixed!(l2.signing_key_file, "l2.signing_key_file");
         fixed!(log.format, "log.format");
         crate::logging::set_level(&new.log.level)?;
         self.cache.reconfigure(&old, &new);

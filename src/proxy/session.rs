@@ -496,6 +496,10 @@ impl Session {
             if h.tag == backend::ERROR_RESPONSE {
                 self.cache.on_error(request);
             }
+            // A PREPARE TRANSACTION refused for a trigger's NOTIFY says why.
+            let explained = (h.tag == backend::ERROR_RESPONSE && !swallow)
+                .then(|| super::two_phase::explain(msg))
+                .flatten();
             if let Some((expect, tag)) = front {
                 if h.tag == backend::READY_FOR_QUERY {
                     self.info.state.store(
@@ -517,10 +521,13 @@ impl Session {
                     self.cache.on_reply(expect, tag, h.tag, msg, max_entry);
                 }
             }
-            if swallow {
+            if swallow || explained.is_some() {
                 self.cout.push_from(&mut self.sin, relay);
                 relay = 0;
                 self.sin.advance(h.total_len);
+                if let Some(e) = explained {
+                    self.cout.push(e);
+                }
             } else {
                 relay += h.total_len;
             }
@@ -545,8 +552,8 @@ impl Session {
             return;
         };
         let inv = &self.proxy.invalidation;
-        let (seq, done) = db.new_fence();
-        let payload = crate::invalidation::Payload::fence(inv.instance, seq);
+        let (seq, nonce, done) = db.new_fence();
+        let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
         let sql = format!(
             "NOTIFY \"{}\", '{payload}'",
             inv.channel.replace('"', "\"\"")

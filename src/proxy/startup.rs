@@ -101,6 +101,11 @@ pub async fn accept(stream: ClientStream, proxy: &Proxy) -> Result<Opened, Start
                 return Ok(Opened::Cancelled);
             }
             StartupPacket::Startup(mut startup) => {
+                if !matches!(client, Conn::Tls(_)) && proxy.config().server.require_tls {
+                    let msg = "pgtier requires TLS for client connections (server.require_tls)";
+                    fatal(&mut client, "28000", msg).await;
+                    return Err(StartupError::Refused(msg.into()));
+                }
                 if startup.user().is_none() {
                     let msg = "no PostgreSQL user name specified in startup packet";
                     fatal(&mut client, "28000", msg).await;

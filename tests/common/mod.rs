@@ -19,6 +19,11 @@ use tokio_postgres::{Client, NoTls};
 pub const PG_HOST: &str = "127.0.0.1";
 pub const PG_PORT: u16 = 5432;
 
+/// The L2 signing key every test pgtier gets (PGTIER_L2_SIGNING_KEY), so
+/// instances of one test share Redis values; a test may override it with
+/// `--l2-signing-key`.
+pub const TEST_L2_KEY: &str = "7067746965722d746573742d6b65792d7067746965722d746573742d6b657921";
+
 /// Fails (never skips) when the shared Postgres is down, saying how to start it.
 pub fn require_postgres() {
     if TcpStream::connect_timeout(
@@ -151,6 +156,7 @@ impl Pgtier {
             .arg("--pid-file")
             .arg(dir.path().join("pgtier.pid"))
             .args(args)
+            .env("PGTIER_L2_SIGNING_KEY", TEST_L2_KEY)
             .env(
                 "PGTIER_LOG_LEVEL",
                 std::env::var("PGTIER_TEST_LOG").unwrap_or("info".into()),

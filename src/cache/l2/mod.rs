@@ -2,13 +2,16 @@
 //! and filled after a Postgres result, never on the client's critical path for
 //! writes, and never allowed to make a client wait longer than `l2.timeout`.
 //!
-//! Keys: `<prefix>:2:<hash>`, the hash covering the L1 key, the database's L2
+//! Keys: `<prefix>:3:<hash>`, the hash covering the L1 key, the database's L2
 //! epoch and the generation of every table the result read (see
 //! `invalidation::DbState::l2_key`): an invalidated or racing entry is simply
-//! never looked up again. Values: the encoded reply with lengths and a checksum;
-//! anything that does not decode is a miss.
+//! never looked up again. Values: the encoded reply with lengths, signed with
+//! the deployment's key over (Redis key, value) (see `value`); anything that
+//! does not verify and decode is a miss. Redis is not trusted: without a
+//! signing key there is no L2.
 
 mod breaker;
+pub mod signing;
 mod value;
 
 use std::cell::RefCell;
@@ -24,7 +27,8 @@ use redis::cluster_async::ClusterConnection;
 
 use crate::config::L2Config;
 use breaker::Breaker;
-pub use value::{decode, encode};
+pub use signing::Signer;
+pub use value::{decode, encode, Reject};
 
 #[derive(Clone)]
 enum Conn {
@@ -64,6 +68,7 @@ pub struct L2 {
     max_value: usize,
     tls: TlsFiles,
     breaker: Breaker,
+    signer: Signer,
 }
 
 /// Where the TLS material for rediss:// lives; read at each connect, so renewed
@@ -120,6 +125,20 @@ impl L2 {
         if nodes.is_empty() {
             return None;
         }
+        // Validation refuses L2 without a key; a key file that became
+        // unreadable since then leaves L2 off rather than unsigned.
+        let key =
+            match signing::load_key(cfg.signing_key.as_deref(), cfg.signing_key_file.as_deref()) {
+                Ok(Some(k)) => k,
+                Ok(None) => {
+                    tracing::error!("l2: no signing key (l2.signing_key); running without L2");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "l2.signing_key: running without L2");
+                    return None;
+                }
+            };
         gauge!("pgtier_l2_breaker_state").set(0.0);
         Some(L2 {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -135,11 +154,12 @@ impl L2 {
                 cert_key: cfg.tls_cert_file.clone().zip(cfg.tls_key_file.clone()),
             },
             breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown.0),
+            signer: Signer::new(&key),
         })
     }
 
     pub fn key(&self, hash: u128) -> String {
-        format!("{}:2:{hash:032x}", self.prefix)
+        format!("{}:3:{hash:032x}", self.prefix)
     }
 
     async fn connect(&self) -> redis::RedisResult<Conn> {
@@ -237,17 +257,18 @@ impl L2 {
             self.breaker.abandon_probe();
             return Lookup::Unavailable;
         };
-        let cmd = redis::cmd("GET").arg(self.key(hash)).to_owned();
+        let key = self.key(hash);
+        let cmd = redis::cmd("GET").arg(&key).to_owned();
         let started = self.breaker.now_ms();
         match tokio::time::timeout(self.timeout, conn.query::<Option<Vec<u8>>>(&cmd)).await {
             Ok(Ok(v)) => {
                 self.breaker.success();
                 match v {
                     None => Lookup::Miss,
-                    Some(v) => match decode(Bytes::from(v)) {
-                        Some((rd, rows)) => Lookup::Hit(rd, rows),
-                        None => {
-                            counter!("pgtier_l2_errors_total", "kind" => "corrupt").increment(1);
+                    Some(v) => match decode(&self.signer, key.as_bytes(), Bytes::from(v)) {
+                        Ok((rd, rows)) => Lookup::Hit(rd, rows),
+                        Err(why) => {
+                            counter!("pgtier_l2_errors_total", "kind" => why.label()).increment(1);
                             Lookup::Miss
                         }
                     },
@@ -277,14 +298,15 @@ impl L2 {
         if ttl.is_zero() || !self.breaker.allow() {
             return;
         }
-        let value = encode(row_desc, rows);
+        let key = self.key(hash);
+        let value = encode(&self.signer, key.as_bytes(), row_desc, rows);
         if value.len() > self.max_value {
             counter!("pgtier_l2_writes_total", "result" => "too_large").increment(1);
             return;
         }
         let Some(mut conn) = self.conn() else { return };
         let cmd = redis::cmd("SET")
-            .arg(self.key(hash))
+            .arg(key)
             .arg(value)
             .arg("PX")
             .arg(ttl.as_millis().max(1) as u64)
