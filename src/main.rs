@@ -18,7 +18,7 @@ fn hash_password(password: Option<String>) -> anyhow::Result<()> {
     if password.is_empty() {
         anyhow::bail!("empty password");
     }
-    println!("{}", pgtier::admin::scram::hash_password(&password));
+    println!("{}", pgtier::scram::hash_password(&password));
     Ok(())
 }
 

@@ -86,6 +86,7 @@ pub fn run(config: Config, options: crate::config::cli::Options) -> Result<()> {
         ListenerApp {
             proxy: proxy.clone(),
             sessions: sessions.clone(),
+            handover: Some(Arc::new(crate::admin::console::ConsoleService::default())),
         },
     );
     listener.add_listener(
@@ -172,9 +173,7 @@ impl pingora_core::services::background::BackgroundService for Sighup {
 /// One listener per control URL (cached database).
 fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
     let inv = &config.invalidation;
-    let password = inv.password()?;
-    let targets =
-        control::parse(&inv.control_urls, password.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let targets = config.control_targets()?;
     let (tls, ssl) = control::tls_for(config.upstream.tls, config.upstream.tls_ca_file.as_deref())?;
     let settings = ListenerSettings {
         channel: inv.channel.clone(),
@@ -184,7 +183,7 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
         auto_install: inv.auto_install,
         eager_watch: inv.watch == crate::config::WatchMode::Eager,
         unwatch_on_write: inv.unwatch_on_write,
-        signer: crate::cache::l2::signing::load_key(
+        signer: crate::signing::load_key(
             config.l2.signing_key.as_deref(),
             config.l2.signing_key_file.as_deref(),
         )

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use super::scram::{Exchange, Failure, Verifier};
+use super::throttle::LoginThrottle;
 use crate::invalidation::{control, Payload};
 use crate::protocol::backend::{
     encode_data_row, encode_row_description, Authentication, BackendKeyData, Column,
@@ -24,13 +24,49 @@ use crate::protocol::startup::StartupMessage;
 use crate::protocol::{frontend, TxStatus};
 use crate::proxy::conn::write_all;
 use crate::proxy::startup::{fatal, read_message, ClientConn};
-use crate::proxy::Proxy;
+use crate::proxy::{Handed, Handover, Proxy};
+use crate::scram::{Exchange, Failure, Verifier};
 
 pub const DATABASE: &str = "pgtier";
 const TEXT: i32 = 25;
 const MAX_MESSAGE: usize = 1 << 20;
 
 type Rows = (Vec<&'static str>, Vec<Vec<Option<String>>>);
+
+/// The admin console as the proxy's handover for its database: shared state
+/// across console connections.
+#[derive(Default)]
+pub struct ConsoleService {
+    throttle: LoginThrottle,
+}
+
+#[async_trait::async_trait]
+impl Handover for ConsoleService {
+    fn database(&self) -> &str {
+        DATABASE
+    }
+
+    async fn serve(self: Arc<Self>, proxy: Arc<Proxy>, client: ClientConn, handed: Handed) {
+        let console = Console {
+            addr: handed
+                .peer
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.ip()),
+            auth_timeout: handed.auth_timeout,
+            negotiate: handed.negotiate,
+        };
+        console
+            .serve(
+                proxy,
+                &self.throttle,
+                client,
+                handed.startup,
+                handed.leftover,
+            )
+            .await;
+    }
+}
 
 /// How a console connection is to be served.
 pub struct Console {
@@ -46,12 +82,13 @@ impl Console {
     pub async fn serve(
         self,
         proxy: Arc<Proxy>,
+        throttle: &LoginThrottle,
         mut client: ClientConn,
         startup: StartupMessage,
         mut buf: BytesMut,
     ) {
         let user = startup.user().unwrap_or_default().to_string();
-        let login = login(&proxy, &self, &mut client, &mut buf, &user);
+        let login = login(&proxy, &self, throttle, &mut client, &mut buf, &user);
         match tokio::time::timeout(self.auth_timeout, login).await {
             Ok(true) => {}
             Ok(false) => return,
@@ -69,6 +106,7 @@ impl Console {
 async fn login(
     proxy: &Proxy,
     console: &Console,
+    throttle: &LoginThrottle,
     client: &mut ClientConn,
     buf: &mut BytesMut,
     user: &str,
@@ -84,7 +122,7 @@ async fn login(
         return false;
     }
     if let Some(a) = console.addr {
-        if !proxy.login_throttle.allowed(a) {
+        if !throttle.allowed(a) {
             tracing::warn!(%user, addr = %a, "admin console: too many failed logins");
             fatal(
                 client,
@@ -118,7 +156,7 @@ async fn login(
             // Only a checked password counts: clients such as psql hang up at the
             // password request and reconnect with one, which guesses nothing.
             if let Some(a) = console.addr {
-                proxy.login_throttle.failed(a);
+                throttle.failed(a);
             }
             fatal(
                 client,
@@ -481,8 +519,7 @@ fn show_connections(proxy: &Proxy) -> Rows {
 /// pgtier instance sharing the databases applies it, in order.
 async fn invalidate(proxy: &Proxy, table: Option<&str>) -> Result<usize, String> {
     let cfg = proxy.config();
-    let password = cfg.invalidation.password().map_err(|e| e.to_string())?;
-    let targets = control::parse(&cfg.invalidation.control_urls, password.as_deref())?;
+    let targets = cfg.control_targets().map_err(|e| e.to_string())?;
     if targets.is_empty() {
         if table.is_none() {
             proxy.cache.l1.clear();

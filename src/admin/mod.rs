@@ -2,5 +2,4 @@
 
 pub mod console;
 pub mod http;
-pub mod scram;
 pub mod throttle;

@@ -6,9 +6,11 @@
 //! configuration from start to end.
 
 pub mod cli;
+pub mod control;
 pub mod units;
+mod validate;
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -476,199 +478,6 @@ impl Config {
         })
     }
 
-    /// Check everything that can be checked without touching the network.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        resolve("server.listen", &self.server.listen)?;
-        if self.server.max_client_connections == 0 {
-            return Err(invalid(
-                "server.max_client_connections",
-                "must be at least 1",
-            ));
-        }
-        if self.server.max_message_size.0 < 1024 {
-            return Err(invalid("server.max_message_size", "must be at least 1kB"));
-        }
-        if self.server.max_message_size.0 > (1 << 30) {
-            return Err(invalid(
-                "server.max_message_size",
-                "must be at most 1GiB (the protocol's own limit)",
-            ));
-        }
-        match (&self.server.tls_cert, &self.server.tls_key) {
-            (Some(c), Some(k)) => {
-                readable("server.tls_cert", c)?;
-                readable("server.tls_key", k)?;
-            }
-            (None, None) if self.server.require_tls => {
-                return Err(invalid(
-                    "server.require_tls",
-                    "needs server.tls_cert and server.tls_key",
-                ))
-            }
-            (None, None) => {}
-            _ => {
-                return Err(invalid(
-                    "server.tls_cert",
-                    "tls_cert and tls_key must be set together",
-                ))
-            }
-        }
-        if self.upstream.host.trim().is_empty() {
-            return Err(invalid("upstream.host", "must not be empty"));
-        }
-        if self.upstream.port == 0 {
-            return Err(invalid("upstream.port", "must be 1-65535"));
-        }
-        if self.upstream.connect_timeout.0.is_zero() {
-            return Err(invalid(
-                "upstream.connect_timeout",
-                "must be greater than 0",
-            ));
-        }
-        if self.upstream.unix_socket_dir().is_some()
-            && matches!(self.upstream.tls, TlsMode::Require | TlsMode::VerifyFull)
-        {
-            return Err(invalid(
-                "upstream.tls",
-                "Postgres does not offer TLS on Unix sockets; use disable or prefer",
-            ));
-        }
-        if let Some(ca) = &self.upstream.tls_ca_file {
-            readable("upstream.tls_ca_file", ca)?;
-        }
-        if !self.admin.listen.is_empty() {
-            resolve("admin.listen", &self.admin.listen)?;
-        }
-        for url in self.l2.redis_url.iter().chain(self.l2.seeds.iter()) {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
-            {
-                return Err(invalid(
-                    "l2.redis_url",
-                    format!("'{url}' is not a redis:// or rediss:// URL"),
-                ));
-            }
-        }
-        for (key, file) in [
-            ("l2.tls_ca_file", &self.l2.tls_ca_file),
-            ("l2.tls_cert_file", &self.l2.tls_cert_file),
-            ("l2.tls_key_file", &self.l2.tls_key_file),
-        ] {
-            if let Some(f) = file {
-                readable(key, f)?;
-            }
-        }
-        if self.l2.tls_cert_file.is_some() != self.l2.tls_key_file.is_some() {
-            return Err(invalid(
-                "l2.tls_cert_file",
-                "tls_cert_file and tls_key_file go together",
-            ));
-        }
-        let key = crate::cache::l2::signing::load_key(
-            self.l2.signing_key.as_deref(),
-            self.l2.signing_key_file.as_deref(),
-        )
-        .map_err(|e| invalid("l2.signing_key", e))?;
-        if key.is_none() && !self.l2.nodes().is_empty() {
-            return Err(invalid(
-                "l2.signing_key",
-                "required when L2 is on: pgtier does not trust what it reads from Redis without it \
-                 (make one with `openssl rand -hex 32`; the same key on every pgtier sharing the Redis)",
-            ));
-        }
-        if self.l2.timeout.0.is_zero() {
-            return Err(invalid("l2.timeout", "must be greater than 0"));
-        }
-        if self.l2.breaker_failures == 0 {
-            return Err(invalid("l2.breaker_failures", "must be at least 1"));
-        }
-        if self.l2.prefix.is_empty() || self.l2.prefix.contains(char::is_whitespace) {
-            return Err(invalid("l2.prefix", "must be non-empty, without spaces"));
-        }
-        for (i, r) in self.cache.rules.iter().enumerate() {
-            let key = format!("cache.rules[{i}]");
-            let targets = [
-                r.table.is_some(),
-                r.query.is_some(),
-                r.fingerprint.is_some(),
-            ];
-            if targets.iter().filter(|&&t| t).count() != 1 {
-                return Err(invalid(
-                    &key,
-                    "needs exactly one of table, query, fingerprint",
-                ));
-            }
-            if let Some(q) = &r.query {
-                regex::Regex::new(q)
-                    .map_err(|e| invalid(&format!("{key}.query"), e.to_string()))?;
-            }
-            if let Some(f) = &r.fingerprint {
-                u64::from_str_radix(f, 16).map_err(|_| {
-                    invalid(
-                        &format!("{key}.fingerprint"),
-                        format!("'{f}' is not 16 hex digits"),
-                    )
-                })?;
-            }
-            if let Some(t) = &r.table {
-                if t.is_empty() || t.split('.').count() > 2 {
-                    return Err(invalid(
-                        &format!("{key}.table"),
-                        format!("'{t}' is not name or schema.name"),
-                    ));
-                }
-            }
-        }
-        for (i, u) in self.admin.users.iter().enumerate() {
-            if crate::admin::scram::Verifier::parse(&u.password).is_none() {
-                return Err(invalid(
-                    &format!("admin.users[{i}].password"),
-                    "must be a SCRAM-SHA-256 verifier (run `pgtier hash-password`), not a plain password",
-                ));
-            }
-            if u.name.is_empty() {
-                return Err(invalid(
-                    &format!("admin.users[{i}].name"),
-                    "must not be empty",
-                ));
-            }
-        }
-        let password = self.invalidation.password()?;
-        crate::invalidation::control::parse(&self.invalidation.control_urls, password.as_deref())
-            .map_err(|reason| invalid("invalidation.control_urls", reason))?;
-        if self.invalidation.channel.is_empty() || self.invalidation.channel.len() > 63 {
-            return Err(invalid(
-                "invalidation.channel",
-                "must be 1 to 63 characters",
-            ));
-        }
-        for (key, d) in [
-            (
-                "invalidation.check_interval",
-                self.invalidation.check_interval,
-            ),
-            (
-                "invalidation.rescan_interval",
-                self.invalidation.rescan_interval,
-            ),
-            (
-                "invalidation.fence_timeout",
-                self.invalidation.fence_timeout,
-            ),
-        ] {
-            if d.0.is_zero() {
-                return Err(invalid(key, "must be greater than 0"));
-            }
-        }
-        if self.cache.max_entry_bytes.0 == 0 {
-            return Err(invalid("cache.max_entry_bytes", "must be greater than 0"));
-        }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| invalid("log.level", format!("'{}': {e}", self.log.level)))?;
-        Ok(())
-    }
-
     /// A copy safe to print: passwords in URLs replaced by `****`.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
@@ -686,26 +495,21 @@ impl Config {
         c
     }
 
+    /// The cached databases' control connections, with the control password
+    /// filled in where a URL carries none.
+    pub fn control_targets(&self) -> Result<Vec<control::ControlTarget>, ConfigError> {
+        let password = self.invalidation.password()?;
+        control::parse(&self.invalidation.control_urls, password.as_deref())
+            .map_err(|reason| invalid("invalidation.control_urls", reason))
+    }
+
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        resolve("server.listen", &self.server.listen)
+        validate::resolve("server.listen", &self.server.listen)
     }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
-    addr.to_socket_addrs()
-        .map_err(|e| invalid(key, format!("'{addr}' is not a HOST:PORT address ({e})")))?
-        .next()
-        .ok_or_else(|| invalid(key, format!("'{addr}' resolves to no address")))
-}
-
-fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
-    std::fs::metadata(path)
-        .map(|_| ())
-        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
 }
 
 /// Split "host:port" (or "[v6]:port") as given to `--upstream`.
@@ -748,74 +552,4 @@ impl Live {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_are_valid() {
-        Config::default().validate().unwrap();
-    }
-
-    #[test]
-    fn unknown_key_is_rejected_with_its_name() {
-        let e = Config::from_toml("[server]\nlisten_addr = \"x\"\n").unwrap_err();
-        assert!(e.to_string().contains("listen_addr"), "{e}");
-    }
-
-    #[test]
-    fn bad_values_name_the_key() {
-        let e = Config::from_toml("[upstream]\nconnect_timeout = \"soon\"\n").unwrap_err();
-        assert!(e.to_string().contains("soon"), "{e}");
-        let e = Config::from_toml("[upstream]\ntls = \"maybe\"\n").unwrap_err();
-        assert!(e.to_string().contains("maybe"), "{e}");
-        let mut c = Config::default();
-        c.server.listen = "nonsense".into();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("server.listen"));
-        let mut c = Config::default();
-        c.server.tls_cert = Some("/nonexistent.pem".into());
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("server.tls_cert"));
-        let mut c = Config::default();
-        c.l2.tls_ca_file = Some("/nonexistent-ca.pem".into());
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("l2.tls_ca_file"), "{e}");
-        let mut c = Config::default();
-        c.l2.tls_cert_file = Some("/dev/null".into());
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("go together"), "{e}");
-    }
-
-    #[test]
-    fn the_example_config_is_valid() {
-        let c = Config::from_toml(include_str!("../../config/pgtier.toml")).unwrap();
-        c.validate().unwrap();
-    }
-
-    #[test]
-    fn redaction_hides_passwords() {
-        let mut c = Config::default();
-        c.invalidation.control_urls = vec!["postgres://app:s3cret@db:5432/shop".into()];
-        c.l2.redis_url = Some("redis://default:pw@cache:6379".into());
-        let text = toml::to_string(&c.redacted()).unwrap();
-        assert!(!text.contains("s3cret") && !text.contains(":pw@"), "{text}");
-        assert!(text.contains("postgres://app:****@db:5432/shop"));
-    }
-
-    #[test]
-    fn host_port() {
-        assert_eq!(
-            split_host_port("db.example:5433").unwrap(),
-            ("db.example".into(), 5433)
-        );
-        assert_eq!(split_host_port("[::1]:5432").unwrap(), ("::1".into(), 5432));
-        assert!(split_host_port("nohost").is_err());
-        assert!(split_host_port("h:99999").is_err());
-    }
-}
+mod tests;

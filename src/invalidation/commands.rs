@@ -7,9 +7,7 @@ use super::triggers::{self, Scope};
 use crate::config::Config;
 
 fn targets(config: &Config) -> Result<Vec<control::ControlTarget>> {
-    let password = config.invalidation.password()?;
-    let mut targets = control::parse(&config.invalidation.control_urls, password.as_deref())
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut targets = config.control_targets()?;
     // Not "pgtier-control": a running listener should hear about this DDL.
     for t in &mut targets {
         t.config.application_name("pgtier-install");

@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::payload::Epoch;
-use crate::cache::l2::signing::{from_hex, to_hex, Signer};
+use crate::signing::{from_hex, to_hex, Signer};
 
 const DOMAIN: &[u8] = b"pgtier-l2-epoch-v1";
 

@@ -15,12 +15,14 @@ use pingora_core::server::ShutdownWatch;
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
-use super::Proxy;
+use super::{Handover, Proxy};
 use crate::workers::Workers;
 
 pub struct ListenerApp {
     pub proxy: Arc<Proxy>,
     pub sessions: Arc<Workers>,
+    /// Takes over connections to its own database (the admin console).
+    pub handover: Option<Arc<dyn Handover>>,
 }
 
 #[async_trait]
@@ -43,13 +45,14 @@ impl ServerApp for ListenerApp {
         };
         drop(session);
         let proxy = self.proxy.clone();
+        let handover = self.handover.clone();
         self.sessions.spawn(async move {
             let std_stream = std::net::TcpStream::from(fd);
             let stream = std_stream
                 .set_nonblocking(true)
                 .and_then(|_| tokio::net::TcpStream::from_std(std_stream));
             match stream {
-                Ok(s) => proxy.serve(s).await,
+                Ok(s) => proxy.serve(s, handover).await,
                 Err(e) => tracing::error!(error = %e, "cannot register an accepted connection"),
             }
         });

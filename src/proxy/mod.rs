@@ -9,7 +9,6 @@ pub mod replies;
 pub mod session;
 pub mod startup;
 pub mod statements;
-pub mod tls;
 pub mod tracker;
 pub mod two_phase;
 pub mod upstream;
@@ -27,8 +26,31 @@ use crate::cache::Cache;
 use crate::config::{Config, Live};
 use crate::invalidation::Invalidation;
 use session::Session;
-use startup::{fatal, ClientStream, Opened, StartupError};
+use startup::{fatal, ClientConn, ClientStream, Opened, StartupError};
 use upstream::Upstream;
+
+/// A service that takes over connections to one database name entirely (the
+/// admin console, which lives above the proxy and is handed the connection
+/// once its startup packet is read).
+#[async_trait::async_trait]
+pub trait Handover: Send + Sync {
+    /// The database name clients use to reach it.
+    fn database(&self) -> &str;
+
+    /// Serve the connection from its startup packet on.
+    async fn serve(self: Arc<Self>, proxy: Arc<Proxy>, client: ClientConn, opened: Handed);
+}
+
+/// A connection handed over after its startup packet.
+pub struct Handed {
+    pub startup: crate::protocol::startup::StartupMessage,
+    /// Bytes the client sent after the startup packet.
+    pub leftover: BytesMut,
+    /// `_pq_.` options and minor version to report in NegotiateProtocolVersion.
+    pub negotiate: Option<(u16, Vec<String>)>,
+    pub peer: String,
+    pub auth_timeout: Duration,
+}
 
 /// What the admin console shows about an open session.
 pub struct SessionInfo {
@@ -54,7 +76,6 @@ pub struct Proxy {
     pub upstream: Upstream,
     pub tls_acceptor: Option<TlsAcceptor>,
     /// Failed admin-console logins per client address.
-    pub login_throttle: crate::admin::throttle::LoginThrottle,
     sessions: AtomicUsize,
     next_id: AtomicU64,
     idle: Notify,
@@ -64,13 +85,10 @@ impl Proxy {
     pub fn new(config: Arc<Live>, options: crate::config::cli::Options) -> anyhow::Result<Self> {
         let snap = config.load();
         let tls_acceptor = match (&snap.server.tls_cert, &snap.server.tls_key) {
-            (Some(c), Some(k)) => Some(TlsAcceptor::from(tls::server_config(c, k)?)),
+            (Some(c), Some(k)) => Some(TlsAcceptor::from(crate::tls::server_config(c, k)?)),
             _ => None,
         };
-        let databases = crate::invalidation::control::parse(&snap.invalidation.control_urls, None)
-            .map_err(|e| anyhow::anyhow!(e))?
-            .into_iter()
-            .map(|t| t.database);
+        let databases = snap.control_targets()?.into_iter().map(|t| t.database);
         Ok(Proxy {
             options,
             sessions_info: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -79,7 +97,6 @@ impl Proxy {
             upstream: Upstream::new(&snap.upstream)?,
             config,
             tls_acceptor,
-            login_throttle: Default::default(),
             sessions: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             idle: Notify::new(),
@@ -189,7 +206,9 @@ impl Proxy {
     }
 
     /// Serve one client connection from its first byte to its last.
-    pub async fn serve(self: Arc<Self>, stream: ClientStream) {
+    /// Serve one client connection from its first byte to its last; a
+    /// connection to `handover`'s database is given to it instead.
+    pub async fn serve(self: Arc<Self>, stream: ClientStream, handover: Option<Arc<dyn Handover>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let peer = stream
@@ -199,12 +218,18 @@ impl Proxy {
         let span = tracing::info_span!("session", id, %peer);
         let _guard = SessionGuard::enter(&self);
         self.clone()
-            .serve_inner(id, peer, stream)
+            .serve_inner(id, peer, stream, handover)
             .instrument(span)
             .await;
     }
 
-    async fn serve_inner(self: Arc<Self>, id: u64, peer: String, stream: ClientStream) {
+    async fn serve_inner(
+        self: Arc<Self>,
+        id: u64,
+        peer: String,
+        stream: ClientStream,
+        handover: Option<Arc<dyn Handover>>,
+    ) {
         let cfg = self.config();
         let auth_timeout = cfg.server.auth_timeout.0;
         let opened = match tokio::time::timeout(auth_timeout, startup::accept(stream, &self)).await
@@ -234,14 +259,15 @@ impl Proxy {
             fatal(&mut client, "53300", "sorry, too many clients already").await;
             return;
         }
-        if startup.database() == Some(crate::admin::console::DATABASE) {
-            let addr = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
-            let console = crate::admin::console::Console {
-                addr,
-                auth_timeout,
+        if let Some(h) = handover.filter(|h| startup.database() == Some(h.database())) {
+            let handed = Handed {
+                startup,
+                leftover: cin,
                 negotiate,
+                peer,
+                auth_timeout,
             };
-            console.serve(self, client, startup, cin).await;
+            h.serve(self, client, handed).await;
             return;
         }
         let mut server = match self.upstream.connect().await {

@@ -10,9 +10,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::conn::{write_all, Conn, Transport};
-use super::tls;
 use crate::config::{TlsMode, UpstreamConfig};
 use crate::protocol::startup::{CancelRequest, SSL_REQUEST_CODE};
+use crate::tls;
 
 pub type ServerConn = Conn<Transport>;
 

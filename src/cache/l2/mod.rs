@@ -11,7 +11,6 @@
 //! signing key there is no L2.
 
 mod breaker;
-pub mod signing;
 mod value;
 
 use std::cell::RefCell;
@@ -26,8 +25,8 @@ use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 
 use crate::config::L2Config;
+pub use crate::signing::Signer;
 use breaker::Breaker;
-pub use signing::Signer;
 pub use value::{decode, encode, Reject};
 
 #[derive(Clone)]
@@ -127,18 +126,20 @@ impl L2 {
         }
         // Validation refuses L2 without a key; a key file that became
         // unreadable since then leaves L2 off rather than unsigned.
-        let key =
-            match signing::load_key(cfg.signing_key.as_deref(), cfg.signing_key_file.as_deref()) {
-                Ok(Some(k)) => k,
-                Ok(None) => {
-                    tracing::error!("l2: no signing key (l2.signing_key); running without L2");
-                    return None;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "l2.signing_key: running without L2");
-                    return None;
-                }
-            };
+        let key = match crate::signing::load_key(
+            cfg.signing_key.as_deref(),
+            cfg.signing_key_file.as_deref(),
+        ) {
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                tracing::error!("l2: no signing key (l2.signing_key); running without L2");
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "l2.signing_key: running without L2");
+                return None;
+            }
+        };
         gauge!("pgtier_l2_breaker_state").set(0.0);
         Some(L2 {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use super::signing::{Signer, TAG_LEN};
+use crate::signing::{Signer, TAG_LEN};
 
 const MAGIC: &[u8; 4] = b"PGT3";
 const NO_ROW_DESC: u32 = u32::MAX;
