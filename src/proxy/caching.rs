@@ -193,6 +193,9 @@ pub struct SessionCache {
     wrote: bool,
     /// A fence is outstanding: nothing may be answered from the cache.
     pub fencing: bool,
+    /// The session changed roles: the fence that follows also invalidates the
+    /// whole database (the listener's poll of roles would come later).
+    pub announce_all: bool,
     database: String,
     user: String,
     startup_params: Vec<(String, String)>,
@@ -253,6 +256,7 @@ impl SessionCache {
             db,
             wrote: false,
             fencing: false,
+            announce_all: false,
             database: database.to_string(),
             user: user.to_string(),
             startup_params: startup_params.to_vec(),
@@ -1167,6 +1171,9 @@ impl SessionCache {
     fn note_effects(&mut self, decision: &Decision) {
         if decision.analysis.may_write {
             self.wrote = true;
+        }
+        if decision.analysis.roles_changed {
+            self.announce_all = true;
         }
         let calls = &decision.analysis.calls;
         if !calls.is_empty()

@@ -554,10 +554,13 @@ impl Session {
         let inv = &self.proxy.invalidation;
         let (seq, nonce, done) = db.new_fence();
         let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
-        let sql = format!(
-            "NOTIFY \"{}\", '{payload}'",
-            inv.channel.replace('"', "\"\"")
-        );
+        let channel = inv.channel.replace('"', "\"\"");
+        let mut sql = format!("NOTIFY \"{channel}\", '{payload}'");
+        if std::mem::take(&mut self.cache.announce_all) {
+            // Ahead of the fence, so the client hears of its commit only after
+            // every entry of this database is gone.
+            sql = format!("NOTIFY \"{channel}\", '*'; {sql}");
+        }
         let mut buf = BytesMut::new();
         crate::protocol::frontend::Query {
             sql: sql.as_bytes(),

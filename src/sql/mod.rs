@@ -140,6 +140,9 @@ pub struct Analysis {
     /// a built-in, may write, change settings or create temporary objects
     /// unless it is IMMUTABLE.
     pub calls: Vec<String>,
+    /// Changes roles (membership, attributes, drops): what any user may see can
+    /// change in every database, with no event trigger to say so.
+    pub roles_changed: bool,
     /// pg_query fingerprint: the statement's shape with constants removed.
     pub fingerprint: u64,
 }
@@ -162,6 +165,7 @@ pub fn analyze(sql: &str) -> Analysis {
                 writes: Vec::new(),
                 may_write: true,
                 calls: Vec::new(),
+                roles_changed: false,
                 fingerprint,
             }
         }
@@ -172,6 +176,7 @@ pub fn analyze(sql: &str) -> Analysis {
         writes: Vec::new(),
         may_write: false,
         calls: Vec::new(),
+        roles_changed: false,
         fingerprint,
     };
     let stmts = &parsed.protobuf.stmts;
@@ -189,6 +194,12 @@ pub fn analyze(sql: &str) -> Analysis {
         out.effects.extend(session_effects(&top, &tree, &facts));
         out.writes.extend(facts.written.iter().cloned());
         out.calls.extend(facts.calls());
+        if matches!(
+            top.as_str(),
+            "GrantRoleStmt" | "AlterRoleStmt" | "DropRoleStmt"
+        ) {
+            out.roles_changed = true;
+        }
         if !matches!(
             top.as_str(),
             "SelectStmt" | "VariableSetStmt" | "VariableShowStmt"

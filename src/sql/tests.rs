@@ -216,3 +216,18 @@ fn writes_are_found() {
     assert!(!analyze("select 1").may_write);
     assert!(analyze("select my_func()").may_write);
 }
+
+#[test]
+fn role_changes_are_found() {
+    for sql in [
+        "revoke readers from alice",
+        "grant readers to alice",
+        "alter role alice nobypassrls",
+        "drop role alice",
+    ] {
+        assert!(analyze(sql).roles_changed, "{sql}");
+        assert!(analyze(sql).may_write, "{sql}");
+    }
+    assert!(!analyze("grant select on t to alice").roles_changed);
+    assert!(!analyze("select 1").roles_changed);
+}
