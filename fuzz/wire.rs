@@ -33,7 +33,9 @@ struct Case {
     split: usize,
     /// Bytes were damaged after encoding.
     mutated: bool,
-    writes: bool,
+    /// The UPDATEs the case makes: applied before both runs, so both start
+    /// from the same data (the reference run would otherwise change it).
+    writes: Vec<String>,
     seed: u64,
 }
 
@@ -125,12 +127,13 @@ fn write_sql(rng: &mut Rng) -> String {
     )
 }
 
-fn sql(rng: &mut Rng, writes: &mut bool) -> String {
+fn sql(rng: &mut Rng, writes: &mut Vec<String>) -> String {
     match rng.below(10) {
         0..=4 => rng.pick(&READS).to_string(),
         5 => {
-            *writes = true;
-            write_sql(rng)
+            let w = write_sql(rng);
+            writes.push(w.clone());
+            w
         }
         _ => rng.pick(&OTHERS).to_string(),
     }
@@ -150,7 +153,7 @@ fn params_for(sql: &str) -> Vec<&'static str> {
 
 fn generate(rng: &mut Rng, seed: u64) -> Case {
     let mut msgs = Vec::new();
-    let mut writes = false;
+    let mut writes = Vec::new();
     for _ in 0..1 + rng.below(5) {
         match rng.below(10) {
             0..=3 => {
@@ -452,8 +455,19 @@ struct Ports {
 
 /// Run a case on both; Some(kind) if they differ.
 async fn compare(p: &Ports, case: &Case) -> Option<(String, Replies, Replies)> {
+    if !case.writes.is_empty() {
+        let pre = Case {
+            msgs: case.writes.iter().map(|w| query(w)).collect(),
+            coalesced_startup: false,
+            split: 0,
+            mutated: false,
+            writes: Vec::new(),
+            seed: 0,
+        };
+        run_on(p.pg, &p.db, &pre, Duration::from_millis(300)).await;
+    }
     let want = run_on(p.pg, &p.db, case, Duration::from_millis(300)).await;
-    if case.writes {
+    if !case.writes.is_empty() {
         // Writes made directly reach pgtier by notification: give that time
         // (well over its bound, on a loaded machine) so a difference is staleness.
         tokio::time::sleep(Duration::from_millis(250)).await;
