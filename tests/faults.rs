@@ -68,9 +68,13 @@ async fn cached(p: &Pgtier, want: &str) {
 
 /// A session through pgtier, started and idle, on the raw wire.
 async fn idle_session(port: u16) -> TcpStream {
+    session(port, "postgres").await
+}
+
+async fn session(port: u16, db: &str) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut body = 196608i32.to_be_bytes().to_vec();
-    body.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
+    body.extend_from_slice(format!("user\0postgres\0database\0{db}\0\0").as_bytes());
     let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
     packet.extend_from_slice(&body);
     s.write_all(&packet).await.unwrap();
@@ -97,7 +101,7 @@ async fn until_closed(s: &mut TcpStream, within: Duration) -> Vec<(char, String,
     let mut buf = Vec::new();
     tokio::time::timeout(within, s.read_to_end(&mut buf))
         .await
-        .expect("pgtier left an open session hanging after Postgres went away")
+        .expect("pgtier did not close the session")
         .ok();
     let mut out = Vec::new();
     let mut at = 0;
@@ -403,4 +407,34 @@ async fn case_20_upstream_unreachable_for_30s() {
     assert_eq!(first(&c, READ).await, "4", "stale read after the outage");
     cached(&p, "4").await;
     write_is_visible(&p, pg.port, 5).await;
+}
+
+/// Case 19, found by fuzzing: a Query with bytes after its terminating NUL is
+/// refused by Postgres ("invalid message format"); pgtier used to ignore them
+/// and answer from the cache.
+#[tokio::test]
+async fn case_19_trailing_bytes_are_not_answered_from_cache() {
+    let db = common::fresh_db("hf_trailing").await;
+    let d = common::direct(&db).await;
+    d.batch_execute(SETUP).await.unwrap();
+    let p = Pgtier::cached(&db, TOML, &[]).await;
+    let c = p.connect(&db).await;
+    common::sql::warm(&p, &c, READ, "1").await;
+
+    let mut s = session(p.port, &db).await;
+    let q = format!("{READ}\0junk");
+    let mut out = vec![b'Q'];
+    out.extend_from_slice(&((q.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(q.as_bytes());
+    s.write_all(&out).await.unwrap();
+    let got = until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        !got.iter().any(|(tag, _, _)| *tag == 'D'),
+        "a message Postgres refuses was answered with rows: {got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|(tag, _, code)| *tag == 'E' && code == "08P01"),
+        "{got:?}"
+    );
 }
