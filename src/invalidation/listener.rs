@@ -50,6 +50,9 @@ pub struct Settings {
     pub signer: Option<crate::cache::l2::Signer>,
 }
 
+/// How long a lost listener keeps retrying every 100 ms before backing off.
+const FAST_RETRY: Duration = Duration::from_secs(5);
+
 pub struct Listener {
     pub db: Arc<DbState>,
     /// Tables eager mode has watched once: a rescan watches only newcomers, so
@@ -70,6 +73,7 @@ impl BackgroundService for Listener {
         let db = self.db.name.clone();
         let connected = gauge!("pgtier_listener_connected", "database" => db.clone());
         let mut backoff = Duration::from_millis(100);
+        let mut down_since: Option<Instant> = None;
         loop {
             let started = Instant::now();
             let result = tokio::select! {
@@ -88,12 +92,19 @@ impl BackgroundService for Listener {
             }
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_millis(100);
+                down_since = None;
             }
+            let since = *down_since.get_or_insert_with(Instant::now);
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            // A restart takes Postgres away for a second or two: retrying at the
+            // first pace for a few seconds brings the cache back (and /ready to
+            // 200) within 0.1 s of Postgres; only a longer outage backs off.
+            if since.elapsed() > FAST_RETRY {
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }

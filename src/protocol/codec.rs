@@ -72,6 +72,18 @@ impl<'a> Reader<'a> {
         self.buf.is_empty()
     }
 
+    /// The message must end here, as Postgres's `pq_getmsgend` requires.
+    pub fn end(&self) -> Result<(), ProtocolError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtocolError::TrailingBytes {
+                tag: tag_char(self.tag),
+                extra: self.buf.len(),
+            })
+        }
+    }
+
     pub fn u8(&mut self, what: &'static str) -> Result<u8, ProtocolError> {
         let (&b, rest) = self.buf.split_first().ok_or_else(|| self.truncated(what))?;
         self.buf = rest;

@@ -10,6 +10,10 @@ pub enum ProtocolError {
     TooLarge { tag: char, len: usize, max: usize },
     #[error("message '{tag}' is truncated: {what}")]
     Truncated { tag: char, what: &'static str },
+    /// Postgres answers these "invalid message format": a message is read one
+    /// way only, so bytes after its last field are refused, not ignored.
+    #[error("invalid message format: {extra} unexpected bytes at the end of message '{tag}'")]
+    TrailingBytes { tag: char, extra: usize },
     #[error("invalid frontend message type '{0}'")]
     UnknownFrontend(char),
     #[error("invalid backend message type '{0}'")]

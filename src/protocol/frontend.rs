@@ -17,9 +17,9 @@ impl<'a> Query<'a> {
     pub const TAG: u8 = b'Q';
     pub fn decode(body: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(Self::TAG, body);
-        Ok(Query {
-            sql: r.cstr("query string")?,
-        })
+        let sql = r.cstr("query string")?;
+        r.end()?;
+        Ok(Query { sql })
     }
     pub fn encode(&self, buf: &mut BytesMut) {
         let at = begin(buf, Self::TAG);
@@ -40,11 +40,13 @@ impl<'a> Parse<'a> {
     pub const TAG: u8 = b'P';
     pub fn decode(body: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(Self::TAG, body);
-        Ok(Parse {
+        let p = Parse {
             name: r.cstr("statement name")?,
             query: r.cstr("query string")?,
             param_types: r.i32_array("parameter types")?,
-        })
+        };
+        r.end()?;
+        Ok(p)
     }
     pub fn encode(&self, buf: &mut BytesMut) {
         let at = begin(buf, Self::TAG);
@@ -96,12 +98,7 @@ impl<'a> Bind<'a> {
             }
         }
         let result_formats = r.i16_array("result formats")?;
-        if !r.is_empty() {
-            return Err(ProtocolError::Truncated {
-                tag: 'B',
-                what: "trailing bytes",
-            });
-        }
+        r.end()?;
         Ok(Bind {
             portal,
             statement,
@@ -177,10 +174,12 @@ impl<'a> Describe<'a> {
     pub const TAG: u8 = b'D';
     pub fn decode(body: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(Self::TAG, body);
-        Ok(Describe {
+        let d = Describe {
             target: Target::decode(&mut r, Self::TAG)?,
             name: r.cstr("name")?,
-        })
+        };
+        r.end()?;
+        Ok(d)
     }
     pub fn encode(&self, buf: &mut BytesMut) {
         let at = begin(buf, Self::TAG);
@@ -201,10 +200,12 @@ impl<'a> Execute<'a> {
     pub const TAG: u8 = b'E';
     pub fn decode(body: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(Self::TAG, body);
-        Ok(Execute {
+        let e = Execute {
             portal: r.cstr("portal name")?,
             max_rows: r.i32("row limit")?,
-        })
+        };
+        r.end()?;
+        Ok(e)
     }
     pub fn encode(&self, buf: &mut BytesMut) {
         let at = begin(buf, Self::TAG);
@@ -224,10 +225,12 @@ impl<'a> Close<'a> {
     pub const TAG: u8 = b'C';
     pub fn decode(body: &'a [u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(Self::TAG, body);
-        Ok(Close {
+        let c = Close {
             target: Target::decode(&mut r, Self::TAG)?,
             name: r.cstr("name")?,
-        })
+        };
+        r.end()?;
+        Ok(c)
     }
     pub fn encode(&self, buf: &mut BytesMut) {
         let at = begin(buf, Self::TAG);
@@ -281,8 +284,15 @@ impl<'a> Frontend<'a> {
             Describe::TAG => Frontend::Describe(Describe::decode(body)?),
             Execute::TAG => Frontend::Execute(Execute::decode(body)?),
             Close::TAG => Frontend::Close(Close::decode(body)?),
-            SYNC => Frontend::Sync,
-            FLUSH => Frontend::Flush,
+            // Postgres checks these are empty; CopyDone and Terminate it does not.
+            SYNC => {
+                Reader::new(tag, body).end()?;
+                Frontend::Sync
+            }
+            FLUSH => {
+                Reader::new(tag, body).end()?;
+                Frontend::Flush
+            }
             TERMINATE => Frontend::Terminate,
             COPY_DATA => Frontend::CopyData(body),
             COPY_DONE => Frontend::CopyDone,
@@ -372,5 +382,30 @@ mod tests {
         assert!(Bind::decode(body).is_err());
         assert!(Frontend::decode(b'Z', b"").is_err());
         assert!(Describe::decode(b"X\0").is_err());
+    }
+
+    /// Found by fuzzing: bytes after a message's last field were ignored, so a
+    /// message Postgres refuses ("invalid message format") could be answered
+    /// from the cache.
+    #[test]
+    fn trailing_bytes_are_refused_like_postgres_does() {
+        let trailing = |tag: u8, body: &[u8]| {
+            matches!(
+                Frontend::decode(tag, body),
+                Err(ProtocolError::TrailingBytes { extra: 1, .. })
+            )
+        };
+        assert!(trailing(b'Q', b"select 1\0x"));
+        assert!(trailing(b'P', b"s\0select 1\0\0\0x"));
+        assert!(trailing(b'D', b"Ss\0x"));
+        assert!(trailing(b'E', b"\0\0\0\0\0x"));
+        assert!(trailing(b'C', b"Ps\0x"));
+        assert!(trailing(b'B', b"\0\0\0\0\0\0\0\0x"));
+        assert!(trailing(b'S', b"x"));
+        assert!(trailing(b'H', b"x"));
+        // Postgres reads no further than the message it needs in these
+        assert!(Frontend::decode(b'X', b"x").is_ok());
+        assert!(Frontend::decode(b'c', b"x").is_ok());
+        assert!(Frontend::decode(b'f', b"gave up\0x").is_ok());
     }
 }
