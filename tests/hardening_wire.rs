@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::wire::{
-    bind, concat, copy_data, copy_done, execute, extended_query, flush, parse, probe, query,
-    same_replies, same_replies_with, startup, step, sync, terminate, End, Until, Wire,
+    bind, concat, copy_data, copy_done, execute, extended_query, flush, frame, parse, probe, query,
+    run_script, same_replies, same_replies_with, startup, step, sync, terminate, End, Until, Wire,
 };
 use common::{direct, fresh_db, pgtier_bin, run_bounded, Pgtier};
 
@@ -465,4 +465,33 @@ async fn case_18_admin_console_obeys_auth_timeout_limits_and_throttles_failures(
     assert_eq!(code(&e), "28000", "{e}");
     // the session opened before is unaffected
     ok.simple_query("SHOW STATS").await.unwrap();
+}
+
+/// Found by the wire fuzzer (case 28's family): requests written together with
+/// a malformed message run and are answered before the FATAL, as in Postgres.
+#[tokio::test]
+async fn case_28_requests_written_before_a_malformed_message_are_answered() {
+    let (db, p) = cached("hw_28_malformed").await;
+    assert_caching(&p, &db).await;
+    // (A message Postgres can frame but not decode, such as a Query with
+    // trailing bytes, is an ERROR there and FATAL here: by design, see README.)
+    for bad in [frame(b'x', b""), frame(b'x', b"junk")] {
+        let script = [step(
+            concat(&[query("select 1"), query(READ), bad.clone()]),
+            Until::Closed,
+        )];
+        let want = run_script(common::PG_PORT, &db, &script, false);
+        for (what, port) in [("cache active", p.port), ("plain proxy", plain().port)] {
+            let got = run_script(port, &db, &script, false);
+            assert_eq!(
+                got[0].end, want[0].end,
+                "{what}: {:?} vs Postgres {:?}",
+                got[0].msgs, want[0].msgs
+            );
+            assert_eq!(got[0].tags(), want[0].tags(), "{what}: {:?}", got[0].msgs);
+            assert_eq!(got[0].tags(), "T D C Z T D C Z E", "{what}");
+            let fatal = got[0].msgs.last().and_then(|m| m.code());
+            assert_eq!(fatal.as_deref(), Some("08P01"), "{what}");
+        }
+    }
 }

@@ -97,6 +97,9 @@ pub struct Session {
     /// `cin` holds requests left unprocessed while the client's replies were
     /// over the high-water mark.
     backlog: bool,
+    /// A malformed client message, answered with FATAL once the requests that
+    /// came before it have been answered (Postgres reads and runs those first).
+    violation: Option<ProtocolError>,
     /// Bytes of an oversized server message still to stream to the client.
     server_stream: usize,
     max_message: usize,
@@ -141,6 +144,7 @@ impl Session {
             scanned: 0,
             client_stream: 0,
             backlog: false,
+            violation: None,
             server_stream: 0,
             max_message,
             startup,
@@ -216,7 +220,12 @@ impl Session {
             let step = match ev {
                 Event::Client(Ok(0)) => return End::ClientGone,
                 Event::Server(Ok(0)) => return End::ServerGone,
-                Event::Finished => return End::Terminated,
+                Event::Finished => {
+                    return self
+                        .violation
+                        .take()
+                        .map_or(End::Terminated, End::ClientProtocol)
+                }
                 Event::Backlog => {
                     self.backlog = false;
                     self.process_client().await
@@ -358,6 +367,27 @@ impl Session {
     }
 
     async fn process_client(&mut self) -> Result<(), End> {
+        match self.scan_client().await {
+            Err(End::ClientProtocol(e)) => self.on_violation(e).await,
+            other => other,
+        }
+    }
+
+    /// A malformed message: what came before it still runs and is answered,
+    /// then the session ends with FATAL, as in Postgres. Nothing after it is
+    /// read.
+    async fn on_violation(&mut self, e: ProtocolError) -> Result<(), End> {
+        if self.track.blind || self.track.terminating {
+            return Err(End::ClientProtocol(e));
+        }
+        self.forward_batch().await;
+        self.cin.clear();
+        self.track.terminating = true;
+        self.violation = Some(e);
+        Ok(())
+    }
+
+    async fn scan_client(&mut self) -> Result<(), End> {
         loop {
             if self.track.terminating {
                 // Nothing after Terminate is read, as Postgres reads nothing.
