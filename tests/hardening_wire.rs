@@ -495,3 +495,26 @@ async fn case_28_requests_written_before_a_malformed_message_are_answered() {
         }
     }
 }
+
+/// Found by the wire fuzzer: COPY, CopyDone and two Syncs in one write, then a
+/// query: every reply in step with Postgres's.
+#[tokio::test]
+async fn case_26_copy_done_then_two_syncs_then_a_query() {
+    let (db, p) = cached("hw_26_two_syncs").await;
+    assert_caching(&p, &db).await;
+    let script = [
+        step(
+            concat(&[
+                query("COPY c FROM STDIN"),
+                copy_done(),
+                sync(),
+                sync(),
+                query("select 1"),
+            ]),
+            Until::Ready(4),
+        ),
+        probe(),
+    ];
+    same_replies(p.port, &db, "cache active", &script);
+    same_replies(plain().port, &db, "plain proxy", &script);
+}
