@@ -344,7 +344,10 @@ impl Metrics {
 pub async fn connect_str(s: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(s, NoTls)
         .await
-        .unwrap_or_else(|e| panic!("connect {s}: {e}"));
+        .unwrap_or_else(|e| match e.as_db_error() {
+            Some(db) => panic!("connect {s}: {} {}", db.code().code(), db.message()),
+            None => panic!("connect {s}: {e}"),
+        });
     tokio::spawn(async move {
         let _ = conn.await;
     });
