@@ -78,31 +78,40 @@ if [ "$have" != "$scale" ]; then
 fi
 psql -h 127.0.0.1 -U postgres -d "$db" -qc "vacuum analyze" -c "checkpoint" >/dev/null
 
-if [ "$cache" = 1 ]; then
-  pgtier_args="$pgtier_args --control-url postgres://postgres@127.0.0.1:5432/$db --auto-install-triggers --watch eager --default-ttl 600s"
-  [ -n "$l2" ] && pgtier_args="$pgtier_args --redis $l2 --l1-max-bytes 0"
+# A cached baseline gets its own copy of the database: two builds installing
+# their own versions of the triggers on the same tables would fight.
+base_db=$db
+if [ -n "$baseline" ] && [ "$cache" = 1 ]; then
+  base_db=${db}_base
+  psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists $base_db with (force)" \
+    -c "create database $base_db template $db" >/dev/null
 fi
 
-start_pgtier() { # binary port workdir
+start_pgtier() { # binary port workdir database
+  local args=$pgtier_args
+  if [ "$cache" = 1 ]; then
+    args="$args --control-url postgres://postgres@127.0.0.1:5432/$4 --auto-install-triggers --watch eager --default-ttl 600s"
+    [ -n "$l2" ] && args="$args --redis $l2 --l1-max-bytes 0"
+  fi
   # L2 needs a signing key; older builds ignore the variable.
   # shellcheck disable=SC2086
   PGTIER_L2_SIGNING_KEY="${PGTIER_L2_SIGNING_KEY:-$(printf 'ab%.0s' $(seq 32))}" \
   "$1" --listen "127.0.0.1:$2" --upstream "$upstream" --admin-listen "" \
-    --pid-file "$3/pgtier.pid" --upgrade-sock "$3/upgrade.sock" --log-level warn $pgtier_args \
+    --pid-file "$3/pgtier.pid" --upgrade-sock "$3/upgrade.sock" --log-level warn $args \
     >"$3/pgtier.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$2") 2>/dev/null && break; sleep 0.1; done
-  psql -h 127.0.0.1 -p "$2" -U postgres -d "$db" -qAtc "select 1" >/dev/null \
+  psql -h 127.0.0.1 -p "$2" -U postgres -d "$4" -qAtc "select 1" >/dev/null \
     || { echo "pgtier ($1) did not start:" >&2; cat "$3/pgtier.log" >&2; exit 1; }
 }
 port=$(free_port)
 work=$(mktemp -d)
-start_pgtier "$bin" "$port" "$work"
+start_pgtier "$bin" "$port" "$work" "$db"
 base_port=""
 if [ -n "$baseline" ]; then
   base_port=$(free_port)
   base_work=$(mktemp -d)
-  start_pgtier "$baseline" "$base_port" "$base_work"
+  start_pgtier "$baseline" "$base_port" "$base_work" "$base_db"
 fi
 
 ceil_port=""
@@ -150,10 +159,10 @@ case "$script" in
   *) echo "unknown script $script" >&2; exit 2 ;;
 esac
 
-tps() { # port mode seconds [extra pgbench args]
+tps() { # port mode seconds [extra pgbench args]; the database is $tdb (default $db)
   local port=$1 mode=$2 secs=$3
   shift 3
-  pgbench -h 127.0.0.1 -p "$port" -U postgres -n -M "$mode" -c "$clients" -j "$threads" -T "$secs" "${wl[@]}" "$@" "$db" 2>&1 \
+  pgbench -h 127.0.0.1 -p "$port" -U postgres -n -M "$mode" -c "$clients" -j "$threads" -T "$secs" "${wl[@]}" "$@" "${tdb:-$db}" 2>&1 \
     | awk '/^tps = /{print int($3)} /failed transactions: [1-9]/{print "FAILED " $0 > "/dev/stderr"}'
 }
 
@@ -175,7 +184,7 @@ for mode in $modes; do
   tps "$port" "$mode" "$warmup" >/dev/null
   [ "$ceiling" = 1 ] && tps "$ceil_port" "$mode" "$warmup" >/dev/null
   [ "$pgbouncer" = 1 ] && tps "$pgb_port" "$mode" "$warmup" >/dev/null
-  [ -n "$baseline" ] && tps "$base_port" "$mode" "$warmup" >/dev/null
+  [ -n "$baseline" ] && tdb=$base_db tps "$base_port" "$mode" "$warmup" >/dev/null
   d=0 p=0 c=0 b=0 o=0
   for _ in $(seq "$rounds"); do
     # alternate targets so drift on the machine hits both alike
@@ -188,7 +197,7 @@ for mode in $modes; do
     fi
     [ "$ceiling" = 1 ] && c=$((c + $(tps "$ceil_port" "$mode" "$duration")))
     [ "$pgbouncer" = 1 ] && b=$((b + $(tps "$pgb_port" "$mode" "$duration")))
-    [ -n "$baseline" ] && o=$((o + $(tps "$base_port" "$mode" "$duration")))
+    [ -n "$baseline" ] && o=$((o + $(tdb=$base_db tps "$base_port" "$mode" "$duration")))
   done
   d=$((d / rounds)) p=$((p / rounds)) c=$((c / rounds)) b=$((b / rounds)) o=$((o / rounds))
   printf "%-9s %10d %10d %8.2f" "$mode" "$d" "$p" "$(echo "$p / $d" | bc -l)"
