@@ -532,3 +532,34 @@ async fn case_26_copy_done_then_two_syncs_then_a_query() {
     same_replies(p.port, &db, "cache active", &script);
     same_replies(plain().port, &db, "plain proxy", &script);
 }
+
+/// Found by the wire fuzzer: a read pipelined ahead of `BEGIN` must not get
+/// the read-your-writes fence that BEGIN's transaction owes at its end (the
+/// fence would queue behind BEGIN, inside the transaction, and time out).
+#[tokio::test]
+async fn case_24_a_later_pipelined_write_does_not_fence_an_earlier_request() {
+    let (db, p) = cached("hw_pipelined_fence").await;
+    assert_caching(&p, &db).await;
+    let mut w = Wire::connect(p.port, "postgres", &db);
+    let r = w.step(
+        &concat(&[
+            // forwarded (never cached), so its ReadyForQuery comes from Postgres
+            extended_query("select now()", &[]),
+            query("begin"),
+            query("update t set v = 'w' where id = 2"),
+        ]),
+        Until::Ready(3),
+    );
+    assert_eq!(r.end, End::Ready, "{:?}", r.msgs);
+    let r = w.step(&query("commit"), Until::Ready(1));
+    assert_eq!(r.tags(), "C Z", "{:?}", r.msgs);
+    let m = p.metrics().await;
+    assert_eq!(m.get("pgtier_fence_timeouts_total", &[]), 0.0);
+    // The session still uses the cache (a timed-out fence would have ended that).
+    let before = p.metrics().await.hits();
+    for _ in 0..2 {
+        let r = w.step(&query(READ), Until::Ready(1));
+        assert_eq!(r.tags(), "T D C Z", "{:?}", r.msgs);
+    }
+    assert!(p.metrics().await.hits() > before);
+}

@@ -189,8 +189,9 @@ pub struct SessionCache {
     /// session: without one nothing is ever served from cache, so statements
     /// need no analysis.
     watched: bool,
-    /// A write committed in this transaction: a fence follows its end.
-    wrote: bool,
+    /// The request of the latest statement that may have written: a fence
+    /// follows the end of its transaction.
+    wrote_in: Option<u64>,
     /// A fence is outstanding: nothing may be answered from the cache.
     pub fencing: bool,
     /// The session changed roles: the fence that follows also invalidates the
@@ -254,7 +255,7 @@ impl SessionCache {
             watched: db.is_some(),
             catalog_db: db.clone(),
             db,
-            wrote: false,
+            wrote_in: None,
             fencing: false,
             announce_all: false,
             database: database.to_string(),
@@ -943,6 +944,7 @@ impl SessionCache {
         track: &mut Tracker,
         sout: &mut OutQueue,
     ) {
+        let first_request = self.current_request;
         let cacheable_state = db.is_some() && self.tainted.is_none();
         let fills_ok = cacheable_state && self.fillable(cache, &batch);
         let replayed = self.replay_parses(&batch);
@@ -1046,6 +1048,10 @@ impl SessionCache {
                     tag = self.effects_tag();
                 }
                 track.expect(e, false, tag);
+                if ends {
+                    // What follows in this batch belongs to the next request.
+                    self.current_request = track.requests_sent + 1;
+                }
                 // Only what the server answers moves the batch on: a Flush or a
                 // stray CopyData leaves its implicit transaction open.
                 track.open_batch = !ends;
@@ -1068,7 +1074,7 @@ impl SessionCache {
                 .and_then(|name| self.statements.get(&name).and_then(|s| s.decision.clone()))
                 .map_or(0, |d| d.analysis.fingerprint);
             self.upstream
-                .push_back((self.current_request, self.started, shape, outcome));
+                .push_back((first_request, self.started, shape, outcome));
         }
         sout.push(batch);
     }
@@ -1170,7 +1176,7 @@ impl SessionCache {
     /// rest once the request succeeds.
     fn note_effects(&mut self, decision: &Decision) {
         if decision.analysis.may_write {
-            self.wrote = true;
+            self.wrote_in = Some(self.current_request);
         }
         if decision.analysis.roles_changed {
             self.announce_all = true;
@@ -1185,7 +1191,7 @@ impl SessionCache {
             // A function that is not IMMUTABLE (or one that shadows a built-in)
             // may write, SET, set_config(), or create temporary objects, none of
             // which pgtier would see.
-            self.wrote = true;
+            self.wrote_in = Some(self.current_request);
             self.taint("function_call");
         }
         for e in &decision.analysis.effects {
@@ -1404,7 +1410,13 @@ impl SessionCache {
         }
         // A transaction that wrote has ended: before the client hears so, make
         // sure its invalidations have been processed (read-your-writes).
-        let fence = status == TxStatus::Idle && std::mem::take(&mut self.wrote);
+        // Only once the request that wrote (the latest that may have) has
+        // ended: a later pipelined write's flag must not fence an earlier
+        // request, whose fence would queue behind that later one.
+        let fence = status == TxStatus::Idle && self.wrote_in.is_some_and(|r| r <= request);
+        if fence {
+            self.wrote_in = None;
+        }
         fence && self.db.as_ref().is_some_and(|d| d.live())
     }
 

@@ -342,12 +342,13 @@ impl Metrics {
 
 /// A tokio-postgres connection, its driver spawned on the current runtime.
 pub async fn connect_str(s: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(s, NoTls)
-        .await
-        .unwrap_or_else(|e| match e.as_db_error() {
-            Some(db) => panic!("connect {s}: {} {}", db.code().code(), db.message()),
-            None => panic!("connect {s}: {e}"),
-        });
+    let (client, conn) =
+        tokio_postgres::connect(s, NoTls)
+            .await
+            .unwrap_or_else(|e| match e.as_db_error() {
+                Some(db) => panic!("connect {s}: {} {}", db.code().code(), db.message()),
+                None => panic!("connect {s}: {e}"),
+            });
     tokio::spawn(async move {
         let _ = conn.await;
     });
