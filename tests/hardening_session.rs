@@ -5,103 +5,26 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
 use common::sql::{first, warm};
+use common::wire::{
+    bind, concat, execute, extended_query, flush, parse, query, startup, End, Reply, Until, Wire,
+    STEP_TIMEOUT,
+};
 use common::{direct, fresh_db, run_bounded, Pgtier};
 
 const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
 
-/// A raw protocol connection, for what drivers never send.
-struct Raw(TcpStream);
-
-impl Raw {
-    fn open(port: u16, params: &[(&str, &str)]) -> Raw {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut body = Vec::new();
-        body.extend_from_slice(&196608i32.to_be_bytes());
-        for (k, v) in params {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut pkt = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-        pkt.extend_from_slice(&body);
-        let mut raw = Raw(s);
-        raw.0.write_all(&pkt).unwrap();
-        raw
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.0.write_all(bytes).unwrap();
-    }
-
-    /// Next message (tag, body), or None at EOF.
-    fn next(&mut self) -> Option<(u8, Vec<u8>)> {
-        let mut head = [0u8; 5];
-        self.0.read_exact(&mut head).ok()?;
-        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        self.0.read_exact(&mut body).ok()?;
-        Some((head[0], body))
-    }
-
-    /// Messages up to and including the next ReadyForQuery (or EOF).
-    fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
-        let mut out = Vec::new();
-        while let Some(m) = self.next() {
-            let done = m.0 == b'Z';
-            out.push(m);
-            if done {
-                break;
-            }
-        }
-        out
-    }
-}
-
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
-fn parse(sql: &str) -> Vec<u8> {
-    let mut b = cstr("");
-    b.extend(cstr(sql));
-    b.extend_from_slice(&0i16.to_be_bytes());
-    msg(b'P', &b)
-}
-
-fn bind_execute() -> Vec<u8> {
-    let mut b = cstr("");
-    b.extend(cstr(""));
-    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // no formats, no params, no result formats
-    let mut out = msg(b'B', &b);
-    let mut e = cstr("");
-    e.extend_from_slice(&0i32.to_be_bytes());
-    out.extend(msg(b'E', &e));
-    out
-}
-
-fn data_rows(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
-    msgs.iter()
-        .filter(|(t, _)| *t == b'D')
-        .map(|(_, b)| {
-            // one column: count (2) + length (4) + value
+/// The first column of each DataRow, as text.
+fn data_rows(reply: &Reply) -> Vec<String> {
+    reply
+        .msgs
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| {
+            let b = &m.body;
             let len = i32::from_be_bytes([b[2], b[3], b[4], b[5]]);
             if len < 0 {
                 "NULL".into()
@@ -110,13 +33,6 @@ fn data_rows(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
             }
         })
         .collect()
-}
-
-fn sqlstate(body: &[u8]) -> String {
-    body.split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(b"C"))
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -155,22 +71,20 @@ async fn case_01_duplicate_startup_keys_are_refused() {
             ("database", db.as_str()),
         ],
     ] {
-        let mut raw = Raw::open(p.port, &params);
-        let first = raw.next().expect("an answer to the startup packet");
-        assert_eq!(first.0, b'E', "a repeated startup key must be refused");
-        assert_eq!(sqlstate(&first.1), "08P01");
-        assert!(
-            raw.next().is_none(),
-            "the connection is closed after the error"
-        );
+        let mut w = Wire::open(p.port);
+        w.send(&startup(&params));
+        let r = w.read(Until::Closed, STEP_TIMEOUT);
+        assert_eq!(r.end, End::Closed, "the connection is closed: {:?}", r.msgs);
+        assert_eq!(r.tags(), "E", "a repeated startup key must be refused");
+        assert_eq!(r.msgs[0].code().as_deref(), Some("08P01"));
     }
     // and a well-formed bob never sees alice's rows
-    let mut bob = Raw::open(p.port, &[("user", "hs_bob"), ("database", db.as_str())]);
-    let hello = bob.until_ready();
-    assert_eq!(hello.last().map(|m| m.0), Some(b'Z'));
-    bob.send(&msg(b'Q', &cstr("select v from secret")));
-    let reply = bob.until_ready();
-    assert!(reply.iter().any(|m| m.0 == b'E'), "bob may not read secret");
+    let mut bob = Wire::connect(p.port, "hs_bob", &db);
+    let reply = bob.step(&query("select v from secret"), Until::Ready(1));
+    assert!(
+        reply.msgs.iter().any(|m| m.tag == b'E'),
+        "bob may not read secret"
+    );
     assert!(data_rows(&reply).is_empty());
 }
 
@@ -390,40 +304,40 @@ async fn case_11_flush_does_not_end_the_implicit_transaction() {
     let c = p.connect(&db).await;
     let q = "select v from f where id = 1";
     // The extended-protocol form of the read is cached.
-    let mut raw = Raw::open(p.port, &[("user", "postgres"), ("database", db.as_str())]);
-    raw.until_ready();
-    let read = [parse(q), bind_execute(), msg(b'S', &[])].concat();
+    let mut w = Wire::connect(p.port, "postgres", &db);
+    let read = extended_query(q, &[]);
     for _ in 0..2 {
-        raw.send(&read);
-        assert_eq!(data_rows(&raw.until_ready()), vec!["1"]);
+        assert_eq!(data_rows(&w.step(&read, Until::Ready(1))), vec!["1"]);
     }
     let before = p.metrics().await.hits();
-    raw.send(&read);
-    assert_eq!(data_rows(&raw.until_ready()), vec!["1"]);
+    assert_eq!(data_rows(&w.step(&read, Until::Ready(1))), vec!["1"]);
     assert!(p.metrics().await.hits() > before, "the read is cached");
 
     // UPDATE + Flush: the implicit transaction is still open, so the read that
     // follows before Sync must see the uncommitted update.
-    raw.send(
-        &[
-            parse("update f set v = 2 where id = 1"),
-            bind_execute(),
-            msg(b'H', &[]),
-        ]
-        .concat(),
+    let update = concat(&[
+        parse("", "update f set v = 2 where id = 1", &[]),
+        bind("", "", &[]),
+        execute("", 0),
+        flush(),
+    ]);
+    let r = w.step(&update, Until::Tag(b'C'));
+    assert_eq!(
+        r.end,
+        End::Ready,
+        "replies to the flushed update: {:?}",
+        r.msgs
     );
-    let mut got = Vec::new();
-    while got.iter().all(|m: &(u8, Vec<u8>)| m.0 != b'C') {
-        got.push(raw.next().expect("replies to the flushed update"));
-    }
-    raw.send(&read);
-    let reply = raw.until_ready();
+    let reply = w.step(&read, Until::Ready(1));
     assert_eq!(
         data_rows(&reply),
         vec!["2"],
         "the read sees its own transaction's write"
     );
-    assert_eq!(reply.last().map(|m| m.1.clone()), Some(b"I".to_vec()));
+    assert_eq!(
+        reply.msgs.last().map(|m| m.body.clone()),
+        Some(b"I".to_vec())
+    );
     assert_eq!(first(&c, q).await, "2");
 }
 
