@@ -162,3 +162,159 @@ async fn sync_after_flush_goes_to_postgres() {
     assert!(forwarded > 0);
     assert!(!h.track.open_batch);
 }
+
+fn query(sql: &str) -> Vec<u8> {
+    frame(b'Q', &[sql.as_bytes(), b"\0"].concat())
+}
+
+impl Harness {
+    /// Put a result for the simple query `sql` in L1, under this session's key.
+    fn cache_simple(&self, sql: &str) {
+        let rows = [
+            frame(b'D', b"\0\x01\0\0\0\x011"),
+            frame(b'C', b"SELECT 1\0"),
+        ]
+        .concat();
+        self.cache.insert(
+            simple_key(self.session.seed.user, sql.as_bytes()),
+            Entry::new(
+                Some(Bytes::from(frame(b'T', b"\0\0"))),
+                Bytes::from(rows),
+                Duration::from_secs(60),
+                Duration::ZERO,
+                0,
+                self.db.epoch(),
+                Box::new([]),
+            ),
+        );
+    }
+}
+
+const READ: &str = "select v from t where id = 1";
+
+#[tokio::test]
+async fn a_simple_hit_is_answered_from_l1_with_ready_for_query() {
+    let mut h = Harness::new();
+    h.cache_simple(READ);
+    let (answered, forwarded) = h.request(&[query(READ)]).await;
+    assert_eq!(forwarded, 0);
+    // RowDescription + DataRow + CommandComplete + ReadyForQuery
+    let want = frame(b'T', b"\0\0").len()
+        + frame(b'D', b"\0\x01\0\0\0\x011").len()
+        + frame(b'C', b"SELECT 1\0").len()
+        + crate::protocol::backend::READY_IDLE_BYTES.len();
+    assert_eq!(answered, want);
+}
+
+#[tokio::test]
+async fn a_simple_miss_is_forwarded_whole_and_awaits_its_reply() {
+    let mut h = Harness::new();
+    let q = query(READ);
+    let (answered, forwarded) = h.request(std::slice::from_ref(&q)).await;
+    assert_eq!((answered, forwarded), (0, q.len()));
+    assert!(!h.track.replies.is_empty(), "the reply is expected");
+}
+
+#[tokio::test]
+async fn nothing_is_answered_while_earlier_replies_are_due() {
+    let mut h = Harness::new();
+    h.request(&[query("select 2")]).await;
+    h.cache_simple(READ);
+    // Cached, but a forwarded request is still in flight: answering now could
+    // reorder replies or read around an open implicit transaction.
+    let (answered, forwarded) = h.request(&[query(READ)]).await;
+    assert_eq!(answered, 0);
+    assert!(forwarded > 0);
+}
+
+#[tokio::test]
+async fn nothing_is_answered_inside_a_transaction_block() {
+    let mut h = Harness::new();
+    h.cache_simple(READ);
+    h.track.tx = TxStatus::InTransaction;
+    let (answered, forwarded) = h.request(&[query(READ)]).await;
+    assert_eq!(answered, 0);
+    assert!(forwarded > 0);
+}
+
+#[tokio::test]
+async fn a_set_that_succeeds_changes_the_key() {
+    let mut h = Harness::new();
+    let before = h.session.seed;
+    h.request(&[query("set timezone = 'Asia/Kolkata'")]).await;
+    // its ReadyForQuery: idle, no error
+    h.session
+        .on_ready(&h.cache, ReplyTag::Effects, TxStatus::Idle, false, 1);
+    assert!(h.session.settings_changed);
+    h.session.reseed(&[]);
+    assert_ne!(h.session.seed, before, "the setting is part of the key");
+    // a SET whose request failed changes nothing
+    let mut h = Harness::new();
+    let before = h.session.seed;
+    h.request(&[query("set timezone = 'Nowhere/Else'")]).await;
+    h.session
+        .on_ready(&h.cache, ReplyTag::Effects, TxStatus::Idle, true, 1);
+    h.session.reseed(&[]);
+    assert_eq!(h.session.seed, before);
+}
+
+#[tokio::test]
+async fn code_pgtier_cannot_follow_stops_caching_for_the_session() {
+    for (setup, why) in [
+        (query("do $$ begin perform 1; end $$"), "do_block"),
+        (query("call p()"), "procedure_call"),
+        (query("create table pg_temp.x(a int)"), "temporary_objects"),
+        (query("select my_function()"), "function_call"),
+        (frame(b'F', b"\0\0\x04\xd2\0\0\0\0\0\0"), "function_call"),
+    ] {
+        let mut h = Harness::new();
+        h.request(&[setup]).await;
+        assert_eq!(h.session.tainted, Some(why));
+        h.track = Tracker::new(&ServerHello::default());
+        h.cache_simple(READ);
+        let (answered, forwarded) = h.request(&[query(READ)]).await;
+        assert_eq!(
+            answered, 0,
+            "{why}: a tainted session was served from the cache"
+        );
+        assert!(forwarded > 0);
+    }
+}
+
+#[tokio::test]
+async fn settings_that_change_how_statements_parse_stop_caching() {
+    for (name, value, why) in [
+        (
+            "standard_conforming_strings",
+            "off",
+            "standard_conforming_strings",
+        ),
+        ("client_encoding", "SJIS", "client_encoding"),
+    ] {
+        let mut h = Harness::new();
+        h.session.reseed(&[(name.into(), value.into())]);
+        assert_eq!(h.session.tainted, Some(why));
+    }
+    let mut h = Harness::new();
+    h.session.reseed(&[
+        ("standard_conforming_strings".into(), "on".into()),
+        ("client_encoding".into(), "UTF8".into()),
+    ]);
+    assert_eq!(h.session.tainted, None);
+}
+
+#[tokio::test]
+async fn a_write_is_fenced_when_its_own_request_ends_not_before() {
+    let mut h = Harness::new();
+    // request 1: a read that goes upstream; request 2: a write, pipelined
+    h.request(&[query("select 2")]).await;
+    h.request(&[query("update t set v = 'x'")]).await;
+    assert!(
+        !h.session
+            .on_ready(&h.cache, ReplyTag::None, TxStatus::Idle, false, 1),
+        "the read's end is not the write's"
+    );
+    assert!(h
+        .session
+        .on_ready(&h.cache, ReplyTag::None, TxStatus::Idle, false, 2));
+}
