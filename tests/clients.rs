@@ -9,18 +9,7 @@ use common::{fresh_db, run_bounded, Pgtier};
 
 fn psql(port: u16, db: &str, sql: &str) -> (bool, String, String) {
     let (st, out, err) = run_bounded(
-        Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-            ])
-            .args(["-X", "-v", "ON_ERROR_STOP=1", "-Atc", sql]),
+        common::psql(port, db).args(["-c", sql]),
         Duration::from_secs(60),
     );
     (st.success(), out, err)

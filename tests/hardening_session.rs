@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::sql::{first, warm};
@@ -90,21 +89,8 @@ async fn case_01_duplicate_startup_keys_are_refused() {
 
 /// psql with a startup TimeZone (libpq sends PGTZ as a startup parameter).
 fn psql_tz(port: u16, db: &str, tz: &str, commands: &[&str]) -> Vec<String> {
-    let mut cmd = Command::new("psql");
-    cmd.env("PGTZ", tz).args([
-        "-X",
-        "-At",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-U",
-        "postgres",
-        "-d",
-        db,
-    ]);
+    let mut cmd = common::psql(port, db);
+    cmd.env("PGTZ", tz);
     for c in commands {
         cmd.args(["-c", c]);
     }

@@ -573,11 +573,7 @@ async fn case_22_prepared_transactions_fail_clearly_and_never_leave_stale_reads(
 #[tokio::test]
 async fn case_23_require_tls_refuses_plaintext_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = common::self_signed_pem(dir.path(), "localhost");
     let toml = format!(
         "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\nrequire_tls = true\n",
         cert.display(),

@@ -65,11 +65,7 @@ async fn upstream_verify_full_checks_the_certificate() {
 #[tokio::test]
 async fn client_tls_is_terminated_with_rustls() {
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = common::self_signed_pem(dir.path(), "localhost");
     let toml = format!(
         "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
         cert.display(),

@@ -411,3 +411,23 @@ pub fn run_bounded(cmd: &mut Command, within: Duration) -> (ExitStatus, String, 
     };
     (status, t_out.join().unwrap(), t_err.join().unwrap())
 }
+
+/// `psql` to `db` on 127.0.0.1:`port` as `postgres`, without psqlrc, stopping at
+/// the first error, unaligned tuples only; add `-c` commands and run it with
+/// `run_bounded`.
+pub fn psql(port: u16, db: &str) -> Command {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", PG_HOST])
+        .args(["-p", &port.to_string(), "-U", "postgres", "-d", db]);
+    cmd
+}
+
+/// A self-signed certificate for `name` and its key, written as PEM files in
+/// `dir`: (certificate, key).
+pub fn self_signed_pem(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("certificate");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).expect("write certificate");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+    (cert, key)
+}
