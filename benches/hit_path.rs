@@ -1,5 +1,5 @@
 //! Where the time of a cache hit goes, measured on the real request path: a
-//! session's `SessionCache::dispatch` answering a simple query, an unnamed
+//! session's `proxy::apply::handle` (decode, `SessionCache::decide`, act) answering a simple query, an unnamed
 //! extended-protocol request (what `pgbench -M extended` sends) and a named
 //! prepared statement (`-M prepared`) from L1, with the reply written out; plus
 //! the parts on their own (key hashing, the L1 lookup).
@@ -20,6 +20,7 @@ use pgtier::cache::{Cache, Entry};
 use pgtier::config::Config;
 use pgtier::invalidation::Invalidation;
 use pgtier::protocol::frontend::{Bind, Describe, Execute, Parse, Query, Target};
+use pgtier::proxy::apply;
 use pgtier::proxy::caching::SessionCache;
 use pgtier::proxy::conn::OutQueue;
 use pgtier::proxy::startup::ServerHello;
@@ -108,7 +109,8 @@ struct Session {
 impl Session {
     /// One request through the real dispatch; returns the reply's size.
     fn request(&mut self, shared: &Cache, batch: &Bytes) -> usize {
-        now(self.cache.dispatch(
+        now(apply::handle(
+            &mut self.cache,
             shared,
             batch.clone(),
             &mut self.track,

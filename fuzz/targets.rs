@@ -335,7 +335,7 @@ fn label(e: &SessionEffect) -> &'static str {
         SessionEffect::ResetAll => "reset_all",
         SessionEffect::DiscardAll => "discard_all",
         SessionEffect::Deallocate(_) => "deallocate",
-        SessionEffect::Taint(t) => t,
+        SessionEffect::Taint(t) => t.label(),
     }
 }
 
@@ -354,7 +354,7 @@ fn sql(data: &[u8]) -> Result<Features, String> {
             }
             format!("read:{}:{}", r.tables.len().min(4), r.ctes.len().min(2))
         }
-        Err(e) => e.label().to_string(),
+        Err(e) => e.reason().label().to_string(),
     };
     let lower = text.to_ascii_lowercase();
     for w in SQL_WORDS {

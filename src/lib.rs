@@ -34,6 +34,7 @@
 
 pub mod admin;
 pub mod banner;
+pub mod bypass;
 pub mod cache;
 pub mod config;
 pub mod invalidation;

@@ -6,6 +6,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+use crate::bypass::BypassReason;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Handles to the counters touched on every request.
@@ -81,22 +83,19 @@ pub fn hot() -> &'static Hot {
 }
 
 /// A request that was not looked up in the cache, by reason.
-pub fn bypass(reason: &'static str) {
-    tracing::debug!(reason, "cache bypass");
-    thread_local! {
-        // Handles by reason, so a bypass costs no registry lookup (reasons are
-        // a small fixed set of static strings).
-        static BYPASS: std::cell::RefCell<HashMap<&'static str, Counter>> =
-            std::cell::RefCell::new(HashMap::new());
-    }
-    BYPASS.with(|m| {
-        m.borrow_mut()
-            .entry(reason)
-            .or_insert_with(|| {
-                counter!("pgtier_cache_lookups_total", "tier" => "l1", "outcome" => "bypass", "reason" => reason)
-            })
-            .increment(1)
+pub fn bypass(reason: BypassReason) {
+    tracing::debug!(reason = reason.label(), "cache bypass");
+    static BYPASS: OnceLock<Vec<Counter>> = OnceLock::new();
+    // One handle per reason, made once: a bypass costs an index, no lookup.
+    let counters = BYPASS.get_or_init(|| {
+        BypassReason::ALL
+            .iter()
+            .map(|r| counter!("pgtier_cache_lookups_total", "tier" => "l1", "outcome" => "bypass", "reason" => r.label()))
+            .collect()
     });
+    if let Some(c) = counters.get(reason as usize) {
+        c.increment(1);
+    }
 }
 
 /// Register every metric family with its known label sets (counters at 0), so

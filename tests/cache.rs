@@ -195,6 +195,8 @@ async fn keys_separate_users_search_paths_and_time_zones() {
          create table s2.t(v text); insert into s2.t values ('two');
          create table shared(ts timestamptz); insert into shared values ('2024-01-01 12:00+00');
          do $$ begin
+           -- Tests of one binary run at once: create roles one at a time.
+           perform pg_advisory_xact_lock(7201);
            if not exists (select from pg_roles where rolname = 'pgtier_other') then
              create role pgtier_other login; end if; end $$;
          grant usage on schema s1, s2 to pgtier_other; grant select on all tables in schema s1, s2, public to pgtier_other;",

@@ -59,6 +59,8 @@ const READS: [&str; 8] = [
 /// actions revoke and grant (and revoke privileges from) while it is cached.
 const ROLES: &str = "
 do $$ begin
+  -- Tests of one binary run at once: create roles one at a time.
+  perform pg_advisory_xact_lock(7201);
   if not exists (select from pg_roles where rolname = 'hda_login') then create role hda_login login; end if;
   if not exists (select from pg_roles where rolname = 'hda_member') then create role hda_member; end if;
 end $$;

@@ -16,6 +16,8 @@ const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
 async fn roles(d: &Client) {
     d.batch_execute(
         "do $$ begin
+           -- Tests of one binary run at once: create roles one at a time.
+           perform pg_advisory_xact_lock(7201);
            if not exists (select from pg_roles where rolname = 'hc_alice') then
              create role hc_alice login; end if;
            if not exists (select from pg_roles where rolname = 'hc_bob') then

@@ -40,6 +40,8 @@ async fn case_01_duplicate_startup_keys_are_refused() {
     let d = direct(&db).await;
     d.batch_execute(
         "do $$ begin
+           -- Tests of one binary run at once: create roles one at a time.
+           perform pg_advisory_xact_lock(7201);
            if not exists (select from pg_roles where rolname = 'hs_alice') then
              create role hs_alice login; end if;
            if not exists (select from pg_roles where rolname = 'hs_bob') then
@@ -141,6 +143,8 @@ async fn case_02_role_and_database_defaults_are_keyed() {
     let d = direct(&db).await;
     d.batch_execute(
         "do $$ begin
+           -- Tests of one binary run at once: create roles one at a time.
+           perform pg_advisory_xact_lock(7201);
            if not exists (select from pg_roles where rolname = 'hs_pathrole') then
              create role hs_pathrole login; end if; end $$;
          alter role hs_pathrole reset all;

@@ -182,7 +182,7 @@ const CHANNEL: &str = "pgtier_invalidate";
 async fn plain_role(db: &str) -> tokio_postgres::Client {
     let d = direct(db).await;
     d.batch_execute(
-        "DO $$ BEGIN CREATE ROLE ht_plain LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        "DO $$ BEGIN CREATE ROLE ht_plain LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
     )
     .await
     .unwrap();

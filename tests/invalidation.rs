@@ -47,6 +47,8 @@ async fn writes_made_directly_invalidate_every_kind_of_statement() {
     // sequences the trigger reads are readable by PUBLIC) and is announced too
     d.batch_execute(
         "do $$ begin
+           -- Tests of one binary run at once: create roles one at a time.
+           perform pg_advisory_xact_lock(7201);
            if not exists (select from pg_roles where rolname = 'pgtier_plain_writer') then
              create role pgtier_plain_writer login; end if; end $$;
          grant select, insert, update, delete, truncate on t to pgtier_plain_writer;",

@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::bypass::BypassReason;
 use crate::config::Config;
 use crate::sql::{self, Analysis, NotCacheable};
 
@@ -36,10 +37,10 @@ pub enum Bypass {
 }
 
 impl Bypass {
-    pub fn label(&self) -> &'static str {
+    pub fn reason(&self) -> BypassReason {
         match self {
-            Bypass::Statement(n) => n.label(),
-            Bypass::Rule(r) => r.label(),
+            Bypass::Statement(n) => n.reason(),
+            Bypass::Rule(r) => r.reason(),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use regex::Regex;
 
+use crate::bypass::BypassReason;
 use crate::config::{CacheConfig, CacheMode, RuleConfig};
 use crate::sql::TableRef;
 
@@ -31,11 +32,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn label(self) -> &'static str {
+    pub fn reason(self) -> BypassReason {
         match self {
-            Refusal::Rule => "rule",
-            Refusal::NotListed => "not_listed",
-            Refusal::Disabled => "disabled",
+            Refusal::Rule => BypassReason::Rule,
+            Refusal::NotListed => BypassReason::NotListed,
+            Refusal::Disabled => BypassReason::Disabled,
         }
     }
 }

@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use tokio_postgres::Client;
 
 use super::Generations;
+use crate::bypass::BypassReason;
 use crate::cache::Decision;
 use crate::sql::TableRef;
 pub use routines::Routines;
@@ -218,8 +219,8 @@ impl Catalog {
         decision: &Decision,
         watched: &HashSet<u32>,
         unwatched: &mut Vec<u32>,
-    ) -> Result<(Vec<u32>, Vec<u32>), &'static str> {
-        let read = decision.analysis.read.as_ref().map_err(|n| n.label())?;
+    ) -> Result<(Vec<u32>, Vec<u32>), BypassReason> {
+        let read = decision.analysis.read.as_ref().map_err(|n| n.reason())?;
         let public = decision.cacheable().is_some_and(|p| p.public);
         self.routines.check(read, public)?;
         // Function, operator and cast definitions (and role settings) are not
@@ -237,7 +238,7 @@ impl Catalog {
                 continue; // only ever the CTE
             }
             if maybe_cte && public {
-                return Err("public_unqualified");
+                return Err(BypassReason::PublicUnqualified);
             }
             // Possibly a table of that name (in the CTE's own body, say): depend
             // on it, which at worst invalidates more than needed.
@@ -245,7 +246,7 @@ impl Catalog {
         }
         unwatched.extend(oids.iter().filter(|o| !watched.contains(o)));
         if !unwatched.is_empty() {
-            return Err("not_watched");
+            return Err(BypassReason::NotWatched);
         }
         slots.sort_unstable();
         slots.dedup();
@@ -260,7 +261,7 @@ impl Catalog {
         t: &TableRef,
         slots: &mut Vec<u32>,
         oids: &mut Vec<u32>,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), BypassReason> {
         let candidates: Vec<usize> = self
             .by_name
             .get(&t.name)
@@ -274,7 +275,7 @@ impl Catalog {
             })
             .collect();
         if candidates.is_empty() {
-            return Err("unknown_table");
+            return Err(BypassReason::UnknownTable);
         }
         // An unqualified name may be any of them, depending on search_path: all
         // must be cacheable, and the result depends on all of them.
@@ -291,15 +292,15 @@ impl Catalog {
         slots: &mut Vec<u32>,
         oids: &mut Vec<u32>,
         depth: usize,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), BypassReason> {
         if depth > 16 {
-            return Err("view_too_deep");
+            return Err(BypassReason::ViewTooDeep);
         }
-        let r = self.get(oid).ok_or("unknown_table")?;
+        let r = self.get(oid).ok_or(BypassReason::UnknownTable)?;
         match r.kind {
             b'r' | b'p' => {
                 if r.row_security {
-                    return Err("row_security");
+                    return Err(BypassReason::RowSecurity);
                 }
                 for member in self.family(oid) {
                     match self.get(member) {
@@ -307,8 +308,8 @@ impl Catalog {
                             slots.push(Generations::slot(database, &m.schema, &m.name));
                             oids.push(member);
                         }
-                        Some(_) => return Err("no_trigger"),
-                        None => return Err("unknown_table"),
+                        Some(_) => return Err(BypassReason::NoTrigger),
+                        None => return Err(BypassReason::UnknownTable),
                     }
                 }
                 Ok(())
@@ -320,9 +321,9 @@ impl Catalog {
                     Some(Ok(body)) => self
                         .routines
                         .check(body, false)
-                        .map_err(|_| "unsafe_view")?,
-                    Some(Err(why)) => return Err(why),
-                    None => return Err("unknown_table"),
+                        .map_err(|_| BypassReason::UnsafeView)?,
+                    Some(Err(why)) => return Err(*why),
+                    None => return Err(BypassReason::UnknownTable),
                 }
                 // DDL on the view itself is announced under its own name.
                 slots.push(Generations::slot(database, &r.schema, &r.name));
@@ -334,9 +335,9 @@ impl Catalog {
                 }
                 Ok(())
             }
-            b'm' => Err("materialized_view"),
-            b'f' => Err("foreign_table"),
-            _ => Err("not_a_table"),
+            b'm' => Err(BypassReason::MaterializedView),
+            b'f' => Err(BypassReason::ForeignTable),
+            _ => Err(BypassReason::NotATable),
         }
     }
 }
@@ -394,28 +395,28 @@ mod tests {
         // on its name slot.
         assert_eq!(r("select * from t").unwrap().len(), 3);
         assert_eq!(r("select * from public.t").unwrap().len(), 2);
-        assert_eq!(r("select * from untracked"), Err("no_trigger"));
+        assert_eq!(r("select * from untracked"), Err(BypassReason::NoTrigger));
         assert_eq!(
             r("select * from v").unwrap().len(),
             4,
             "view and its base table"
         );
-        assert_eq!(r("select * from mv"), Err("materialized_view"));
+        assert_eq!(r("select * from mv"), Err(BypassReason::MaterializedView));
         assert_eq!(
             r("select * from parent").unwrap().len(),
             4,
             "parent and partition"
         );
         assert_eq!(r("select * from part1").unwrap().len(), 4);
-        assert_eq!(r("select * from rls"), Err("row_security"));
-        assert_eq!(r("select * from vnow"), Err("unsafe_view"));
+        assert_eq!(r("select * from rls"), Err(BypassReason::RowSecurity));
+        assert_eq!(r("select * from vnow"), Err(BypassReason::UnsafeView));
         assert_eq!(
             r("select * from vfn"),
-            Err("unsafe_view"),
+            Err(BypassReason::UnsafeView),
             "a function in a view's body is judged like one in the statement"
         );
-        assert_eq!(r("select * from nowhere"), Err("unknown_table"));
-        assert_eq!(r("select * from other.t"), Err("unknown_table"));
+        assert_eq!(r("select * from nowhere"), Err(BypassReason::UnknownTable));
+        assert_eq!(r("select * from other.t"), Err(BypassReason::UnknownTable));
         assert!(r("select safe_fn(1) from t").is_ok());
         assert_eq!(
             r("with c as (select * from t) select * from c")
@@ -439,7 +440,7 @@ mod tests {
             &none,
             &mut unwatched,
         );
-        assert_eq!(res, Err("not_watched"));
+        assert_eq!(res, Err(BypassReason::NotWatched));
         unwatched.sort();
         assert_eq!(unwatched, vec![5, 6], "a watch covers the whole family");
     }

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 
+use crate::bypass::BypassReason;
 use crate::cache::Decision;
 use catalog::Catalog;
 pub use payload::Payload;
@@ -115,7 +116,7 @@ pub struct DbState {
     live: AtomicBool,
     epoch: AtomicU64,
     pub catalog: ArcSwap<Catalog>,
-    resolved: moka::sync::Cache<u128, Arc<Result<Resolved, &'static str>>>,
+    resolved: moka::sync::Cache<u128, Arc<Result<Resolved, BypassReason>>>,
     /// Outstanding fences: seq -> (nonce, waiter).
     fences: Mutex<HashMap<u64, (u64, oneshot::Sender<()>)>>,
     next_fence: AtomicU64,
@@ -402,7 +403,7 @@ impl DbState {
         &self,
         text_hash: u128,
         decision: &Decision,
-    ) -> Arc<Result<Resolved, &'static str>> {
+    ) -> Arc<Result<Resolved, BypassReason>> {
         let catalog = self.catalog.load();
         if let Some(r) = self.resolved.get(&text_hash) {
             match r.as_ref() {

@@ -5,6 +5,7 @@
 //! encoders append to a `BytesMut`.
 
 pub mod backend;
+pub mod batch;
 pub mod codec;
 pub mod error;
 pub mod frontend;

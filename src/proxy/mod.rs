@@ -2,6 +2,7 @@
 //! authentication, and running each session against its own upstream connection.
 
 pub mod app;
+pub mod apply;
 pub mod caching;
 pub mod conn;
 pub mod defaults;

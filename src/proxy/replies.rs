@@ -8,6 +8,8 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
+
 use crate::protocol::backend;
 
 /// A frontend message whose reply has not fully arrived.
@@ -72,6 +74,11 @@ pub struct Replies<T> {
     /// CopyDone/CopyFail messages sent by the client (wrapping): places each
     /// queued Sync before or after the end of a COPY in the client's stream.
     copy_ends: u32,
+    /// The replies of the `Synthetic` entries, in queue order: each leaves
+    /// with its entry.
+    synthetic: VecDeque<Vec<Bytes>>,
+    /// Bytes held in `synthetic`: they count towards the client's queue.
+    synthetic_bytes: usize,
 }
 
 impl<T: Copy + Default + std::fmt::Debug> Default for Replies<T> {
@@ -80,6 +87,8 @@ impl<T: Copy + Default + std::fmt::Debug> Default for Replies<T> {
             queue: VecDeque::with_capacity(16),
             skipping: false,
             copy_ends: 0,
+            synthetic: VecDeque::new(),
+            synthetic_bytes: 0,
         }
     }
 }
@@ -104,6 +113,29 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
         true
     }
 
+    /// Queue a reply pgtier composed, due once everything before it is out.
+    pub fn push_synthetic(&mut self, reply: Vec<Bytes>, tag: T) {
+        self.queue.push_back(Entry {
+            expect: Expect::Synthetic,
+            swallow: false,
+            tag,
+            copy_ends: self.copy_ends,
+            copies: 0,
+        });
+        self.synthetic_bytes += reply.iter().map(Bytes::len).sum::<usize>();
+        self.synthetic.push_back(reply);
+    }
+
+    /// The server is skipping messages up to the next Sync after an error.
+    pub fn skipping(&self) -> bool {
+        self.skipping
+    }
+
+    /// Size of the composed replies waiting behind server replies.
+    pub fn synthetic_bytes(&self) -> usize {
+        self.synthetic_bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
@@ -114,6 +146,8 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+        self.synthetic.clear();
+        self.synthetic_bytes = 0;
         self.skipping = false;
     }
 
@@ -121,10 +155,15 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
         self.queue.iter()
     }
 
-    /// Take the front entry if it is a synthetic reply now due.
-    pub fn pop_synthetic(&mut self) -> Option<T> {
+    /// Take the front entry's reply if it is a synthetic reply now due.
+    pub fn pop_synthetic(&mut self) -> Option<Vec<Bytes>> {
         match self.queue.front() {
-            Some(e) if e.expect == Expect::Synthetic => self.queue.pop_front().map(|e| e.tag),
+            Some(e) if e.expect == Expect::Synthetic => {
+                self.queue.pop_front();
+                let reply = self.synthetic.pop_front().unwrap_or_default();
+                self.synthetic_bytes -= reply.iter().map(Bytes::len).sum::<usize>();
+                Some(reply)
+            }
             _ => None,
         }
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 
+use super::apply;
 use super::caching::SessionCache;
 use super::conn::{poll_read_into, OutQueue};
 use super::replies::Route;
@@ -22,6 +23,7 @@ use super::startup::{ClientConn, ServerHello};
 use super::tracker::Tracker;
 use super::upstream::ServerConn;
 use super::Proxy;
+use crate::bypass::BypassReason;
 use crate::metrics;
 use crate::protocol::backend::{self, ErrorResponse, Severity};
 use crate::protocol::codec::peek_header;
@@ -256,7 +258,7 @@ impl Session {
     /// be taken in: hits add to the client's queue as forwarded replies do.
     fn outgoing_full(&self) -> bool {
         self.sout.len() >= OUT_HIGH_WATER
-            || self.cout.len() + self.cache.synthetic_bytes() >= OUT_HIGH_WATER
+            || self.cout.len() + self.track.replies.synthetic_bytes() >= OUT_HIGH_WATER
     }
 
     /// After Terminate: every reply due has arrived (or been composed) and no
@@ -289,7 +291,7 @@ impl Session {
                     if let Some(db) = self.cache.db() {
                         db.forget_fence(seq);
                     }
-                    self.cache.taint("fence_timeout");
+                    self.cache.taint(BypassReason::FenceTimeout);
                 }
             }
         }
@@ -350,20 +352,19 @@ impl Session {
         self.info
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if self.track.params_changed || self.cache.settings_changed {
-            self.track.params_changed = false;
-            self.cache.settings_changed = false;
+        let settings_changed = self.cache.take_settings_changed();
+        if std::mem::take(&mut self.track.params_changed) || settings_changed {
             self.cache.reseed(&self.track.server_params);
         }
-        self.cache
-            .dispatch(
-                &self.proxy.cache,
-                batch,
-                &mut self.track,
-                &mut self.cout,
-                &mut self.sout,
-            )
-            .await;
+        apply::handle(
+            &mut self.cache,
+            &self.proxy.cache,
+            batch,
+            &mut self.track,
+            &mut self.cout,
+            &mut self.sout,
+        )
+        .await;
     }
 
     async fn process_client(&mut self) -> Result<(), End> {
@@ -562,10 +563,10 @@ impl Session {
                 relay += h.total_len;
             }
             // Replies pgtier composed for requests queued behind this one are due now.
-            while self.track.replies.pop_synthetic().is_some() {
+            while let Some(reply) = self.track.replies.pop_synthetic() {
                 self.cout.push_from(&mut self.sin, relay);
                 relay = 0;
-                for chunk in self.cache.take_synthetic() {
+                for chunk in reply {
                     self.cout.push(chunk);
                 }
             }

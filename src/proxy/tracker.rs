@@ -7,19 +7,78 @@ use crate::protocol::backend::{self, ParameterStatus, ReadyForQuery};
 use crate::protocol::frontend::Frontend;
 use crate::protocol::{ProtocolError, TxStatus};
 
+/// A capture of server replies opened by the cache, named for its whole life
+/// (ids are never reused or shifted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CaptureId(pub u64);
+
 /// What the session wants done with a reply; carried through the reply queue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ReplyTag {
     #[default]
     None,
-    /// Capture into fill slot n (result rows, or the RowDescription of a portal).
-    Fill(u16),
-    /// Capture a statement description into slot n.
-    Describe(u16),
+    /// Capture into this fill (result rows, or the RowDescription of a portal).
+    Fill(CaptureId),
+    /// Capture a statement description.
+    Describe(CaptureId),
     /// The request carries session-setting changes, applied once it succeeds.
     Effects,
-    /// A reply composed by pgtier, waiting in the session's synthetic queue.
-    Synthetic,
+}
+
+/// The reply a forwarded client message will get, if any, and whether the
+/// message completes a request (`copy_in`: the client is in COPY FROM STDIN).
+pub fn expectation(msg: &Frontend<'_>, copy_in: bool) -> (Option<Expect>, bool) {
+    match msg {
+        Frontend::Query(_) => (Some(Expect::Query), true),
+        Frontend::Parse(_) => (Some(Expect::Parse), false),
+        Frontend::Bind(_) => (Some(Expect::Bind), false),
+        Frontend::Describe(_) => (Some(Expect::Describe), false),
+        Frontend::Execute(_) => (Some(Expect::Execute), false),
+        Frontend::Close(_) => (Some(Expect::Close), false),
+        // The server ignores Sync while it is in COPY FROM STDIN.
+        Frontend::Sync => ((!copy_in).then_some(Expect::Sync), true),
+        Frontend::FunctionCall(_) => (Some(Expect::FunctionCall), true),
+        Frontend::CopyDone
+        | Frontend::CopyFail(_)
+        | Frontend::Terminate
+        | Frontend::Flush
+        | Frontend::CopyData(_)
+        | Frontend::Password(_) => (None, true),
+    }
+}
+
+/// The tracker's state worked forward over a request before it is forwarded,
+/// so the cache can number the requests its captures belong to exactly as
+/// [`Tracker::expect`] will count them.
+#[derive(Clone, Copy, Debug)]
+pub struct Preview {
+    copy_in: bool,
+    skipping: bool,
+    blind: bool,
+    /// The number the next request ending in ReadyForQuery will get.
+    pub next_request: u64,
+}
+
+impl Preview {
+    /// Account for forwarding `msg`: its expected reply and whether it ends a
+    /// request.
+    pub fn step(&mut self, msg: &Frontend<'_>) -> (Option<Expect>, bool) {
+        if matches!(msg, Frontend::CopyDone | Frontend::CopyFail(_)) {
+            self.copy_in = false;
+        }
+        let (expect, ends) = expectation(msg, self.copy_in);
+        if let (Some(e), false) = (expect, self.blind) {
+            // As `Replies::push`: after an error only Sync is queued.
+            let queued = !self.skipping || e == Expect::Sync;
+            if e == Expect::Sync {
+                self.skipping = false;
+            }
+            if queued && matches!(e, Expect::Sync | Expect::Query | Expect::FunctionCall) {
+                self.next_request += 1;
+            }
+        }
+        (expect, ends)
+    }
 }
 
 #[derive(Debug)]
@@ -74,6 +133,23 @@ impl Tracker {
         }
     }
 
+    /// Queue a reply pgtier composed behind the replies still due.
+    pub fn expect_synthetic(&mut self, reply: Vec<bytes::Bytes>) {
+        if !self.blind {
+            self.replies.push_synthetic(reply, ReplyTag::None);
+        }
+    }
+
+    /// Where the state stands before a request is forwarded.
+    pub fn preview(&self) -> Preview {
+        Preview {
+            copy_in: self.copy_in,
+            skipping: self.replies.skipping(),
+            blind: self.blind,
+            next_request: self.requests_sent + 1,
+        }
+    }
+
     /// Nothing in flight can change the session's state, and no transaction is
     /// open: a request may be answered by pgtier (behind any pending replies).
     pub fn answerable(&self) -> bool {
@@ -87,23 +163,7 @@ impl Tracker {
     /// The reply a forwarded client message will get, if any, and whether the
     /// message completes a request.
     pub fn expectation(&self, msg: &Frontend<'_>) -> (Option<Expect>, bool) {
-        match msg {
-            Frontend::Query(_) => (Some(Expect::Query), true),
-            Frontend::Parse(_) => (Some(Expect::Parse), false),
-            Frontend::Bind(_) => (Some(Expect::Bind), false),
-            Frontend::Describe(_) => (Some(Expect::Describe), false),
-            Frontend::Execute(_) => (Some(Expect::Execute), false),
-            Frontend::Close(_) => (Some(Expect::Close), false),
-            // The server ignores Sync while it is in COPY FROM STDIN.
-            Frontend::Sync => ((!self.copy_in).then_some(Expect::Sync), true),
-            Frontend::FunctionCall(_) => (Some(Expect::FunctionCall), true),
-            Frontend::CopyDone
-            | Frontend::CopyFail(_)
-            | Frontend::Terminate
-            | Frontend::Flush
-            | Frontend::CopyData(_)
-            | Frontend::Password(_) => (None, true),
-        }
+        expectation(msg, self.copy_in)
     }
 
     /// State changes a client message causes as it is forwarded.

@@ -13,6 +13,8 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
+use crate::bypass::BypassReason;
+
 pub use builtins::is_safe_builtin;
 use builtins::{builtin_volatile, catalog_lookup_type};
 pub use clock::is_time_literal;
@@ -61,22 +63,22 @@ pub enum NotCacheable {
 }
 
 impl NotCacheable {
-    pub fn label(&self) -> &'static str {
+    pub fn reason(&self) -> BypassReason {
         match self {
-            NotCacheable::ParseError => "parse_error",
-            NotCacheable::NotASelect => "not_select",
-            NotCacheable::MultiStatement => "multi_statement",
-            NotCacheable::Volatile(_) => "volatile",
-            NotCacheable::UnknownFunction(_) => "unknown_function",
-            NotCacheable::Locking => "locking",
-            NotCacheable::SelectInto => "select_into",
-            NotCacheable::DataModifying => "data_modifying",
-            NotCacheable::TableSample => "tablesample",
-            NotCacheable::SystemCatalog => "system_catalog",
-            NotCacheable::TempTable => "temp_table",
-            NotCacheable::TimeLiteral => "time_literal",
-            NotCacheable::TimeCast => "time_cast",
-            NotCacheable::CatalogLookup => "catalog_lookup",
+            NotCacheable::ParseError => BypassReason::ParseError,
+            NotCacheable::NotASelect => BypassReason::NotSelect,
+            NotCacheable::MultiStatement => BypassReason::MultiStatement,
+            NotCacheable::Volatile(_) => BypassReason::Volatile,
+            NotCacheable::UnknownFunction(_) => BypassReason::UnknownFunction,
+            NotCacheable::Locking => BypassReason::Locking,
+            NotCacheable::SelectInto => BypassReason::SelectInto,
+            NotCacheable::DataModifying => BypassReason::DataModifying,
+            NotCacheable::TableSample => BypassReason::TableSample,
+            NotCacheable::SystemCatalog => BypassReason::SystemCatalog,
+            NotCacheable::TempTable => BypassReason::TempTable,
+            NotCacheable::TimeLiteral => BypassReason::TimeLiteral,
+            NotCacheable::TimeCast => BypassReason::TimeCast,
+            NotCacheable::CatalogLookup => BypassReason::CatalogLookup,
         }
     }
 }
@@ -122,7 +124,7 @@ pub enum SessionEffect {
     Deallocate(Option<String>),
     /// Something pgtier cannot model (SET ROLE, set_config(), temp tables): the
     /// session is never served from cache again.
-    Taint(&'static str),
+    Taint(BypassReason),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -541,16 +543,16 @@ fn canonical(v: &Value) -> String {
 fn session_effects(top: &str, tree: &Value, facts: &Facts) -> Vec<SessionEffect> {
     let mut out = Vec::new();
     if facts.set_config {
-        out.push(SessionEffect::Taint("set_config"));
+        out.push(SessionEffect::Taint(BypassReason::SetConfig));
     }
     if facts.temp_into || (facts.pg_temp_name && top != "SelectStmt") {
-        out.push(SessionEffect::Taint("temporary_objects"));
+        out.push(SessionEffect::Taint(BypassReason::TemporaryObjects));
     }
     match top {
         // Arbitrary code in the session: it may SET, set_config(), create
         // temporary objects or change what names resolve to, unseen.
-        "DoStmt" => out.push(SessionEffect::Taint("do_block")),
-        "CallStmt" => out.push(SessionEffect::Taint("procedure_call")),
+        "DoStmt" => out.push(SessionEffect::Taint(BypassReason::DoBlock)),
+        "CallStmt" => out.push(SessionEffect::Taint(BypassReason::ProcedureCall)),
         _ => {}
     }
     let node = tree
@@ -566,14 +568,14 @@ fn session_effects(top: &str, tree: &Value, facts: &Facts) -> Vec<SessionEffect>
             // VariableSetKind: 1 value, 2 default, 3 current, 4 multi, 5 reset, 6 reset all
             match (name.as_str(), kind) {
                 ("role" | "session_authorization", _) => {
-                    out.push(SessionEffect::Taint("role_change"))
+                    out.push(SessionEffect::Taint(BypassReason::RoleChange))
                 }
                 (_, 1) => out.push(SessionEffect::Set {
                     value: node.get("args").map(canonical).unwrap_or_default(),
                     name,
                 }),
                 (_, 2) | (_, 5) => out.push(SessionEffect::Reset { name }),
-                (_, 3) => out.push(SessionEffect::Taint("set_from_current")),
+                (_, 3) => out.push(SessionEffect::Taint(BypassReason::SetFromCurrent)),
                 (_, 6) => out.push(SessionEffect::ResetAll),
                 _ => {}
             }

@@ -129,18 +129,21 @@ fn session_effects_are_found() {
         }]
     );
     assert_eq!(e("reset all"), vec![SessionEffect::ResetAll]);
-    assert_eq!(e("set role app"), vec![SessionEffect::Taint("role_change")]);
+    assert_eq!(
+        e("set role app"),
+        vec![SessionEffect::Taint(BypassReason::RoleChange)]
+    );
     assert_eq!(
         e("set session authorization app"),
-        vec![SessionEffect::Taint("role_change")]
+        vec![SessionEffect::Taint(BypassReason::RoleChange)]
     );
     assert_eq!(
         e("select set_config('search_path', 'x', false)"),
-        vec![SessionEffect::Taint("set_config")]
+        vec![SessionEffect::Taint(BypassReason::SetConfig)]
     );
     assert_eq!(
         e("create temp table x (a int)"),
-        vec![SessionEffect::Taint("temporary_objects")]
+        vec![SessionEffect::Taint(BypassReason::TemporaryObjects)]
     );
     assert_eq!(e("discard all"), vec![SessionEffect::DiscardAll]);
     assert_eq!(e("deallocate all"), vec![SessionEffect::Deallocate(None)]);
@@ -177,7 +180,7 @@ fn time_words_built_at_run_time_are_not_cacheable() {
 #[test]
 fn session_private_code_and_objects_taint() {
     let e = |s: &str| analyze(s).effects;
-    let temp = vec![SessionEffect::Taint("temporary_objects")];
+    let temp = vec![SessionEffect::Taint(BypassReason::TemporaryObjects)];
     assert_eq!(e("create table pg_temp.t (a int)"), temp);
     assert_eq!(e("create view pg_temp.v as select 1"), temp);
     assert_eq!(
@@ -186,9 +189,12 @@ fn session_private_code_and_objects_taint() {
     );
     assert_eq!(
         e("do $$ begin perform set_config('search_path', 'x', false); end $$"),
-        vec![SessionEffect::Taint("do_block")]
+        vec![SessionEffect::Taint(BypassReason::DoBlock)]
     );
-    assert_eq!(e("call p(1)"), vec![SessionEffect::Taint("procedure_call")]);
+    assert_eq!(
+        e("call p(1)"),
+        vec![SessionEffect::Taint(BypassReason::ProcedureCall)]
+    );
     assert!(e("select * from pg_temp.t").is_empty());
     assert!(e("create table t (a int)").is_empty());
 }

@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::Client;
 
+use crate::bypass::BypassReason;
 use crate::sql::{is_safe_builtin, Read};
 
 /// Functions outside pg_catalog: whether each is immutable (an aggregate counts
@@ -234,12 +235,12 @@ impl Routines {
     /// Why a statement (or a view's body) using these may not be cached, if it
     /// may not. With `public`, the result is shared across users, so every name
     /// must mean the same object for every user's search_path.
-    pub fn check(&self, read: &Read, public: bool) -> Result<(), &'static str> {
+    pub fn check(&self, read: &Read, public: bool) -> Result<(), BypassReason> {
         if self.implicit_unsafe || (read.casts && self.explicit_unsafe) {
-            return Err("volatile_cast");
+            return Err(BypassReason::VolatileCast);
         }
         if public && self.role_settings {
-            return Err("public_role_settings");
+            return Err(BypassReason::PublicRoleSettings);
         }
         for f in &read.functions {
             self.check_function(f, public)?;
@@ -250,7 +251,7 @@ impl Routines {
                 .iter()
                 .any(|t| !t.contains('.') && self.types.contains(t))
         {
-            return Err("public_unqualified");
+            return Err(BypassReason::PublicUnqualified);
         }
         let implicit = IMPLICIT_OPERATORS.iter().copied();
         for op in read.operators.iter().map(String::as_str).chain(implicit) {
@@ -265,34 +266,34 @@ impl Routines {
         self.check_function(name, false).is_ok()
     }
 
-    fn check_function(&self, name: &str, public: bool) -> Result<(), &'static str> {
+    fn check_function(&self, name: &str, public: bool) -> Result<(), BypassReason> {
         match name.rsplit_once('.') {
             Some(("pg_catalog", bare)) if is_safe_builtin(bare) => Ok(()),
-            Some(("pg_catalog", _)) => Err("volatile_function"),
+            Some(("pg_catalog", _)) => Err(BypassReason::VolatileFunction),
             Some(_) => match self.by_qualified.get(name) {
                 Some(true) => Ok(()),
-                Some(false) => Err("volatile_function"),
-                None => Err("unknown_function"),
+                Some(false) => Err(BypassReason::VolatileFunction),
+                None => Err(BypassReason::UnknownFunction),
             },
             None => {
                 let user = self.by_name.get(name).copied();
                 if user == Some(false) {
-                    return Err("volatile_function");
+                    return Err(BypassReason::VolatileFunction);
                 }
                 if user.is_some() && public {
-                    return Err("public_unqualified");
+                    return Err(BypassReason::PublicUnqualified);
                 }
                 let builtin = self.builtin.contains(name) || is_safe_builtin(name);
                 match (builtin, user) {
-                    (true, _) if !is_safe_builtin(name) => Err("volatile_function"),
-                    (false, None) => Err("unknown_function"),
+                    (true, _) if !is_safe_builtin(name) => Err(BypassReason::VolatileFunction),
+                    (false, None) => Err(BypassReason::UnknownFunction),
                     _ => Ok(()),
                 }
             }
         }
     }
 
-    fn check_operator(&self, op: &str, public: bool) -> Result<(), &'static str> {
+    fn check_operator(&self, op: &str, public: bool) -> Result<(), BypassReason> {
         let (schema, bare) = match op.rsplit_once('.') {
             Some((s, o)) => (Some(s), o),
             None => (None, op),
@@ -301,8 +302,8 @@ impl Routines {
             return Ok(());
         }
         match self.operators.get(bare) {
-            Some(false) => Err("volatile_operator"),
-            Some(true) if public && schema.is_none() => Err("public_unqualified"),
+            Some(false) => Err(BypassReason::VolatileOperator),
+            Some(true) if public && schema.is_none() => Err(BypassReason::PublicUnqualified),
             _ => Ok(()),
         }
     }
@@ -327,7 +328,7 @@ mod tests {
         r.add_function("other", "g", false);
         assert_eq!(
             r.check(&read("select lower(x) from t"), false),
-            Err("volatile_function"),
+            Err(BypassReason::VolatileFunction),
             "a volatile public.lower shadows the built-in"
         );
         assert_eq!(
@@ -338,21 +339,21 @@ mod tests {
         assert_eq!(r.check(&read("select f(x) from t"), false), Ok(()));
         assert_eq!(
             r.check(&read("select f(x) from t"), true),
-            Err("public_unqualified")
+            Err(BypassReason::PublicUnqualified)
         );
         assert_eq!(r.check(&read("select app.f(x) from t"), true), Ok(()));
         assert_eq!(
             r.check(&read("select g(x) from t"), false),
-            Err("volatile_function")
+            Err(BypassReason::VolatileFunction)
         );
         assert_eq!(r.check(&read("select app.g(x) from t"), false), Ok(()));
         assert_eq!(
             r.check(&read("select nope.g(x) from t"), false),
-            Err("unknown_function")
+            Err(BypassReason::UnknownFunction)
         );
         assert_eq!(
             r.check(&read("select h(x) from t"), false),
-            Err("unknown_function")
+            Err(BypassReason::UnknownFunction)
         );
     }
 
@@ -363,17 +364,17 @@ mod tests {
         r.operators.insert("@@@".into(), true);
         assert_eq!(
             r.check(&read("select a === b from t"), false),
-            Err("volatile_operator")
+            Err(BypassReason::VolatileOperator)
         );
         assert_eq!(r.check(&read("select a @@@ b from t"), false), Ok(()));
         assert_eq!(
             r.check(&read("select a @@@ b from t"), true),
-            Err("public_unqualified")
+            Err(BypassReason::PublicUnqualified)
         );
         r.operators.insert("=".into(), false);
         assert_eq!(
             r.check(&read("select * from t order by a"), false),
-            Err("volatile_operator"),
+            Err(BypassReason::VolatileOperator),
             "comparisons are used without being named"
         );
         let mut r = Routines {
@@ -382,13 +383,13 @@ mod tests {
         };
         assert_eq!(
             r.check(&read("select a::text from t"), false),
-            Err("volatile_cast")
+            Err(BypassReason::VolatileCast)
         );
         assert_eq!(r.check(&read("select a from t"), false), Ok(()));
         r.implicit_unsafe = true;
         assert_eq!(
             r.check(&read("select a from t"), false),
-            Err("volatile_cast")
+            Err(BypassReason::VolatileCast)
         );
     }
 
@@ -401,12 +402,15 @@ mod tests {
         assert_eq!(r.check(&read("select a from public.t"), false), Ok(()));
         assert_eq!(
             r.check(&read("select a from public.t"), true),
-            Err("public_role_settings")
+            Err(BypassReason::PublicRoleSettings)
         );
         let mut r = Routines::default();
         r.types.insert("mood".into());
         let shared = |r: &Routines, sql: &str| r.check(&read(sql), true);
-        assert_eq!(shared(&r, "select 'x'::mood"), Err("public_unqualified"));
+        assert_eq!(
+            shared(&r, "select 'x'::mood"),
+            Err(BypassReason::PublicUnqualified)
+        );
         assert_eq!(shared(&r, "select 'x'::app.mood"), Ok(()));
         assert_eq!(shared(&r, "select 'x'::text"), Ok(()));
         assert!(harmless_setting("statement_timeout"));

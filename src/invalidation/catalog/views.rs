@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
+use crate::bypass::BypassReason;
 use crate::sql::{analyze, Read};
 
 const VIEW_BODIES: &str = "
@@ -22,7 +23,7 @@ WHERE c.relkind = 'v'
   AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
 
 /// A view's body as a read, or why it can never be cached.
-pub type ViewBody = Result<Read, &'static str>;
+pub type ViewBody = Result<Read, BypassReason>;
 
 pub async fn load(client: &Client) -> Result<HashMap<u32, ViewBody>, tokio_postgres::Error> {
     let mut out = HashMap::new();
@@ -39,8 +40,8 @@ pub async fn load(client: &Client) -> Result<HashMap<u32, ViewBody>, tokio_postg
 /// when the view was created, but is refused all the same: rare, and safe).
 pub fn body(def: &str) -> ViewBody {
     analyze(def).read.map_err(|why| {
-        tracing::debug!(reason = why.label(), "view is not cacheable");
-        "unsafe_view"
+        tracing::debug!(reason = why.reason().label(), "view is not cacheable");
+        BypassReason::UnsafeView
     })
 }
 

@@ -1,15 +1,27 @@
-//! Raw-byte tests of what the request path answers itself and what it must
-//! leave to Postgres (issue 12, cases 24 and 27).
+//! Raw-byte tests of the request path without sockets: what the cache layer
+//! decides (answer, forward, with which tags), what the session does with it,
+//! and what captures store when their request ends (issue 12, cases 24 and 27,
+//! and the request-path cases of issue 13).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::*;
-use crate::cache::key::{extended_key, statement_hash};
+use crate::cache::key::{extended_key, simple_key, statement_hash};
+use crate::cache::{Cache, Entry};
 use crate::config::Config;
-use crate::invalidation::Invalidation;
+use crate::invalidation::{DbState, Invalidation};
+use crate::protocol::backend;
+use crate::protocol::batch::Batch;
+use crate::protocol::frontend::Frontend;
+use crate::protocol::TxStatus;
+use crate::proxy::apply;
+use crate::proxy::conn::OutQueue;
+use crate::proxy::replies::Expect;
 use crate::proxy::startup::ServerHello;
+use crate::proxy::tracker::{ReplyTag, Tracker};
 
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![tag];
@@ -100,15 +112,15 @@ impl Harness {
     /// Hand one request to the cache layer; (bytes answered, bytes forwarded).
     async fn request(&mut self, parts: &[Vec<u8>]) -> (usize, usize) {
         let (c, s) = (self.cout.len(), self.sout.len());
-        self.session
-            .dispatch(
-                &self.cache,
-                Bytes::from(parts.concat()),
-                &mut self.track,
-                &mut self.cout,
-                &mut self.sout,
-            )
-            .await;
+        apply::handle(
+            &mut self.session,
+            &self.cache,
+            Bytes::from(parts.concat()),
+            &mut self.track,
+            &mut self.cout,
+            &mut self.sout,
+        )
+        .await;
         (self.cout.len() - c, self.sout.len() - s)
     }
 }
@@ -245,7 +257,7 @@ async fn a_set_that_succeeds_changes_the_key() {
     // its ReadyForQuery: idle, no error
     h.session
         .on_ready(&h.cache, ReplyTag::Effects, TxStatus::Idle, false, 1);
-    assert!(h.session.settings_changed);
+    assert!(h.session.take_settings_changed());
     h.session.reseed(&[]);
     assert_ne!(h.session.seed, before, "the setting is part of the key");
     // a SET whose request failed changes nothing
@@ -269,7 +281,7 @@ async fn code_pgtier_cannot_follow_stops_caching_for_the_session() {
     ] {
         let mut h = Harness::new();
         h.request(&[setup]).await;
-        assert_eq!(h.session.tainted, Some(why));
+        assert_eq!(h.session.tainted.map(|r| r.label()), Some(why));
         h.track = Tracker::new(&ServerHello::default());
         h.cache_simple(READ);
         let (answered, forwarded) = h.request(&[query(READ)]).await;
@@ -293,7 +305,7 @@ async fn settings_that_change_how_statements_parse_stop_caching() {
     ] {
         let mut h = Harness::new();
         h.session.reseed(&[(name.into(), value.into())]);
-        assert_eq!(h.session.tainted, Some(why));
+        assert_eq!(h.session.tainted.map(|r| r.label()), Some(why));
     }
     let mut h = Harness::new();
     h.session.reseed(&[
@@ -317,4 +329,212 @@ async fn a_write_is_fenced_when_its_own_request_ends_not_before() {
     assert!(h
         .session
         .on_ready(&h.cache, ReplyTag::None, TxStatus::Idle, false, 2));
+}
+
+/// The server's replies to a one-row result, as the session relays them.
+fn serve_result(h: &mut Harness, tag: ReplyTag, expect: Expect) {
+    for msg in [
+        frame(b'T', b"\0\0"),
+        frame(b'D', b"\0\x01\0\0\0\x011"),
+        frame(b'C', b"SELECT 1\0"),
+    ] {
+        if msg[0] == b'T' && expect != Expect::Query {
+            continue; // only a Describe gets a RowDescription
+        }
+        h.session.on_reply(expect, tag, msg[0], &msg, 1 << 20);
+    }
+}
+
+impl Harness {
+    async fn decide(&mut self, parts: &[Vec<u8>]) -> Outcome {
+        let bytes = Bytes::from(parts.concat());
+        let batch = Batch::new(&bytes);
+        self.session.decide(&self.cache, &batch, &self.track).await
+    }
+}
+
+#[tokio::test]
+async fn a_hit_is_an_answer_and_nothing_is_forwarded() {
+    let mut h = Harness::new();
+    h.cache_simple(READ);
+    let out = h.decide(&[query(READ)]).await;
+    let answer = out.answer.expect("answered");
+    assert!(out.forward.is_none());
+    let tags: Vec<u8> = answer.iter().map(|c| c[0]).collect();
+    assert_eq!(
+        tags,
+        vec![b'T', b'D', b'Z'],
+        "RowDescription, rows, ReadyForQuery"
+    );
+}
+
+#[tokio::test]
+async fn a_miss_is_forwarded_with_a_fill_stored_once_its_request_commits() {
+    let mut h = Harness::new();
+    let out = h.decide(&[query("select 1")]).await;
+    assert!(out.answer.is_none());
+    let forward = out.forward.expect("forwarded");
+    let [tag @ ReplyTag::Fill(_)] = forward.tags[..] else {
+        panic!("no fill: {:?}", forward.tags);
+    };
+    assert!(!forward.swallow);
+    serve_result(&mut h, tag, Expect::Query);
+    h.session.on_ready(&h.cache, tag, TxStatus::Idle, false, 1);
+    let (answered, forwarded) = h.request(&[query("select 1")]).await;
+    assert!(answered > 0, "the fill was not stored");
+    assert_eq!(forwarded, 0);
+}
+
+#[tokio::test]
+async fn an_error_or_an_open_transaction_stores_nothing() {
+    for (error, status) in [(true, TxStatus::Idle), (false, TxStatus::InTransaction)] {
+        let mut h = Harness::new();
+        let out = h.decide(&[query("select 1")]).await;
+        let tag = out.forward.expect("forwarded").tags[0];
+        serve_result(&mut h, tag, Expect::Query);
+        if error {
+            h.session.on_error(1);
+        }
+        h.session.on_ready(&h.cache, tag, status, error, 1);
+        let (answered, _) = h.request(&[query("select 1")]).await;
+        assert_eq!(answered, 0, "stored after error={error} status={status:?}");
+    }
+}
+
+#[tokio::test]
+async fn captures_keep_their_ids_when_an_earlier_one_ends() {
+    let mut h = Harness::new();
+    // Two requests in one batch, each filling its own result.
+    let out = h
+        .decide(&[
+            parse("", "select 1"),
+            bind(""),
+            execute(),
+            sync(),
+            parse("", "select 2"),
+            bind(""),
+            execute(),
+            sync(),
+        ])
+        .await;
+    let tags = out.forward.expect("forwarded").tags;
+    let fills: Vec<ReplyTag> = tags
+        .iter()
+        .copied()
+        .filter(|t| matches!(t, ReplyTag::Fill(_)))
+        .collect();
+    assert_eq!(fills.len(), 2, "tags: {tags:?}");
+    // The first request ends with nothing captured; the second's capture must
+    // still be found under its own id.
+    h.session
+        .on_ready(&h.cache, ReplyTag::None, TxStatus::Idle, false, 1);
+    serve_result(&mut h, fills[1], Expect::Execute);
+    h.session
+        .on_ready(&h.cache, ReplyTag::None, TxStatus::Idle, false, 2);
+    h.track = Tracker::new(&ServerHello::default());
+    let (answered, forwarded) = h
+        .request(&[parse("", "select 2"), bind(""), execute(), sync()])
+        .await;
+    assert!(answered > 0 && forwarded == 0, "the second fill was lost");
+    let (answered, _) = h
+        .request(&[parse("", "select 1"), bind(""), execute(), sync()])
+        .await;
+    assert_eq!(answered, 0, "the first request stored nothing");
+}
+
+#[tokio::test]
+async fn a_statement_only_pgtier_parsed_is_replayed_before_its_first_forward() {
+    let mut h = Harness::new();
+    h.cache_result("select 1");
+    let p = parse("s1", "select 1");
+    let (answered, forwarded) = h.request(&[p.clone(), bind("s1"), execute(), sync()]).await;
+    assert!(answered > 0 && forwarded == 0, "answered from the cache");
+    h.cache.l1.clear();
+    let out = h.decide(&[bind("s1"), execute(), sync()]).await;
+    let forward = out.forward.expect("forwarded");
+    assert_eq!(forward.replayed, 1);
+    assert_eq!(
+        forward.inject.as_deref(),
+        Some(&p[..]),
+        "the client's own Parse"
+    );
+    // Applied: the replayed Parse's reply is expected first, and swallowed.
+    let bytes = Bytes::from([bind("s1"), execute(), sync()].concat());
+    let mut h2 = Harness::new();
+    apply::apply(
+        Outcome::forward(forward),
+        &Batch::new(&bytes),
+        &mut h2.track,
+        &mut h2.cout,
+        &mut h2.sout,
+    );
+    let front = h2.track.replies.iter().next().expect("queued");
+    assert_eq!((front.expect, front.swallow), (Expect::Parse, true));
+    assert_eq!(h2.sout.len(), p.len() + bytes.len());
+    // Known to the server now: not replayed again.
+    let out = h.decide(&[bind("s1"), execute(), sync()]).await;
+    assert_eq!(out.forward.expect("forwarded").replayed, 0);
+}
+
+#[tokio::test]
+async fn an_answer_behind_pending_replies_waits_in_the_reply_queue() {
+    let mut h = Harness::new();
+    h.cache_simple(READ);
+    // A Sync still to be answered by the server (neutral: answering may go on).
+    h.track.expect(Expect::Sync, false, ReplyTag::None);
+    let (answered, forwarded) = h.request(&[query(READ)]).await;
+    assert_eq!((answered, forwarded), (0, 0), "held back, not forwarded");
+    assert!(h.track.replies.synthetic_bytes() > 0);
+    assert!(h.track.replies.pop_synthetic().is_none(), "not due yet");
+    let route = h.track.on_server(backend::READY_FOR_QUERY, b"I");
+    assert!(route.is_ok());
+    let reply = h.track.replies.pop_synthetic().expect("due now");
+    assert_eq!(reply.len(), 3);
+    assert_eq!(h.track.replies.synthetic_bytes(), 0);
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_answered_and_refreshed_with_swallowed_replies() {
+    let mut h = Harness::new();
+    let key = simple_key(h.session.seed.user, b"select 1");
+    let rows = Bytes::from(frame(b'C', b"SELECT 0\0"));
+    let e = Entry::new(
+        Some(Bytes::from(frame(b'T', b"\0\0"))),
+        rows,
+        Duration::ZERO,
+        Duration::from_secs(60),
+        0,
+        h.db.epoch(),
+        Box::new([]),
+    );
+    h.cache.insert(key, e);
+    let out = h.decide(&[query("select 1")]).await;
+    assert!(out.answer.is_some(), "stale-while-revalidate answers");
+    let forward = out.forward.expect("and refreshes");
+    assert!(forward.swallow);
+    assert!(matches!(forward.tags[0], ReplyTag::Fill(_)));
+}
+
+#[tokio::test]
+async fn a_set_in_a_request_tags_its_end_with_the_effects() {
+    let mut h = Harness::new();
+    let out = h.decide(&[query("set timezone = 'UTC'")]).await;
+    assert_eq!(
+        out.forward.expect("forwarded").tags[..],
+        [ReplyTag::Effects]
+    );
+    let out = h
+        .decide(&[
+            parse("", "set datestyle = 'ISO'"),
+            bind(""),
+            execute(),
+            sync(),
+        ])
+        .await;
+    let tags = out.forward.expect("forwarded").tags;
+    assert_eq!(
+        tags.last(),
+        Some(&ReplyTag::Effects),
+        "on the Sync: {tags:?}"
+    );
 }
