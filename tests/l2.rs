@@ -242,8 +242,11 @@ async fn redis_down_or_paused_never_fails_a_client() {
         "reads {} p99 {p99:?} (Redis paused for {paused_for:?})",
         lat.len()
     );
-    // timeout (5 ms) + 5 ms, with room for a debug build on a loaded machine
-    assert!(p99 < Duration::from_millis(10), "p99 read latency {p99:?}");
+    // Reads must not wait for Redis to come back (the pause is 700 ms): each
+    // L2 call gives up after its 5 ms timeout. The bound leaves room for a
+    // debug build on a loaded 2-core machine (seen: 11 ms) and still fails if
+    // reads queued behind the pause.
+    assert!(p99 < Duration::from_millis(100), "p99 read latency {p99:?}");
     let m = p.metrics().await;
     assert!(
         m.get("pgtier_l2_errors_total", &[]) > 0.0,

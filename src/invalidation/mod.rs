@@ -91,7 +91,7 @@ impl Generations {
 }
 
 /// The listener epoch and the (slot, generation) pairs a fill depends on.
-pub type Snapshot = (u64, Box<[(u32, u64)]>);
+pub type ReadAt = (u64, Box<[(u32, u64)]>);
 
 /// What a cacheable statement depends on in one database.
 #[derive(Debug)]
@@ -202,7 +202,7 @@ impl DbState {
     /// The watch check comes after the snapshot: `unwatch` leaves the watched set
     /// before it bumps generations, so a snapshot that already sees the bump also
     /// sees the table gone, and one that does not is refused at insert time.
-    pub fn snapshot(&self, resolved: &Resolved) -> Option<Snapshot> {
+    pub fn snapshot(&self, resolved: &Resolved) -> Option<ReadAt> {
         let epoch = self.epoch();
         let gens = resolved
             .slots

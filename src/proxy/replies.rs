@@ -38,7 +38,7 @@ impl Expect {
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct Entry<T> {
+pub struct Awaited<T> {
     pub expect: Expect,
     /// Drop the reply instead of relaying it: the proxy sent this message itself.
     pub swallow: bool,
@@ -67,7 +67,7 @@ pub enum Route<T> {
 
 #[derive(Debug)]
 pub struct Replies<T> {
-    queue: VecDeque<Entry<T>>,
+    queue: VecDeque<Awaited<T>>,
     /// After an error in an extended-protocol batch the server discards messages
     /// until Sync: replies to those will never come, so they are not queued.
     skipping: bool,
@@ -103,7 +103,7 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
             }
             self.skipping = false;
         }
-        self.queue.push_back(Entry {
+        self.queue.push_back(Awaited {
             expect,
             swallow,
             tag,
@@ -115,7 +115,7 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
 
     /// Queue a reply pgtier composed, due once everything before it is out.
     pub fn push_synthetic(&mut self, reply: Vec<Bytes>, tag: T) {
-        self.queue.push_back(Entry {
+        self.queue.push_back(Awaited {
             expect: Expect::Synthetic,
             swallow: false,
             tag,
@@ -151,7 +151,7 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
         self.skipping = false;
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Entry<T>> {
+    pub fn iter(&self) -> impl Iterator<Item = &Awaited<T>> {
         self.queue.iter()
     }
 

@@ -108,7 +108,7 @@ pub struct Session {
     pub startup: StartupMessage,
     pub hello: ServerHello,
     pub track: Tracker,
-    pub cache: SessionCache,
+    pub caching: SessionCache,
 }
 
 impl Session {
@@ -128,13 +128,13 @@ impl Session {
         let user = startup.user().unwrap_or_default().to_string();
         let database = startup.database().unwrap_or_default().to_string();
         let db = proxy.invalidation.db(&database);
-        let mut cache = SessionCache::new(&database, &user, &startup.params, db);
-        cache.set_defaults(hello.defaults.clone());
-        cache.reseed(&hello.params);
+        let mut caching = SessionCache::new(&database, &user, &startup.params, db);
+        caching.set_defaults(hello.defaults.clone());
+        caching.reseed(&hello.params);
         Session {
             info,
             fence: None,
-            cache,
+            caching,
             id,
             proxy,
             client,
@@ -282,16 +282,16 @@ impl Session {
             if done || expired {
                 let seq = f.seq;
                 self.fence = None;
-                self.cache.fencing = false;
+                self.caching.fencing = false;
                 if expired {
                     tracing::warn!(
                         "invalidation fence timed out; this session no longer uses the cache"
                     );
                     ::metrics::counter!("pgtier_fence_timeouts_total").increment(1);
-                    if let Some(db) = self.cache.db() {
+                    if let Some(db) = self.caching.db() {
                         db.forget_fence(seq);
                     }
-                    self.cache.taint(BypassReason::FenceTimeout);
+                    self.caching.taint(BypassReason::FenceTimeout);
                 }
             }
         }
@@ -352,12 +352,12 @@ impl Session {
         self.info
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let settings_changed = self.cache.take_settings_changed();
+        let settings_changed = self.caching.take_settings_changed();
         if std::mem::take(&mut self.track.params_changed) || settings_changed {
-            self.cache.reseed(&self.track.server_params);
+            self.caching.reseed(&self.track.server_params);
         }
         apply::handle(
-            &mut self.cache,
+            &mut self.caching,
             &self.proxy.cache,
             batch,
             &mut self.track,
@@ -499,7 +499,7 @@ impl Session {
                     ..
                 } = route
                 {
-                    self.cache.abort(tag);
+                    self.caching.abort(tag);
                 }
                 self.server_stream = h.total_len;
                 continue;
@@ -525,7 +525,7 @@ impl Session {
             };
             let request = self.track.requests_done + u64::from(h.tag != backend::READY_FOR_QUERY);
             if h.tag == backend::ERROR_RESPONSE {
-                self.cache.on_error(request);
+                self.caching.on_error(request);
             }
             // A PREPARE TRANSACTION refused for a trigger's NOTIFY says why.
             let explained = (h.tag == backend::ERROR_RESPONSE && !swallow)
@@ -538,7 +538,7 @@ impl Session {
                         std::sync::atomic::Ordering::Relaxed,
                     );
                     let error = std::mem::take(&mut self.track.error_in_request);
-                    let fence = self.cache.on_ready(
+                    let fence = self.caching.on_ready(
                         &self.proxy.cache,
                         tag,
                         self.track.tx,
@@ -549,7 +549,7 @@ impl Session {
                         self.start_fence();
                     }
                 } else {
-                    self.cache.on_reply(expect, tag, h.tag, msg, max_entry);
+                    self.caching.on_reply(expect, tag, h.tag, msg, max_entry);
                 }
             }
             if swallow || explained.is_some() {
@@ -579,7 +579,7 @@ impl Session {
     /// commits after the write, and Postgres delivers notifications in commit
     /// order) and hold the client's ReadyForQuery until the listener has seen it.
     fn start_fence(&mut self) {
-        let Some(db) = self.cache.db().cloned() else {
+        let Some(db) = self.caching.db().cloned() else {
             return;
         };
         let inv = &self.proxy.invalidation;
@@ -587,7 +587,7 @@ impl Session {
         let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
         let channel = inv.channel.replace('"', "\"\"");
         let mut sql = format!("NOTIFY \"{channel}\", '{payload}'");
-        if std::mem::take(&mut self.cache.announce_all) {
+        if std::mem::take(&mut self.caching.announce_all) {
             // Ahead of the fence, so the client hears of its commit only after
             // every entry of this database is gone.
             sql = format!("NOTIFY \"{channel}\", '*'; {sql}");
@@ -609,7 +609,7 @@ impl Session {
             done,
             deadline: Box::pin(tokio::time::sleep(timeout)),
         });
-        self.cache.fencing = true;
+        self.caching.fencing = true;
     }
 
     /// Write what is queued for one side, bounded in time.
