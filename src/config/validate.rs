@@ -99,7 +99,7 @@ impl Config {
             self.l2.signing_key.as_deref(),
             self.l2.signing_key_file.as_deref(),
         )
-        .map_err(|e| invalid("l2.signing_key", e))?;
+        .map_err(|e| invalid("l2.signing_key", e.to_string()))?;
         if key.is_none() && !self.l2.nodes().is_empty() {
             return Err(invalid(
                 "l2.signing_key",

@@ -171,7 +171,7 @@ impl Proxy {
         fixed!(l2.signing_key, "l2.signing_key");
         fixed!(l2.signing_key_file, "l2.signing_key_file");
         fixed!(log.format, "log.format");
-        crate::logging::set_level(&new.log.level)?;
+        crate::logging::set_level(&new.log.level).map_err(|e| e.to_string())?;
         self.cache.reconfigure(&old, &new);
         self.config.store(new);
         Ok(notes)
