@@ -23,9 +23,10 @@ use crate::protocol::backend::{
 use crate::protocol::codec::Reader;
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::{frontend, TxStatus};
+use crate::proxy::accept::{Handed, Handover};
 use crate::proxy::conn::write_all;
 use crate::proxy::startup::{fatal, read_message, ClientConn};
-use crate::proxy::{Handed, Handover, Proxy};
+use crate::proxy::state::Proxy;
 use crate::scram::{Exchange, Failure, Verifier};
 use crate::tls::TlsError;
 
@@ -390,7 +391,7 @@ async fn run(proxy: &Arc<Proxy>, stmt: &str, out: &mut BytesMut) -> bool {
 
 /// Every pgtier metric sample, as rendered for Prometheus.
 fn show_stats(proxy: &Proxy) -> Rows {
-    let text = crate::metrics::render(&proxy.cache, proxy.config().admin.top_shapes);
+    let text = proxy.metrics_text();
     let mut rows = Vec::new();
     for line in text.lines() {
         if line.starts_with('#') || line.is_empty() || line.contains("_bucket{") {

@@ -10,7 +10,6 @@ pub mod control;
 pub mod units;
 mod validate;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -527,10 +526,6 @@ impl Config {
         let password = self.invalidation.password()?;
         control::parse(&self.invalidation.control_urls, password.as_deref())
             .map_err(|e| invalid("invalidation.control_urls", e.to_string()))
-    }
-
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        validate::resolve("server.listen", &self.server.listen)
     }
 }
 

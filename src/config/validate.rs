@@ -196,9 +196,14 @@ impl Config {
             .map_err(|e| invalid("log.level", format!("'{}': {e}", self.log.level)))?;
         Ok(())
     }
+
+    /// The address clients connect to (`server.listen`), resolved.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        resolve("server.listen", &self.server.listen)
+    }
 }
 
-pub(super) fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
+fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
     addr.to_socket_addrs()
         .map_err(|e| invalid(key, format!("'{addr}' is not a HOST:PORT address ({e})")))?
         .next()
