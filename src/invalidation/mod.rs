@@ -17,6 +17,7 @@
 //! compute the same L2 keys; a version that has moved on never maps back to an
 //! older key.
 
+mod applier;
 pub mod catalog;
 pub mod commands;
 pub mod control;
@@ -26,6 +27,7 @@ pub mod generations;
 pub mod listener;
 pub mod payload;
 pub mod triggers;
+mod watch_policy;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
