@@ -1,6 +1,6 @@
 //! The crate's layout, checked on its source text: no import cycles between
-//! source files or between top-level modules, and no source file over
-//! `MAX_LINES` lines.
+//! source files or between top-level modules, no source file over
+//! `MAX_LINES` lines, and a `//!` comment opening every file.
 //!
 //! The import graph is built from `src/**/*.rs` with a small lexer (no parser
 //! dependency). A node is a source file (one module); `a -> b` when `a` names a
@@ -146,5 +146,27 @@ fn no_file_over_the_line_limit() {
         "{} file(s) over {MAX_LINES} lines; split them by job:\n{}",
         long.len(),
         list.join("\n")
+    );
+}
+
+/// Every source file opens with a `//!` comment saying what it is for.
+#[test]
+fn every_file_says_what_it_is_for() {
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    rust_files(&root().join("tests"), &mut files);
+    let mut bare: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let text = fs::read_to_string(f).unwrap_or_default();
+            !text.trim_start().starts_with("//!")
+        })
+        .map(|f| rel(f))
+        .collect();
+    bare.sort();
+    assert!(
+        bare.is_empty(),
+        "files without a `//!` comment:\n  {}",
+        bare.join("\n  ")
     );
 }
