@@ -2,23 +2,36 @@
 //!
 //! # Layout
 //!
-//! - `main.rs`: the command line (`run`, `install-triggers`, `hash-password`, ...).
-//! - [`server`]: process lifecycle on pingora (listeners, signals, drain, upgrade);
-//!   [`workers`]: one single-threaded runtime per core that sessions live on.
-//! - [`proxy`]: one client session against its own upstream connection: startup
-//!   and authentication relay, the event loop (`session`), the expected-reply
-//!   queue (`tracker`, `replies`), prepared statements, and the cache's part of a
-//!   request (`caching` decides, `apply` acts).
-//! - [`protocol`]: the wire format, one typed zero-copy view per message; the only
-//!   code that reads or writes protocol bytes.
-//! - [`sql`]: what a statement does (cacheable read, tables, session effects),
-//!   decided once per text with the real Postgres grammar.
-//! - [`cache`]: what all sessions share: decisions per statement, keys, the L1
-//!   (moka) and L2 (Redis) tiers, rules, coalescing of misses.
-//! - [`invalidation`]: triggers and LISTEN/NOTIFY, the per-database listener, the
-//!   catalog (which tables a statement depends on), table generations.
-//! - [`config`], [`admin`] (HTTP metrics/probes, the SQL admin console),
-//!   [`metrics`], [`logging`], [`banner`]; [`bypass`]: every reason not to use the cache.
+//! Each module imports only from modules in lower layers, never back
+//! (`tests/layout` checks it, file by file and module by module):
+//!
+//! 1. Leaves: [`bypass`] (every reason not to use the cache, the metric's
+//!    `reason`), [`protocol`] (the wire format, one typed zero-copy view per
+//!    message; the only code that reads or writes protocol bytes), [`sql`]
+//!    (what a statement does: cacheable read, tables, session effects, decided
+//!    once per text with the real Postgres grammar), [`metrics`], [`scram`],
+//!    [`signing`] (the L2 HMAC key), [`workers`] (one single-threaded runtime
+//!    per core that sessions live on).
+//! 2. [`config`]: the file, environment and command line, validated once;
+//!    control URLs are parsed here and nowhere else.
+//! 3. Over config: [`tls`] (rustls configurations), [`logging`], [`banner`]
+//!    (the first screen in a terminal), and [`cache`]: what all sessions share:
+//!    decisions per statement, keys, the L1 (moka) and L2 (Redis) tiers, rules,
+//!    coalescing of misses.
+//! 4. [`invalidation`]: triggers and LISTEN/NOTIFY, the per-database listener
+//!    (`listener`, with the `applier` of notifications and the watch policy),
+//!    the catalog (which tables a statement depends on), table generations.
+//! 5. [`proxy`]: accepting a connection (`accept`: startup, then the admin
+//!    console's handover or a proxied session), what sessions share (`state`),
+//!    one client session against its own upstream connection: authentication
+//!    relay, the event loop (`session`), the expected-reply queue (`tracker`,
+//!    `replies`), prepared statements, and the cache's part of a request
+//!    (`caching` decides, `apply` acts).
+//! 6. [`admin`]: the HTTP endpoint (metrics, probes) and the SQL admin console,
+//!    given its connections by the proxy through a handover.
+//! 7. [`server`]: process lifecycle on pingora (listeners, signals, drain,
+//!    upgrade), wiring the rest together; then `main.rs`, the command line
+//!    (`run`, `install-triggers`, `hash-password`, ...).
 //!
 //! # A request
 //!

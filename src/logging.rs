@@ -25,11 +25,20 @@ pub fn init(cfg: &LogConfig) {
     }
 }
 
+/// Why the log filter was not changed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    #[error("log.level: {0}")]
+    Filter(#[from] tracing_subscriber::filter::ParseError),
+    #[error("log.level: {0}")]
+    Reload(#[from] reload::Error),
+}
+
 /// Change the log filter (validated by config checks beforehand).
-pub fn set_level(level: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-    match HANDLE.get() {
-        Some(h) => h.reload(filter).map_err(|e| e.to_string()),
-        None => Ok(()),
+pub fn set_level(level: &str) -> Result<(), LogLevelError> {
+    let filter = EnvFilter::try_new(level)?;
+    if let Some(h) = HANDLE.get() {
+        h.reload(filter)?;
     }
+    Ok(())
 }

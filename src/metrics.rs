@@ -219,12 +219,19 @@ fn describe() {
     );
 }
 
-/// Render the exposition text, refreshing gauges that are sampled rather than
-/// counted, and appending the top statement shapes.
-pub fn render(cache: &crate::cache::Cache, top: usize) -> String {
-    cache.l1.sync();
-    gauge!("pgtier_l1_entries").set(cache.l1.entry_count() as f64);
-    gauge!("pgtier_l1_bytes").set(cache.l1.weighted_bytes() as f64);
+/// What the L1 holds right now: sampled for each render, not counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct L1Sample {
+    pub entries: u64,
+    /// Weighted size (payload plus overhead).
+    pub bytes: u64,
+}
+
+/// Render the exposition text, setting the sampled L1 gauges from `l1`, and
+/// appending the top `top` statement shapes.
+pub fn render(l1: L1Sample, top: usize) -> String {
+    gauge!("pgtier_l1_entries").set(l1.entries as f64);
+    gauge!("pgtier_l1_bytes").set(l1.bytes as f64);
     let mut out = install().render();
     let shapes = top_shapes(top);
     if !shapes.is_empty() {

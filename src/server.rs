@@ -26,7 +26,7 @@ use crate::invalidation::control;
 use crate::invalidation::listener::{Listener, Settings as ListenerSettings};
 use crate::invalidation::triggers::Scope;
 use crate::proxy::app::ListenerApp;
-use crate::proxy::Proxy;
+use crate::proxy::state::Proxy;
 use crate::workers::Workers;
 use pingora_core::services::background::background_service;
 

@@ -7,7 +7,7 @@
 //! inline (`l2.signing_key`, `PGTIER_L2_SIGNING_KEY`, `--l2-signing-key`) or
 //! in a file (`l2.signing_key_file`); at least 32 bytes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -17,38 +17,56 @@ use sha2::Sha256;
 pub const MIN_KEY_BYTES: usize = 32;
 pub const TAG_LEN: usize = 32;
 
+/// Why a signing key was refused; says what is wrong with it, never the key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("not valid base64 ({0})")]
+    Base64(#[from] base64::DecodeError),
+    #[error("must be hex digits (e.g. `openssl rand -hex 32`) or base64:<base64 text>")]
+    NotHex,
+    #[error("is {0} bytes; at least {MIN_KEY_BYTES} are required")]
+    TooShort(usize),
+    #[error("set signing_key or signing_key_file, not both")]
+    Both,
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<KeyError>,
+    },
+}
+
 /// Decode a key as written in the configuration.
-pub fn parse_key(text: &str) -> Result<Vec<u8>, String> {
+pub fn parse_key(text: &str) -> Result<Vec<u8>, KeyError> {
     let text = text.trim();
-    let bytes = if let Some(b64) = text.strip_prefix("base64:") {
-        base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .map_err(|e| format!("not valid base64 ({e})"))?
-    } else {
-        decode_hex(text).ok_or(
-            "must be hex digits (e.g. `openssl rand -hex 32`) or base64:<base64 text>".to_string(),
-        )?
+    let bytes = match text.strip_prefix("base64:") {
+        Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64.trim())?,
+        None => decode_hex(text).ok_or(KeyError::NotHex)?,
     };
     if bytes.len() < MIN_KEY_BYTES {
-        return Err(format!(
-            "is {} bytes; at least {MIN_KEY_BYTES} are required",
-            bytes.len()
-        ));
+        return Err(KeyError::TooShort(bytes.len()));
     }
     Ok(bytes)
 }
 
 /// The key from the inline setting or the file (not both).
-pub fn load_key(inline: Option<&str>, file: Option<&Path>) -> Result<Option<Vec<u8>>, String> {
+pub fn load_key(inline: Option<&str>, file: Option<&Path>) -> Result<Option<Vec<u8>>, KeyError> {
     match (inline, file) {
-        (Some(_), Some(_)) => Err("set signing_key or signing_key_file, not both".into()),
+        (Some(_), Some(_)) => Err(KeyError::Both),
         (Some(k), None) => parse_key(k).map(Some),
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            parse_key(&text)
-                .map(Some)
-                .map_err(|e| format!("{}: {e}", path.display()))
+            let text = std::fs::read_to_string(path).map_err(|source| KeyError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            parse_key(&text).map(Some).map_err(|e| KeyError::InFile {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            })
         }
         (None, None) => Ok(None),
     }
@@ -128,13 +146,17 @@ mod tests {
         assert_eq!(parse_key(&format!(" {hex}\n")).unwrap().len(), 32);
         let b64 = base64::engine::general_purpose::STANDARD.encode([7u8; 48]);
         assert_eq!(parse_key(&format!("base64:{b64}")).unwrap(), vec![7u8; 48]);
-        assert!(parse_key("00112233").unwrap_err().contains("at least 32"));
+        assert!(parse_key("00112233")
+            .unwrap_err()
+            .to_string()
+            .contains("at least 32"));
         assert!(parse_key("not hex at all").is_err());
         assert!(parse_key(&hex[1..]).is_err(), "odd length");
         assert!(load_key(Some(hex), Some(Path::new("/x"))).is_err());
         assert_eq!(load_key(None, None).unwrap(), None);
         assert!(load_key(None, Some(Path::new("/nonexistent/key")))
             .unwrap_err()
+            .to_string()
             .contains("cannot read"));
     }
 

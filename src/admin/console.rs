@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::throttle::LoginThrottle;
+use crate::config::ConfigError;
 use crate::invalidation::{control, Payload};
 use crate::protocol::backend::{
     encode_data_row, encode_row_description, Authentication, BackendKeyData, Column,
@@ -22,10 +23,12 @@ use crate::protocol::backend::{
 use crate::protocol::codec::Reader;
 use crate::protocol::startup::StartupMessage;
 use crate::protocol::{frontend, TxStatus};
+use crate::proxy::accept::{Handed, Handover};
 use crate::proxy::conn::write_all;
 use crate::proxy::startup::{fatal, read_message, ClientConn};
-use crate::proxy::{Handed, Handover, Proxy};
+use crate::proxy::state::Proxy;
 use crate::scram::{Exchange, Failure, Verifier};
+use crate::tls::TlsError;
 
 pub const DATABASE: &str = "pgtier";
 const TEXT: i32 = 25;
@@ -345,20 +348,15 @@ async fn run(proxy: &Arc<Proxy>, stmt: &str, out: &mut BytesMut) -> bool {
         ["SHOW", "CACHES"] => rows(out, show_caches(proxy), "SHOW"),
         ["SHOW", "CONFIG"] => rows(out, show_config(proxy), "SHOW"),
         ["SHOW", "CONNECTIONS"] => rows(out, show_connections(proxy), "SHOW"),
-        ["INVALIDATE", "ALL"] => match invalidate(proxy, None).await {
-            Ok(n) => complete(out, &format!("INVALIDATE {n}")),
-            Err(e) => {
-                error(out, "58000", &e);
-                return false;
+        ["INVALIDATE", "ALL"] | ["INVALIDATE", "TABLE", _] => {
+            match invalidate(proxy, words.get(2).copied()).await {
+                Ok(n) => complete(out, &format!("INVALIDATE {n}")),
+                Err(e) => {
+                    error(out, e.sqlstate(), &e.to_string());
+                    return false;
+                }
             }
-        },
-        ["INVALIDATE", "TABLE", _] => match invalidate(proxy, Some(words[2])).await {
-            Ok(n) => complete(out, &format!("INVALIDATE {n}")),
-            Err(e) => {
-                error(out, "42P01", &e);
-                return false;
-            }
-        },
+        }
         ["RELOAD"] => match proxy.reload() {
             Ok(notes) => {
                 for n in notes {
@@ -393,7 +391,7 @@ async fn run(proxy: &Arc<Proxy>, stmt: &str, out: &mut BytesMut) -> bool {
 
 /// Every pgtier metric sample, as rendered for Prometheus.
 fn show_stats(proxy: &Proxy) -> Rows {
-    let text = crate::metrics::render(&proxy.cache, proxy.config().admin.top_shapes);
+    let text = proxy.metrics_text();
     let mut rows = Vec::new();
     for line in text.lines() {
         if line.starts_with('#') || line.is_empty() || line.contains("_bucket{") {
@@ -515,19 +513,48 @@ fn show_connections(proxy: &Proxy) -> Rows {
     )
 }
 
+/// Why an INVALIDATE did nothing.
+#[derive(Debug, thiserror::Error)]
+enum InvalidateError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot reach {target}: {source}")]
+    Unreachable {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("notify in {target}: {source}")]
+    Notify {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("relation \"{0}\" is not known in any cached database")]
+    UnknownRelation(String),
+}
+
+impl InvalidateError {
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            InvalidateError::UnknownRelation(_) => "42P01",
+            _ => "58000",
+        }
+    }
+}
+
 /// Invalidate through Postgres itself (a notification on the channel), so every
 /// pgtier instance sharing the databases applies it, in order.
-async fn invalidate(proxy: &Proxy, table: Option<&str>) -> Result<usize, String> {
+async fn invalidate(proxy: &Proxy, table: Option<&str>) -> Result<usize, InvalidateError> {
     let cfg = proxy.config();
-    let targets = cfg.control_targets().map_err(|e| e.to_string())?;
+    let targets = cfg.control_targets()?;
     if targets.is_empty() {
         if table.is_none() {
             proxy.cache.l1.clear();
         }
         return Ok(0);
     }
-    let (tls, ssl) = control::tls_for(cfg.upstream.tls, cfg.upstream.tls_ca_file.as_deref())
-        .map_err(|e| e.to_string())?;
+    let (tls, ssl) = control::tls_for(cfg.upstream.tls, cfg.upstream.tls_ca_file.as_deref())?;
     let mut n = 0;
     for t in &targets {
         let payload = match table {
@@ -556,14 +583,20 @@ async fn invalidate(proxy: &Proxy, table: Option<&str>) -> Result<usize, String>
         };
         let (client, _driver) = control::connect(t, &tls, ssl, None)
             .await
-            .map_err(|e| format!("cannot reach {}: {e}", t.display))?;
+            .map_err(|source| InvalidateError::Unreachable {
+                target: t.display.clone(),
+                source,
+            })?;
         client
             .execute(
                 "SELECT pg_notify($1, $2)",
                 &[&cfg.invalidation.channel, &payload],
             )
             .await
-            .map_err(|e| format!("notify in {}: {e}", t.display))?;
+            .map_err(|source| InvalidateError::Notify {
+                target: t.display.clone(),
+                source,
+            })?;
         if table.is_none() {
             n += 1;
         }
@@ -572,9 +605,8 @@ async fn invalidate(proxy: &Proxy, table: Option<&str>) -> Result<usize, String>
         proxy.cache.l1.clear();
         proxy.cache.clear_descriptions();
     } else if n == 0 {
-        return Err(format!(
-            "relation \"{}\" is not known in any cached database",
-            table.unwrap_or("")
+        return Err(InvalidateError::UnknownRelation(
+            table.unwrap_or_default().to_string(),
         ));
     }
     Ok(n)

@@ -9,7 +9,7 @@ use http::{Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 
-use crate::proxy::Proxy;
+use crate::proxy::state::Proxy;
 
 pub struct AdminHttp {
     pub proxy: Arc<Proxy>,
@@ -33,7 +33,7 @@ impl ServeHttp for AdminHttp {
             "/metrics" => text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                crate::metrics::render(&self.proxy.cache, self.proxy.config().admin.top_shapes),
+                self.proxy.metrics_text(),
             ),
             "/health" => text(StatusCode::OK, "text/plain", "ok\n".into()),
             "/ready" => match self.proxy.readiness().await {

@@ -147,9 +147,9 @@ impl Options {
             c.server.listen = v.clone();
         }
         if let Some(v) = &self.upstream {
-            let (host, port) = split_host_port(v).map_err(|reason| ConfigError {
+            let (host, port) = split_host_port(v).map_err(|e| ConfigError {
                 key: "--upstream".into(),
-                reason,
+                reason: e.to_string(),
             })?;
             c.upstream.host = host;
             c.upstream.port = port;

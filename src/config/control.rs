@@ -22,20 +22,39 @@ impl std::fmt::Debug for ControlTarget {
     }
 }
 
+/// A control URL pgtier cannot use; names it by its index, never shows it
+/// (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlUrlError {
+    #[error("invalidation.control_urls[{index}]: not a valid postgres:// URL ({source})")]
+    Invalid {
+        index: usize,
+        source: tokio_postgres::Error,
+    },
+    #[error("invalidation.control_urls[{0}]: names no database")]
+    NoDatabase(usize),
+    #[error("invalidation.control_urls[{0}]: names no user")]
+    NoUser(usize),
+    #[error("invalidation.control_urls[{index}]: database '{database}' is listed twice")]
+    Twice { index: usize, database: String },
+}
+
 /// Parse control URLs; `password` fills in URLs that carry none.
-pub(super) fn parse(urls: &[String], password: Option<&str>) -> Result<Vec<ControlTarget>, String> {
+pub(super) fn parse(
+    urls: &[String],
+    password: Option<&str>,
+) -> Result<Vec<ControlTarget>, ControlUrlError> {
     let mut out: Vec<ControlTarget> = Vec::new();
     for (i, url) in urls.iter().enumerate() {
-        let mut config = PgConfig::from_str(url).map_err(|e| {
-            format!("invalidation.control_urls[{i}]: not a valid postgres:// URL ({e})")
-        })?;
+        let mut config = PgConfig::from_str(url)
+            .map_err(|source| ControlUrlError::Invalid { index: i, source })?;
         let database = config
             .get_dbname()
             .or(config.get_user())
-            .ok_or_else(|| format!("invalidation.control_urls[{i}]: names no database"))?
+            .ok_or(ControlUrlError::NoDatabase(i))?
             .to_string();
         if config.get_user().is_none() {
-            return Err(format!("invalidation.control_urls[{i}]: names no user"));
+            return Err(ControlUrlError::NoUser(i));
         }
         if config.get_password().is_none() {
             if let Some(p) = password {
@@ -60,9 +79,7 @@ pub(super) fn parse(urls: &[String], password: Option<&str>) -> Result<Vec<Contr
             config.get_user().unwrap_or_default()
         );
         if out.iter().any(|t| t.database == database) {
-            return Err(format!(
-                "invalidation.control_urls[{i}]: database '{database}' is listed twice"
-            ));
+            return Err(ControlUrlError::Twice { index: i, database });
         }
         out.push(ControlTarget {
             config,

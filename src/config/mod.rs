@@ -10,7 +10,6 @@ pub mod control;
 pub mod units;
 mod validate;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,6 +24,26 @@ pub use units::{ByteSize, Dur};
 pub struct ConfigError {
     pub key: String,
     pub reason: String,
+}
+
+/// A word that names none of a setting's choices.
+#[derive(Debug, thiserror::Error)]
+#[error("'{given}' is not a {what}; use {choices}")]
+pub struct UnknownChoice {
+    pub given: String,
+    what: &'static str,
+    choices: &'static str,
+}
+
+/// An address that is not `HOST:PORT` (`--upstream`).
+#[derive(Debug, thiserror::Error)]
+pub enum HostPortError {
+    #[error("'{0}' is not HOST:PORT")]
+    NoPort(String),
+    #[error("'{0}' has no host")]
+    NoHost(String),
+    #[error("'{given}' has an invalid port '{port}'")]
+    BadPort { given: String, port: String },
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -91,12 +110,16 @@ pub enum WatchMode {
 }
 
 impl std::str::FromStr for WatchMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownChoice;
+    fn from_str(s: &str) -> Result<Self, UnknownChoice> {
         match s {
             "lazy" => Ok(WatchMode::Lazy),
             "eager" => Ok(WatchMode::Eager),
-            _ => Err(format!("'{s}' is not a watch mode; use lazy or eager")),
+            _ => Err(UnknownChoice {
+                given: s.to_string(),
+                what: "watch mode",
+                choices: "lazy or eager",
+            }),
         }
     }
 }
@@ -268,16 +291,18 @@ pub enum TlsMode {
 }
 
 impl std::str::FromStr for TlsMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownChoice;
+    fn from_str(s: &str) -> Result<Self, UnknownChoice> {
         match s {
             "disable" => Ok(TlsMode::Disable),
             "prefer" => Ok(TlsMode::Prefer),
             "require" => Ok(TlsMode::Require),
             "verify-full" => Ok(TlsMode::VerifyFull),
-            _ => Err(format!(
-                "'{s}' is not a TLS mode; use disable, prefer, require or verify-full"
-            )),
+            _ => Err(UnknownChoice {
+                given: s.to_string(),
+                what: "TLS mode",
+                choices: "disable, prefer, require or verify-full",
+            }),
         }
     }
 }
@@ -500,11 +525,7 @@ impl Config {
     pub fn control_targets(&self) -> Result<Vec<control::ControlTarget>, ConfigError> {
         let password = self.invalidation.password()?;
         control::parse(&self.invalidation.control_urls, password.as_deref())
-            .map_err(|reason| invalid("invalidation.control_urls", reason))
-    }
-
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        validate::resolve("server.listen", &self.server.listen)
+            .map_err(|e| invalid("invalidation.control_urls", e.to_string()))
     }
 }
 
@@ -513,17 +534,18 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// Split "host:port" (or "[v6]:port") as given to `--upstream`.
-pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+pub fn split_host_port(s: &str) -> Result<(String, u16), HostPortError> {
     let (host, port) = s
         .rsplit_once(':')
-        .ok_or_else(|| format!("'{s}' is not HOST:PORT"))?;
+        .ok_or_else(|| HostPortError::NoPort(s.to_string()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        return Err(format!("'{s}' has no host"));
+        return Err(HostPortError::NoHost(s.to_string()));
     }
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("'{s}' has an invalid port '{port}'"))?;
+    let port: u16 = port.parse().map_err(|_| HostPortError::BadPort {
+        given: s.to_string(),
+        port: port.to_string(),
+    })?;
     Ok((host.to_string(), port))
 }
 

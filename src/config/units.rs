@@ -7,19 +7,34 @@ use std::time::Duration;
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
+/// A setting that is not a duration or a size; says what would be one.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    #[error("'{text}' is not a duration ({source}); use e.g. 250ms, 30s, 5m, 1h")]
+    Duration {
+        text: String,
+        source: humantime::DurationError,
+    },
+    #[error("'{0}' is not a size; use e.g. 65536, 64kB, 256MiB, 1GiB")]
+    Size(String),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Dur(pub Duration);
 
 impl FromStr for Dur {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, UnitError> {
         let t = s.trim();
         if t == "0" {
             return Ok(Dur(Duration::ZERO));
         }
         humantime::parse_duration(t)
             .map(Dur)
-            .map_err(|e| format!("'{s}' is not a duration ({e}); use e.g. 250ms, 30s, 5m, 1h"))
+            .map_err(|source| UnitError::Duration {
+                text: s.to_string(),
+                source,
+            })
     }
 }
 
@@ -57,14 +72,14 @@ impl Serialize for Dur {
 pub struct ByteSize(pub u64);
 
 impl FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, UnitError> {
         let t = s.trim();
         let split = t
             .find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let err = || format!("'{s}' is not a size; use e.g. 65536, 64kB, 256MiB, 1GiB");
+        let err = || UnitError::Size(s.to_string());
         let num: f64 = num.parse().map_err(|_| err())?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,

@@ -99,7 +99,7 @@ impl Config {
             self.l2.signing_key.as_deref(),
             self.l2.signing_key_file.as_deref(),
         )
-        .map_err(|e| invalid("l2.signing_key", e))?;
+        .map_err(|e| invalid("l2.signing_key", e.to_string()))?;
         if key.is_none() && !self.l2.nodes().is_empty() {
             return Err(invalid(
                 "l2.signing_key",
@@ -196,9 +196,14 @@ impl Config {
             .map_err(|e| invalid("log.level", format!("'{}': {e}", self.log.level)))?;
         Ok(())
     }
+
+    /// The address clients connect to (`server.listen`), resolved.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        resolve("server.listen", &self.server.listen)
+    }
 }
 
-pub(super) fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
+fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
     addr.to_socket_addrs()
         .map_err(|e| invalid(key, format!("'{addr}' is not a HOST:PORT address ({e})")))?
         .next()

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::Client;
 
-use super::Generations;
+use super::generations::Generations;
 use crate::bypass::BypassReason;
 use crate::cache::Decision;
 use crate::sql::TableRef;

@@ -10,13 +10,13 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use crate::config::control::ControlTarget;
 use crate::config::TlsMode;
-use crate::tls;
+use crate::tls::{self, TlsError};
 
 /// TLS for control connections follows the upstream's TLS mode.
 pub fn tls_for(
     mode: TlsMode,
     ca_file: Option<&std::path::Path>,
-) -> anyhow::Result<(MakeRustlsConnect, SslMode)> {
+) -> Result<(MakeRustlsConnect, SslMode), TlsError> {
     let (cfg, ssl) = match tls::client_config(mode, ca_file)? {
         Some(cfg) => (
             cfg,
@@ -26,11 +26,8 @@ pub fn tls_for(
                 SslMode::Require
             },
         ),
-        None => (
-            tls::client_config(TlsMode::Require, None)?
-                .ok_or_else(|| anyhow::anyhow!("no TLS configuration"))?,
-            SslMode::Disable,
-        ),
+        // A URL may still ask for TLS with its own sslmode.
+        None => (tls::unverified_client_config()?, SslMode::Disable),
     };
     Ok((MakeRustlsConnect::new(Arc::unwrap_or_clone(cfg)), ssl))
 }

@@ -1,7 +1,8 @@
 //! The listener: one task per cached database, holding a dedicated connection
-//! with `LISTEN`, applying invalidations in batches, watching its own health, and
-//! keeping the catalog current. While it is not connected and caught up, the
-//! database is served without the cache.
+//! with `LISTEN` (whose notifications the `applier` applies), watching its own
+//! health, watching and unwatching tables, and keeping the catalog current.
+//! While it is not connected and caught up, the database is served without
+//! the cache.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::mpsc;
@@ -17,14 +18,17 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{AsyncMessage, Client};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::applier::Applier;
 use super::catalog::Catalog;
 use super::control::{self, ControlTarget};
 use super::epoch;
 use super::fingerprint::{self, Tracked};
-use super::payload::{Payload, QualifiedName};
+use super::payload::Payload;
 use super::triggers::{self, Scope};
+use super::watch_policy::Holdoff;
 use super::DbState;
 use crate::cache::Cache;
+use crate::signing::Signer;
 
 static CATALOG_VERSION: AtomicU64 = AtomicU64::new(1);
 
@@ -47,7 +51,7 @@ pub struct Settings {
     pub unwatch_on_write: bool,
     /// The L2 signing key: signs and checks epoch notifications. None: no L2,
     /// and no epoch is sent or accepted.
-    pub signer: Option<crate::cache::l2::Signer>,
+    pub signer: Option<Signer>,
 }
 
 /// How long a lost listener keeps retrying every 100 ms before backing off.
@@ -118,7 +122,16 @@ impl Listener {
         // Only the slow follow-up of DDL goes on to the loop.
         let (ddl_tx, mut ddl_rx) = mpsc::unbounded_channel::<()>();
         let (unwatch_tx, mut unwatch_rx) = mpsc::unbounded_channel::<Vec<u32>>();
-        let applier = tokio::spawn(Applier::new(self, unwatch_tx).run(rx, ddl_tx));
+        let applier = Applier::new(
+            self.db.clone(),
+            self.cache.clone(),
+            self.settings.channel.clone(),
+            self.settings.instance,
+            self.settings.signer.clone(),
+            self.settings.unwatch_on_write,
+            unwatch_tx,
+        );
+        let applier = tokio::spawn(applier.run(rx, ddl_tx));
         let (client, driver) =
             control::connect(&self.target, &self.tls, self.ssl, Some(tx)).await?;
         // Postgres delivers notifications only while the listening backend is
@@ -443,228 +456,6 @@ impl Listener {
     }
 }
 
-/// Applies notifications the moment they arrive, in stream order: the L2
-/// versions every instance derives depend on exactly that order, and a fence
-/// completes only after everything received before it has taken effect.
-struct Applier {
-    db: Arc<DbState>,
-    /// Where written tables go to be unwatched (kept open even when that is
-    /// off: the loop takes a closed channel for a lost connection).
-    unwatch: mpsc::UnboundedSender<Vec<u32>>,
-    unwatch_on_write: bool,
-    cache: Arc<Cache>,
-    channel: String,
-    instance: u64,
-    signer: Option<crate::cache::l2::Signer>,
-    /// Control notifications refused as forged or replayed.
-    rejected_epoch: metrics::Counter,
-    rejected_fence: metrics::Counter,
-    invalidations: metrics::Counter,
-    notifications: metrics::Counter,
-    lag: metrics::Histogram,
-    lag_last: metrics::Gauge,
-}
-
-impl Applier {
-    fn new(l: &Listener, unwatch: mpsc::UnboundedSender<Vec<u32>>) -> Applier {
-        let name = l.db.name.clone();
-        Applier {
-            db: l.db.clone(),
-            unwatch,
-            unwatch_on_write: l.settings.unwatch_on_write,
-            cache: l.cache.clone(),
-            channel: l.settings.channel.clone(),
-            instance: l.settings.instance,
-            signer: l.settings.signer.clone(),
-            rejected_epoch: counter!("pgtier_control_notifications_rejected_total", "database" => name.clone(), "kind" => "epoch"),
-            rejected_fence: counter!("pgtier_control_notifications_rejected_total", "database" => name.clone(), "kind" => "fence"),
-            invalidations: counter!("pgtier_invalidations_total", "database" => name.clone()),
-            notifications: counter!("pgtier_invalidation_notifications_total", "database" => name.clone()),
-            lag: histogram!("pgtier_listener_lag_seconds", "database" => name.clone()),
-            lag_last: gauge!("pgtier_listener_lag_last_seconds", "database" => name),
-        }
-    }
-
-    async fn run(
-        self,
-        mut rx: mpsc::UnboundedReceiver<AsyncMessage>,
-        ddl: mpsc::UnboundedSender<()>,
-    ) {
-        let mut rates = WriteRates::default();
-        while let Some(m) = rx.recv().await {
-            let AsyncMessage::Notification(note) = m else {
-                continue;
-            };
-            if note.channel() != self.channel {
-                continue;
-            }
-            let at = Instant::now();
-            self.notifications.increment(1);
-            let mut schema_changed = false;
-            match Payload::parse(note.payload()) {
-                Some(Payload::Write(t)) => {
-                    self.db.invalidate(&t);
-                    self.invalidations.increment(t.len() as u64);
-                    if self.unwatch_on_write && rates.hot(&t, at) {
-                        // Each of these writes pays the notify lock while the
-                        // entries it kills hardly live: stop caching the tables
-                        // here at once, and have the loop switch announcing off.
-                        let oids = self.db.stop_watching(&t, false);
-                        if !oids.is_empty() && self.unwatch.send(oids).is_err() {
-                            return;
-                        }
-                    }
-                }
-                Some(Payload::Unwatch(t)) => {
-                    self.db.unwatch(&t);
-                    self.invalidations.increment(t.len() as u64);
-                }
-                Some(Payload::Ddl(t)) => {
-                    if t.is_empty() {
-                        // DDL on something that is not a relation: a function,
-                        // operator, cast, type or schema may have changed.
-                        self.db.invalidate_routines();
-                    }
-                    self.db.invalidate(&t);
-                    self.invalidations.increment(t.len() as u64);
-                    self.cache.clear_descriptions();
-                    schema_changed = true;
-                }
-                Some(Payload::Fence {
-                    instance,
-                    seq,
-                    nonce,
-                }) if instance == self.instance => {
-                    if !self.db.complete_fence(seq, nonce) {
-                        self.rejected_fence.increment(1);
-                    }
-                }
-                Some(Payload::Fence { .. }) => {}
-                Some(Payload::Epoch(e)) => {
-                    let genuine = self
-                        .signer
-                        .as_ref()
-                        .is_some_and(|s| epoch::verify(s, &self.db.name, &self.channel, &e));
-                    if genuine && self.db.epoch_floor.advance(e.counter) {
-                        self.db.set_l2_epoch(e.epoch, e.counter);
-                    } else {
-                        // Forged, replayed, or from an instance with another
-                        // key: our versions stay as they are.
-                        self.rejected_epoch.increment(1);
-                    }
-                }
-                all @ (Some(Payload::All) | None) => {
-                    if all.is_none() {
-                        // Any role may send one: bounded, so it cannot fill the log.
-                        let payload: String = note.payload().chars().take(100).collect();
-                        tracing::warn!(
-                            payload,
-                            "unreadable invalidation payload; invalidating the whole database"
-                        );
-                    }
-                    self.db.invalidate_all();
-                    self.invalidations.increment(1);
-                    self.cache.clear_descriptions();
-                }
-            }
-            let lag = at.elapsed().as_secs_f64();
-            self.lag.record(lag);
-            self.lag_last.set(lag);
-            if schema_changed && ddl.send(()).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// Announced writes per table over a short window: a table written faster than
-/// `HOT_WRITES` per `HOT_WINDOW` is worth unwatching; one written now and then
-/// stays watched (and cached between its writes).
-#[derive(Default)]
-struct WriteRates {
-    tables: std::collections::HashMap<QualifiedName, (Instant, u32)>,
-}
-
-const HOT_WRITES: u32 = 5;
-const HOT_WINDOW: Duration = Duration::from_millis(100);
-
-impl WriteRates {
-    fn hot(&mut self, tables: &[QualifiedName], now: Instant) -> bool {
-        if self.tables.len() > 100_000 {
-            self.tables.clear();
-        }
-        let mut hot = false;
-        for t in tables {
-            let (start, n) = self.tables.entry(t.clone()).or_insert((now, 0));
-            if now.duration_since(*start) > HOT_WINDOW {
-                *start = now;
-                *n = 0;
-            }
-            *n += 1;
-            hot |= *n >= HOT_WRITES;
-        }
-        hot
-    }
-}
-
-/// How long a table that was just unwatched waits before it may be watched
-/// again. A table written soon after each watch (a counter, a queue) would
-/// otherwise cycle: every read watches it, the next write unwatches it, and
-/// writers pay for a notification each time while its entries live a few
-/// milliseconds. When a watch ends within `SHORT_WATCH`, the table's hold-off
-/// doubles (up to `MAX_HOLDOFF`; reads meanwhile go to Postgres); a watch that
-/// lasts longer clears it, so tables written now and then are cached again at
-/// the next read.
-#[derive(Default)]
-struct Holdoff {
-    tables: std::collections::HashMap<u32, HoldoffState>,
-}
-
-struct HoldoffState {
-    watched_at: Instant,
-    wait: Duration,
-    until: Instant,
-}
-
-const MIN_HOLDOFF: Duration = Duration::from_millis(10);
-const MAX_HOLDOFF: Duration = Duration::from_secs(2);
-const SHORT_WATCH: Duration = Duration::from_millis(100);
-
-impl Holdoff {
-    fn may_watch(&self, oid: u32) -> bool {
-        self.tables
-            .get(&oid)
-            .is_none_or(|t| Instant::now() >= t.until)
-    }
-
-    fn watched(&mut self, oids: &[u32]) {
-        let now = Instant::now();
-        for o in oids {
-            let t = self.tables.entry(*o).or_insert(HoldoffState {
-                watched_at: now,
-                wait: Duration::ZERO,
-                until: now,
-            });
-            t.watched_at = now;
-        }
-    }
-
-    fn unwatched(&mut self, oids: &[u32]) {
-        let now = Instant::now();
-        for o in oids {
-            let Some(t) = self.tables.get_mut(o) else {
-                continue;
-            };
-            if now.duration_since(t.watched_at) < SHORT_WATCH {
-                t.wait = (t.wait * 2).clamp(MIN_HOLDOFF, MAX_HOLDOFF);
-                t.until = now + t.wait;
-            } else {
-                self.tables.remove(o);
-            }
-        }
-    }
-}
-
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
@@ -672,57 +463,5 @@ impl Drop for AbortOnDrop {
         for h in &self.0 {
             h.abort();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tables_written_right_after_each_watch_are_held_off_longer_each_time() {
-        let mut h = Holdoff::default();
-        assert!(h.may_watch(1), "never watched: no hold-off");
-        let mut last = Duration::ZERO;
-        for _ in 0..10 {
-            h.watched(&[1]);
-            h.unwatched(&[1]);
-            let t = &h.tables[&1];
-            assert!(t.wait >= last && t.wait <= MAX_HOLDOFF);
-            last = t.wait;
-        }
-        assert_eq!(last, MAX_HOLDOFF);
-        assert!(!h.may_watch(1));
-        // A watch that lasted clears it.
-        let t = h.tables.get_mut(&1).map(|t| {
-            t.watched_at = Instant::now() - SHORT_WATCH * 2;
-        });
-        assert!(t.is_some());
-        h.unwatched(&[1]);
-        assert!(h.may_watch(1));
-        // Unwatches of tables this instance never watched change nothing.
-        h.unwatched(&[2]);
-        assert!(h.may_watch(2));
-    }
-}
-
-#[cfg(test)]
-mod rate_tests {
-    use super::*;
-
-    #[test]
-    fn only_tables_written_in_quick_succession_are_hot() {
-        let mut r = WriteRates::default();
-        let t = vec![("public".to_string(), "t".to_string())];
-        let start = Instant::now();
-        // One write every 30 ms: never five within a window.
-        for i in 0..20 {
-            assert!(!r.hot(&t, start + Duration::from_millis(30 * i)));
-        }
-        let later = start + Duration::from_secs(10);
-        let hot: Vec<bool> = (0..5)
-            .map(|i| r.hot(&t, later + Duration::from_millis(i)))
-            .collect();
-        assert_eq!(hot, [false, false, false, false, true]);
     }
 }

@@ -17,14 +17,17 @@
 //! compute the same L2 keys; a version that has moved on never maps back to an
 //! older key.
 
+mod applier;
 pub mod catalog;
 pub mod commands;
 pub mod control;
 pub mod epoch;
 pub mod fingerprint;
+pub mod generations;
 pub mod listener;
 pub mod payload;
 pub mod triggers;
+mod watch_policy;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,59 +39,9 @@ use tokio::sync::oneshot;
 use crate::bypass::BypassReason;
 use crate::cache::Decision;
 use catalog::Catalog;
+pub use generations::Generations;
+use generations::SLOTS;
 pub use payload::Payload;
-
-/// Number of generation counters. Tables hash into them; a collision only means
-/// that a write to one table also invalidates another's entries.
-const SLOTS: usize = 1 << 16;
-
-/// Per-table generation counters, shared by all databases.
-pub struct Generations {
-    slots: Box<[AtomicU64]>,
-}
-
-impl Default for Generations {
-    fn default() -> Self {
-        Generations {
-            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-}
-
-impl Generations {
-    pub fn slot(database: &str, schema: &str, table: &str) -> u32 {
-        use xxhash_rust::xxh3::Xxh3;
-        let mut h = Xxh3::new();
-        for part in [database, schema, table] {
-            h.update(&(part.len() as u32).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        (h.digest() % SLOTS as u64) as u32
-    }
-
-    /// The slot of a relation name in any schema: results that name it without
-    /// a schema depend on it, so a relation of that name appearing (created,
-    /// renamed, moved to another schema) anywhere invalidates them. No schema is
-    /// empty, so it is no table's slot.
-    pub fn name_slot(database: &str, name: &str) -> u32 {
-        Self::slot(database, "", name)
-    }
-
-    /// The slot of the database's functions, operators, casts and role
-    /// settings: every result depends on it, and changes to them bump it.
-    pub fn routines_slot(database: &str) -> u32 {
-        Self::slot(database, "", "")
-    }
-
-    #[inline]
-    pub fn get(&self, slot: u32) -> u64 {
-        self.slots[slot as usize % SLOTS].load(Ordering::Acquire)
-    }
-
-    pub fn bump(&self, slot: u32) {
-        self.slots[slot as usize % SLOTS].fetch_add(1, Ordering::AcqRel);
-    }
-}
 
 /// The listener epoch and the (slot, generation) pairs a fill depends on.
 pub type ReadAt = (u64, Box<[(u32, u64)]>);

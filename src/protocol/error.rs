@@ -1,3 +1,5 @@
+//! Protocol violations, as the client is told them.
+
 use thiserror::Error;
 
 /// A client or server broke the protocol. The message is sent to the client verbatim

@@ -15,7 +15,8 @@ use pingora_core::server::ShutdownWatch;
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
-use super::{Handover, Proxy};
+use super::accept::{self, Handover};
+use super::state::Proxy;
 use crate::workers::Workers;
 
 pub struct ListenerApp {
@@ -52,7 +53,7 @@ impl ServerApp for ListenerApp {
                 .set_nonblocking(true)
                 .and_then(|_| tokio::net::TcpStream::from_std(std_stream));
             match stream {
-                Ok(s) => proxy.serve(s, handover).await,
+                Ok(s) => accept::serve(proxy, s, handover).await,
                 Err(e) => tracing::error!(error = %e, "cannot register an accepted connection"),
             }
         });

@@ -7,8 +7,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::conn::{write_all, Conn};
+use super::state::Proxy;
 use super::upstream::ServerConn;
-use super::Proxy;
 use crate::protocol::backend::{
     self, Authentication, BackendKeyData, ErrorResponse, NegotiateProtocolVersion, ParameterStatus,
     ReadyForQuery, Severity,

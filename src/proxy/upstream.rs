@@ -12,7 +12,7 @@ use tokio_rustls::TlsConnector;
 use super::conn::{write_all, Conn, Transport};
 use crate::config::{TlsMode, UpstreamConfig};
 use crate::protocol::startup::{CancelRequest, SSL_REQUEST_CODE};
-use crate::tls;
+use crate::tls::{self, TlsError};
 
 pub type ServerConn = Conn<Transport>;
 
@@ -22,6 +22,18 @@ pub type ServerConn = Conn<Transport>;
 pub struct UpstreamError {
     pub addr: String,
     pub reason: String,
+}
+
+/// An upstream setting pgtier cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("upstream.tls_server_name: '{name}': {source}")]
+    ServerName {
+        name: String,
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
 }
 
 pub struct Upstream {
@@ -36,7 +48,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
         let tls = match cfg.unix_socket_dir() {
             Some(_) => None,
             None => {
@@ -49,7 +61,7 @@ impl Upstream {
             (None, None) => cfg.host.clone(),
         };
         let server_name = ServerName::try_from(name.clone())
-            .map_err(|e| anyhow::anyhow!("upstream.tls_server_name: '{name}': {e}"))?;
+            .map_err(|source| UpstreamSetupError::ServerName { name, source })?;
         let unix_path = cfg
             .unix_socket_dir()
             .map(|dir| dir.join(format!(".s.PGSQL.{}", cfg.port)));

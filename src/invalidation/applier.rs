@@ -1,0 +1,162 @@
+//! Applying notifications: each one takes effect the moment the listening
+//! connection delivers it (generations bumped, fences completed, epochs
+//! checked), never queued behind the listener loop's own queries.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics::{counter, gauge, histogram};
+use tokio::sync::mpsc;
+use tokio_postgres::AsyncMessage;
+
+use super::epoch;
+use super::payload::Payload;
+use super::watch_policy::WriteRates;
+use super::DbState;
+use crate::cache::Cache;
+use crate::signing::Signer;
+
+/// Applies notifications the moment they arrive, in stream order: the L2
+/// versions every instance derives depend on exactly that order, and a fence
+/// completes only after everything received before it has taken effect.
+pub(super) struct Applier {
+    db: Arc<DbState>,
+    /// Where written tables go to be unwatched (kept open even when that is
+    /// off: the loop takes a closed channel for a lost connection).
+    unwatch: mpsc::UnboundedSender<Vec<u32>>,
+    unwatch_on_write: bool,
+    cache: Arc<Cache>,
+    channel: String,
+    instance: u64,
+    signer: Option<Signer>,
+    /// Control notifications refused as forged or replayed.
+    rejected_epoch: metrics::Counter,
+    rejected_fence: metrics::Counter,
+    invalidations: metrics::Counter,
+    notifications: metrics::Counter,
+    lag: metrics::Histogram,
+    lag_last: metrics::Gauge,
+}
+
+impl Applier {
+    /// The applier of `db`'s notifications on `channel`: fences of `instance`
+    /// are completed, epochs checked with `signer`; written tables found hot
+    /// go to `unwatch` (with `unwatch_on_write`).
+    pub(super) fn new(
+        db: Arc<DbState>,
+        cache: Arc<Cache>,
+        channel: String,
+        instance: u64,
+        signer: Option<Signer>,
+        unwatch_on_write: bool,
+        unwatch: mpsc::UnboundedSender<Vec<u32>>,
+    ) -> Applier {
+        let name = db.name.clone();
+        Applier {
+            db,
+            unwatch,
+            unwatch_on_write,
+            cache,
+            channel,
+            instance,
+            signer,
+            rejected_epoch: counter!("pgtier_control_notifications_rejected_total", "database" => name.clone(), "kind" => "epoch"),
+            rejected_fence: counter!("pgtier_control_notifications_rejected_total", "database" => name.clone(), "kind" => "fence"),
+            invalidations: counter!("pgtier_invalidations_total", "database" => name.clone()),
+            notifications: counter!("pgtier_invalidation_notifications_total", "database" => name.clone()),
+            lag: histogram!("pgtier_listener_lag_seconds", "database" => name.clone()),
+            lag_last: gauge!("pgtier_listener_lag_last_seconds", "database" => name),
+        }
+    }
+
+    pub(super) async fn run(
+        self,
+        mut rx: mpsc::UnboundedReceiver<AsyncMessage>,
+        ddl: mpsc::UnboundedSender<()>,
+    ) {
+        let mut rates = WriteRates::default();
+        while let Some(m) = rx.recv().await {
+            let AsyncMessage::Notification(note) = m else {
+                continue;
+            };
+            if note.channel() != self.channel {
+                continue;
+            }
+            let at = Instant::now();
+            self.notifications.increment(1);
+            let mut schema_changed = false;
+            match Payload::parse(note.payload()) {
+                Some(Payload::Write(t)) => {
+                    self.db.invalidate(&t);
+                    self.invalidations.increment(t.len() as u64);
+                    if self.unwatch_on_write && rates.hot(&t, at) {
+                        // Each of these writes pays the notify lock while the
+                        // entries it kills hardly live: stop caching the tables
+                        // here at once, and have the loop switch announcing off.
+                        let oids = self.db.stop_watching(&t, false);
+                        if !oids.is_empty() && self.unwatch.send(oids).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Payload::Unwatch(t)) => {
+                    self.db.unwatch(&t);
+                    self.invalidations.increment(t.len() as u64);
+                }
+                Some(Payload::Ddl(t)) => {
+                    if t.is_empty() {
+                        // DDL on something that is not a relation: a function,
+                        // operator, cast, type or schema may have changed.
+                        self.db.invalidate_routines();
+                    }
+                    self.db.invalidate(&t);
+                    self.invalidations.increment(t.len() as u64);
+                    self.cache.clear_descriptions();
+                    schema_changed = true;
+                }
+                Some(Payload::Fence {
+                    instance,
+                    seq,
+                    nonce,
+                }) if instance == self.instance => {
+                    if !self.db.complete_fence(seq, nonce) {
+                        self.rejected_fence.increment(1);
+                    }
+                }
+                Some(Payload::Fence { .. }) => {}
+                Some(Payload::Epoch(e)) => {
+                    let genuine = self
+                        .signer
+                        .as_ref()
+                        .is_some_and(|s| epoch::verify(s, &self.db.name, &self.channel, &e));
+                    if genuine && self.db.epoch_floor.advance(e.counter) {
+                        self.db.set_l2_epoch(e.epoch, e.counter);
+                    } else {
+                        // Forged, replayed, or from an instance with another
+                        // key: our versions stay as they are.
+                        self.rejected_epoch.increment(1);
+                    }
+                }
+                all @ (Some(Payload::All) | None) => {
+                    if all.is_none() {
+                        // Any role may send one: bounded, so it cannot fill the log.
+                        let payload: String = note.payload().chars().take(100).collect();
+                        tracing::warn!(
+                            payload,
+                            "unreadable invalidation payload; invalidating the whole database"
+                        );
+                    }
+                    self.db.invalidate_all();
+                    self.invalidations.increment(1);
+                    self.cache.clear_descriptions();
+                }
+            }
+            let lag = at.elapsed().as_secs_f64();
+            self.lag.record(lag);
+            self.lag_last.set(lag);
+            if schema_changed && ddl.send(()).is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! Table generations: one counter per slot, tables hashed into slots. A
+//! cached entry records the generations of the tables it read; a write bumps
+//! the table's slot, and the entry is dead from that moment on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Number of generation counters. Tables hash into them; a collision only means
+/// that a write to one table also invalidates another's entries.
+pub const SLOTS: usize = 1 << 16;
+
+/// Per-table generation counters, shared by all databases.
+pub struct Generations {
+    slots: Box<[AtomicU64]>,
+}
+
+impl Default for Generations {
+    fn default() -> Self {
+        Generations {
+            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Generations {
+    pub fn slot(database: &str, schema: &str, table: &str) -> u32 {
+        use xxhash_rust::xxh3::Xxh3;
+        let mut h = Xxh3::new();
+        for part in [database, schema, table] {
+            h.update(&(part.len() as u32).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        (h.digest() % SLOTS as u64) as u32
+    }
+
+    /// The slot of a relation name in any schema: results that name it without
+    /// a schema depend on it, so a relation of that name appearing (created,
+    /// renamed, moved to another schema) anywhere invalidates them. No schema is
+    /// empty, so it is no table's slot.
+    pub fn name_slot(database: &str, name: &str) -> u32 {
+        Self::slot(database, "", name)
+    }
+
+    /// The slot of the database's functions, operators, casts and role
+    /// settings: every result depends on it, and changes to them bump it.
+    pub fn routines_slot(database: &str) -> u32 {
+        Self::slot(database, "", "")
+    }
+
+    #[inline]
+    pub fn get(&self, slot: u32) -> u64 {
+        self.slots[slot as usize % SLOTS].load(Ordering::Acquire)
+    }
+
+    pub fn bump(&self, slot: u32) {
+        self.slots[slot as usize % SLOTS].fetch_add(1, Ordering::AcqRel);
+    }
+}
