@@ -8,6 +8,8 @@
 
 mod builtins;
 mod clock;
+pub mod keys;
+pub mod keyvalue;
 
 use std::collections::HashSet;
 
@@ -147,6 +149,9 @@ pub struct Analysis {
     pub roles_changed: bool,
     /// pg_query fingerprint: the statement's shape with constants removed.
     pub fingerprint: u64,
+    /// For a read of one table: the key its rows are selected by, or why it
+    /// depends on the whole table (key-level invalidation, issue 14).
+    pub keys: Result<keys::KeyLookup, keys::TableLevel>,
 }
 
 fn is_system_schema(s: &str) -> bool {
@@ -169,6 +174,7 @@ pub fn analyze(sql: &str) -> Analysis {
                 calls: Vec::new(),
                 roles_changed: false,
                 fingerprint,
+                keys: Err(keys::TableLevel::NotOneTable),
             }
         }
     };
@@ -180,6 +186,7 @@ pub fn analyze(sql: &str) -> Analysis {
         calls: Vec::new(),
         roles_changed: false,
         fingerprint,
+        keys: Err(keys::TableLevel::NotOneTable),
     };
     let stmts = &parsed.protobuf.stmts;
     for raw in stmts {
@@ -216,6 +223,13 @@ pub fn analyze(sql: &str) -> Analysis {
             } else {
                 Err(NotCacheable::NotASelect)
             };
+            // One relation named in the whole statement, no CTE: no subquery
+            // reads another table, or this one again.
+            // (`facts.tables` has every reference, `Read::tables` each once.)
+            let one_table = out.read.is_ok() && facts.tables.len() == 1 && facts.ctes.is_empty();
+            if let (true, Some(pg_query::NodeEnum::SelectStmt(select))) = (one_table, &stmt.node) {
+                out.keys = keys::key_lookup(select);
+            }
         }
     }
     if stmts.len() > 1 {

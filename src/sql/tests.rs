@@ -237,3 +237,20 @@ fn role_changes_are_found() {
     assert!(!analyze("grant select on t to alice").roles_changed);
     assert!(!analyze("select 1").roles_changed);
 }
+
+#[test]
+fn key_lookups_only_for_reads_of_one_table() {
+    assert!(
+        analyze("select abalance from pgbench_accounts where aid = $1")
+            .keys
+            .is_ok()
+    );
+    for sql in [
+        "select * from t where id = $1 and x in (select y from u)",
+        "select * from t where id = $1 and x > (select avg(x) from t)",
+        "with c as (select 1) select * from t where id = $1",
+        "update t set x = 1 where id = $1",
+    ] {
+        assert!(analyze(sql).keys.is_err(), "{sql}");
+    }
+}

@@ -1,0 +1,245 @@
+//! Value identity for key-level invalidation: one spelling per value, the one
+//! Postgres prints for it (`col::text`), whatever way the request gave it (a
+//! text or binary Bind parameter, a literal, a cast literal).
+//!
+//! A write reports the keys it changed as Postgres renders them; a cached
+//! result is tagged with the keys its request asked for, rendered here. The two
+//! must agree exactly, or a write would miss the entries it changes: so every
+//! input Postgres might read differently from this code (a spelling Postgres
+//! rejects, an encoding, a type outside the supported set) gives `None`, and the
+//! statement stays invalidated per table. `tests/key_values.rs` checks these
+//! functions against the server.
+
+/// A column type whose values can be key tags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    Int2,
+    Int4,
+    Int8,
+    /// `text` and `varchar` (deterministic collation; the caller checks it).
+    Text,
+    Uuid,
+    Bool,
+}
+
+impl KeyType {
+    /// The key type of a column or parameter type OID.
+    pub fn from_oid(oid: u32) -> Option<KeyType> {
+        Some(match oid {
+            21 => KeyType::Int2,
+            23 => KeyType::Int4,
+            20 => KeyType::Int8,
+            25 | 1043 => KeyType::Text,
+            2950 => KeyType::Uuid,
+            16 => KeyType::Bool,
+            _ => return None,
+        })
+    }
+
+    fn is_int(self) -> bool {
+        matches!(self, KeyType::Int2 | KeyType::Int4 | KeyType::Int8)
+    }
+
+    /// Whether a value of type `self` compared with `=` to a column of type
+    /// `column` matches exactly the rows whose column prints as the value does.
+    pub fn compares_with(self, column: KeyType) -> bool {
+        self == column || (self.is_int() && column.is_int())
+    }
+}
+
+/// The canonical spelling of a value given in text form (a text-format Bind
+/// parameter, or a quoted literal) as the input function of `ty` reads it.
+pub fn from_text(ty: KeyType, input: &[u8]) -> Option<String> {
+    match ty {
+        KeyType::Int2 => int_text(input, i16::MIN.into(), i16::MAX.into()),
+        KeyType::Int4 => int_text(input, i32::MIN.into(), i32::MAX.into()),
+        KeyType::Int8 => int_text(input, i64::MIN, i64::MAX),
+        KeyType::Text => {
+            // The server stores text without NUL bytes; other bytes are the
+            // caller's business (it keys only UTF-8 sessions).
+            let s = std::str::from_utf8(input).ok()?;
+            (!s.contains('\0')).then(|| s.to_string())
+        }
+        KeyType::Uuid => uuid_text(input),
+        KeyType::Bool => bool_text(input),
+    }
+}
+
+/// The canonical spelling of a binary-format Bind parameter of type `ty`.
+pub fn from_binary(ty: KeyType, input: &[u8]) -> Option<String> {
+    match (ty, input.len()) {
+        (KeyType::Int2, 2) => Some(i16::from_be_bytes([input[0], input[1]]).to_string()),
+        (KeyType::Int4, 4) => {
+            Some(i32::from_be_bytes([input[0], input[1], input[2], input[3]]).to_string())
+        }
+        (KeyType::Int8, 8) => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(input);
+            Some(i64::from_be_bytes(b).to_string())
+        }
+        (KeyType::Text, _) => from_text(KeyType::Text, input),
+        (KeyType::Uuid, 16) => Some(uuid_string(input)),
+        // boolrecv: any non-zero byte is true.
+        (KeyType::Bool, 1) => Some(if input[0] != 0 { "true" } else { "false" }.to_string()),
+        _ => None,
+    }
+}
+
+/// An integer as `int2in`/`int4in`/`int8in` read it (Postgres 15: optional
+/// surrounding whitespace, an optional sign, decimal digits); anything else
+/// (hex, underscores, out of range) is refused.
+fn int_text(input: &[u8], min: i64, max: i64) -> Option<String> {
+    let s = std::str::from_utf8(input).ok()?;
+    let t = s.trim_matches(space);
+    let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let v: i64 = t.strip_prefix('+').unwrap_or(t).parse().ok()?;
+    (min..=max).contains(&v).then(|| v.to_string())
+}
+
+/// C's `isspace`, which the input functions skip (Rust's ASCII whitespace
+/// leaves out vertical tab).
+fn space(c: char) -> bool {
+    c.is_ascii_whitespace() || c == '\x0b'
+}
+
+/// `uuid_in`: 32 hex digits, in either case, optionally in braces, with an
+/// optional hyphen after any group of four digits but the last.
+fn uuid_text(input: &[u8]) -> Option<String> {
+    let inner = match input {
+        [b'{', rest @ ..] => rest.strip_suffix(b"}")?,
+        _ => input,
+    };
+    let mut bytes = [0u8; 16];
+    let mut at = 0;
+    for (i, b) in bytes.iter_mut().enumerate() {
+        let hi = hex(*inner.get(at)?)?;
+        let lo = hex(*inner.get(at + 1)?)?;
+        *b = hi << 4 | lo;
+        at += 2;
+        if inner.get(at) == Some(&b'-') && i % 2 == 1 && i < 15 {
+            at += 1;
+        }
+    }
+    (at == inner.len()).then(|| uuid_string(&bytes))
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+fn uuid_string(b: &[u8]) -> String {
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// `boolin`: surrounding whitespace, any case, a unique prefix of true, yes,
+/// false, no (at least two letters of on/off), or 1/0.
+fn bool_text(input: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(input).ok()?;
+    let t = s.trim_matches(space).to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| t.len() >= min && word.starts_with(t.as_str());
+    let v = if prefix_of("true", 1) || prefix_of("yes", 1) || t == "on" || t == "1" {
+        true
+    } else if prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2) || t == "0" {
+        false
+    } else {
+        return None;
+    };
+    Some(if v { "true" } else { "false" }.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_in_every_spelling_postgres_accepts() {
+        for s in ["7", "007", " 7 ", "+7", "\t7\n"] {
+            assert_eq!(
+                from_text(KeyType::Int4, s.as_bytes()).as_deref(),
+                Some("7"),
+                "{s:?}"
+            );
+        }
+        assert_eq!(from_text(KeyType::Int8, b"-0").as_deref(), Some("0"));
+        for s in ["", "+", "7.0", "0x7", "1_000", "7e0", "32768"] {
+            assert_eq!(from_text(KeyType::Int2, s.as_bytes()), None, "{s:?}");
+        }
+        assert_eq!(
+            from_binary(KeyType::Int4, &7i32.to_be_bytes()).as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            from_binary(KeyType::Int8, &(-1i64).to_be_bytes()).as_deref(),
+            Some("-1")
+        );
+        assert_eq!(
+            from_binary(KeyType::Int4, &7i64.to_be_bytes()),
+            None,
+            "wrong width"
+        );
+    }
+
+    #[test]
+    fn uuids_in_every_spelling_postgres_accepts() {
+        let want = Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".to_string());
+        for s in [
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+            "a0eebc999c0b4ef8bb6d6bb9bd380a11",
+            "a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11",
+            "{a0eebc999c0b4ef8bb6d6bb9bd380a11}",
+        ] {
+            assert_eq!(from_text(KeyType::Uuid, s.as_bytes()), want, "{s}");
+        }
+        for s in [
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11-",
+            "a0e-ebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            " a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        ] {
+            assert_eq!(from_text(KeyType::Uuid, s.as_bytes()), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn booleans_in_every_spelling_postgres_accepts() {
+        for s in ["t", "TRUE", " yes ", "y", "on", "1", "tru"] {
+            assert_eq!(
+                from_text(KeyType::Bool, s.as_bytes()).as_deref(),
+                Some("true"),
+                "{s}"
+            );
+        }
+        for s in ["f", "False", "n", "no", "of", "off", "0"] {
+            assert_eq!(
+                from_text(KeyType::Bool, s.as_bytes()).as_deref(),
+                Some("false"),
+                "{s}"
+            );
+        }
+        for s in ["o", "2", "truee", ""] {
+            assert_eq!(from_text(KeyType::Bool, s.as_bytes()), None, "{s}");
+        }
+        assert_eq!(from_binary(KeyType::Bool, &[2]).as_deref(), Some("true"));
+    }
+
+    #[test]
+    fn integer_types_compare_across_widths_and_nothing_else_does() {
+        assert!(KeyType::Int8.compares_with(KeyType::Int4));
+        assert!(!KeyType::Text.compares_with(KeyType::Int4));
+        assert!(!KeyType::Uuid.compares_with(KeyType::Text));
+    }
+}
