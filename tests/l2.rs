@@ -293,8 +293,10 @@ async fn works_against_a_redis_cluster() {
     let db = fresh_db("pgtier_l2_cluster").await;
     let _d = table(&db).await;
     let seeds = cluster.seeds();
+    // A generous L2 timeout: this test is about the cluster's routing, not
+    // about giving up on a slow Redis (a loaded CI machine may take > 5 ms).
     let toml = format!(
-        "[cache]\ndefault_ttl = \"10m\"\n[l2]\ncluster = true\nseeds = [{}]\n",
+        "[cache]\ndefault_ttl = \"10m\"\n[l2]\ncluster = true\ntimeout = \"2s\"\nseeds = [{}]\n",
         seeds
             .iter()
             .map(|s| format!("\"{s}\""))
@@ -312,6 +314,17 @@ async fn works_against_a_redis_cluster() {
         );
     }
     stored(&a, 30.0).await;
+    // Stored in L1 does not mean written to Redis yet (the put is sent behind
+    // the reply): wait (bounded) for the 30 values to land on the masters.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cluster.key_counts().iter().sum::<usize>() < 30 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's results never reached the cluster: {:?}",
+            cluster.key_counts()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before = b.metrics().await;
     for id in 1..=30 {
         assert_eq!(
