@@ -126,7 +126,10 @@ pub fn register_families(databases: &[String], l2: bool) {
     for db in databases {
         let db = db.clone();
         counter!("pgtier_listener_reconnects_total", "database" => db.clone()).increment(0);
-        counter!("pgtier_invalidations_total", "database" => db.clone()).increment(0);
+        for level in ["table", "key"] {
+            counter!("pgtier_invalidations_total", "database" => db.clone(), "level" => level)
+                .increment(0);
+        }
         counter!("pgtier_invalidation_notifications_total", "database" => db.clone()).increment(0);
         counter!("pgtier_unwatches_total", "database" => db.clone()).increment(0);
         for kind in ["fence", "epoch"] {

@@ -183,6 +183,7 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
         auto_install: inv.auto_install,
         eager_watch: inv.watch == crate::config::WatchMode::Eager,
         unwatch_on_write: inv.unwatch_on_write,
+        key_level: inv.key_level,
         signer: crate::signing::load_key(
             config.l2.signing_key.as_deref(),
             config.l2.signing_key_file.as_deref(),

@@ -201,6 +201,7 @@ async fn admin_console_commands_and_access() {
     );
     assert_eq!(row[6], "1", "one entry held");
     assert_eq!(row[8], "10m");
+    assert_eq!(row[10], "key (id)", "a read by key, shown as such");
     let stats = rows(&ops.simple_query("show stats").await.unwrap());
     assert!(stats
         .iter()

@@ -432,16 +432,26 @@ fn show_caches(proxy: &Proxy) -> Rows {
             Some(bytes.to_string()),
             info.as_ref()
                 .map(|i| humantime::format_duration(i.ttl).to_string()),
-            Some(match info.and_then(|i| i.rule) {
+            Some(match info.as_ref().and_then(|i| i.rule) {
                 Some(r) => format!("cache.rules[{r}]"),
                 None => "default".into(),
             }),
+            info.map(|i| i.invalidation),
         ]);
     }
     (
         vec![
-            "shape", "query", "calls", "hits", "misses", "avg_ms", "entries", "bytes", "ttl",
+            "shape",
+            "query",
+            "calls",
+            "hits",
+            "misses",
+            "avg_ms",
+            "entries",
+            "bytes",
+            "ttl",
             "rule",
+            "invalidation",
         ],
         rows,
     )

@@ -204,7 +204,15 @@ impl Cache {
                 .map_err(Bypass::Rule),
         };
         if let Ok(policy) = &verdict {
-            shapes::remember(analysis.fingerprint, &text, policy);
+            shapes::remember(analysis.fingerprint, &text, policy, || {
+                match &analysis.keys {
+                    Ok(k) => {
+                        let cols: Vec<&str> = k.columns.iter().map(|c| c.column.as_str()).collect();
+                        format!("key ({})", cols.join(", "))
+                    }
+                    Err(why) => format!("table ({})", why.label()),
+                }
+            });
         }
         Decision { analysis, verdict }
     }

@@ -16,6 +16,9 @@ pub struct ShapeInfo {
     pub text: String,
     pub ttl: Duration,
     pub rule: Option<usize>,
+    /// How writes reach it: `key (cols)` for a read by key (where the
+    /// database invalidates by key), else `table (why)`.
+    pub invalidation: String,
 }
 
 fn table() -> &'static Mutex<HashMap<u64, ShapeInfo>> {
@@ -23,7 +26,7 @@ fn table() -> &'static Mutex<HashMap<u64, ShapeInfo>> {
     T.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-pub fn remember(shape: u64, text: &str, policy: &Policy) {
+pub fn remember(shape: u64, text: &str, policy: &Policy, invalidation: impl FnOnce() -> String) {
     if let Ok(mut t) = table().lock() {
         if let Some(known) = t.get_mut(&shape) {
             known.ttl = policy.ttl;
@@ -39,6 +42,7 @@ pub fn remember(shape: u64, text: &str, policy: &Policy) {
                 text: sample(text),
                 ttl: policy.ttl,
                 rule: policy.rule,
+                invalidation: invalidation(),
             },
         );
     }

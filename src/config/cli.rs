@@ -103,6 +103,9 @@ pub struct Options {
     /// lazy | eager: when writes to a table start being announced (invalidation.watch).
     #[arg(long, env = "PGTIER_WATCH", global = true)]
     pub watch: Option<WatchMode>,
+    /// Invalidate reads by key instead of by table (invalidation.key_level).
+    #[arg(long, env = "PGTIER_KEY_LEVEL", global = true)]
+    pub key_level: bool,
     /// Maximum client connections (server.max_client_connections).
     #[arg(long, env = "PGTIER_MAX_CLIENT_CONNECTIONS", global = true)]
     pub max_client_connections: Option<usize>,
@@ -186,6 +189,9 @@ impl Options {
         }
         if let Some(v) = self.watch {
             c.invalidation.watch = v;
+        }
+        if self.key_level {
+            c.invalidation.key_level = true;
         }
         if let Some(v) = self.max_client_connections {
             c.server.max_client_connections = v;

@@ -99,6 +99,8 @@ pub struct InvalidationConfig {
     /// entries hardly live, and each announced write pays Postgres's NOTIFY
     /// lock) until a read wants it cached again.
     pub unwatch_on_write: bool,
+    /// Key-level invalidation of reads by key (see config/pgtier.toml).
+    pub key_level: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -138,6 +140,7 @@ impl Default for InvalidationConfig {
             fence_timeout: Dur(std::time::Duration::from_secs(1)),
             watch: WatchMode::Lazy,
             unwatch_on_write: true,
+            key_level: false,
         }
     }
 }

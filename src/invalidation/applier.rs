@@ -33,6 +33,7 @@ pub(super) struct Applier {
     rejected_epoch: metrics::Counter,
     rejected_fence: metrics::Counter,
     invalidations: metrics::Counter,
+    key_invalidations: metrics::Counter,
     notifications: metrics::Counter,
     lag: metrics::Histogram,
     lag_last: metrics::Gauge,
@@ -62,7 +63,8 @@ impl Applier {
             signer,
             rejected_epoch: counter!("pgtier_control_notifications_rejected_total", "database" => name.clone(), "kind" => "epoch"),
             rejected_fence: counter!("pgtier_control_notifications_rejected_total", "database" => name.clone(), "kind" => "fence"),
-            invalidations: counter!("pgtier_invalidations_total", "database" => name.clone()),
+            invalidations: counter!("pgtier_invalidations_total", "database" => name.clone(), "level" => "table"),
+            key_invalidations: counter!("pgtier_invalidations_total", "database" => name.clone(), "level" => "key"),
             notifications: counter!("pgtier_invalidation_notifications_total", "database" => name.clone()),
             lag: histogram!("pgtier_listener_lag_seconds", "database" => name.clone()),
             lag_last: gauge!("pgtier_listener_lag_last_seconds", "database" => name),
@@ -98,6 +100,13 @@ impl Applier {
                             return;
                         }
                     }
+                }
+                Some(Payload::Keys(table, sets)) => {
+                    // A table whose reads are cached by key stays watched however
+                    // often it is written: each write only kills its own keys.
+                    self.db.invalidate_keys(&table, &sets);
+                    let keys: usize = sets.iter().map(|(_, t)| t.len()).sum();
+                    self.key_invalidations.increment(keys as u64);
                 }
                 Some(Payload::Unwatch(t)) => {
                     self.db.unwatch(&t);

@@ -36,6 +36,8 @@ pub struct Relation {
     pub reads: Vec<u32>,
     pub parents: Vec<u32>,
     pub children: Vec<u32>,
+    /// Columns: (name, type oid, collation deterministic), for key lookups.
+    pub columns: Vec<(String, u32, bool)>,
 }
 
 #[derive(Debug, Default)]
@@ -55,16 +57,26 @@ SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relrows
        -- Announcing only counts if it cannot be switched off by
        -- session_replication_role: the statement trigger ENABLE ALWAYS, the
        -- row trigger (for logical replication's apply worker) at least REPLICA.
+       -- A keyed table's statement trigger fires on TRUNCATE only: its three
+       -- key-reporting triggers must then all be there (tgtype 28: I/U/D).
        EXISTS (SELECT 1 FROM pg_trigger t
                WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' AND t.tgenabled = 'A'
-                 AND t.tgnargs = 2)
+                 AND t.tgnargs = 2
+                 AND ((t.tgtype & 28) = 28
+                      OR (SELECT count(*) FROM pg_trigger k
+                          WHERE k.tgrelid = c.oid AND k.tgenabled = 'A'
+                            AND k.tgname IN ('pgtier_keys_ins', 'pgtier_keys_upd', 'pgtier_keys_del')) = 3))
        AND (c.relkind <> 'r' OR EXISTS (SELECT 1 FROM pg_trigger t
                WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify_replica' AND t.tgenabled IN ('R', 'A')
                  AND t.tgnargs = 2)),
        coalesce((SELECT md5(string_agg(a.attname || ':' || a.atttypid || ':' || a.atttypmod, ',' ORDER BY a.attnum))
                  FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), ''),
        coalesce((SELECT t.oid::int8 FROM pg_trigger t
-                 WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' LIMIT 1), 0)
+                 WHERE t.tgrelid = c.oid AND t.tgname = 'pgtier_notify' LIMIT 1), 0),
+       coalesce((SELECT json_agg(json_build_array(a.attname, a.atttypid::int8,
+                                                  coalesce(co.collisdeterministic, true)))::text
+                 FROM pg_attribute a LEFT JOIN pg_collation co ON co.oid = a.attcollation
+                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '[]')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtier')
@@ -78,6 +90,18 @@ JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
 WHERE d.refobjid <> r.ev_class";
 
 const INHERITS: &str = "SELECT inhrelid::int8, inhparent::int8 FROM pg_inherits";
+
+/// The columns of a relation from the catalog query's JSON; none if unreadable
+/// (the table then has no key lookups).
+fn columns(json: &str) -> Vec<(String, u32, bool)> {
+    serde_json::from_str::<Vec<(String, i64, bool)>>(json)
+        .map(|cols| {
+            cols.into_iter()
+                .filter_map(|(n, t, d)| Some((n, u32::try_from(t).ok()?, d)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 impl Catalog {
     /// Read the catalog through a control connection.
@@ -98,6 +122,7 @@ impl Catalog {
                 reads: Vec::new(),
                 parents: Vec::new(),
                 children: Vec::new(),
+                columns: columns(&r.get::<_, String>(8)),
             })
             .collect();
         relations.sort_by_key(|r| r.oid);
@@ -361,6 +386,7 @@ mod tests {
             reads: vec![],
             parents: vec![],
             children: vec![],
+            columns: vec![],
         }
     }
 

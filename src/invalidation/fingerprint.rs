@@ -214,6 +214,7 @@ mod tests {
             reads: vec![],
             parents: vec![],
             children: vec![],
+            columns: vec![],
         }
     }
 

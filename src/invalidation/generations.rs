@@ -32,6 +32,39 @@ impl Generations {
         (h.digest() % SLOTS as u64) as u32
     }
 
+    /// The slot of changes to a table as a whole (TRUNCATE, DDL, a write that
+    /// reports no keys): reads of it by key depend on this one, not on the
+    /// table slot every write bumps. Table names hold no NUL byte.
+    pub fn whole_slot(database: &str, schema: &str, table: &str) -> u32 {
+        Self::slot(database, schema, &format!("{table}\0whole"))
+    }
+
+    /// The slot of one key of a table: these values in these columns.
+    pub fn key_slot(
+        database: &str,
+        schema: &str,
+        table: &str,
+        cols: &[&str],
+        values: &[&str],
+    ) -> u32 {
+        use xxhash_rust::xxh3::Xxh3;
+        let mut h = Xxh3::new();
+        h.update(b"key\0");
+        h.update(&(cols.len() as u32).to_le_bytes());
+        for part in [database, schema, table]
+            .into_iter()
+            .chain(cols.iter().copied())
+        {
+            h.update(&(part.len() as u32).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        for v in values {
+            h.update(&(v.len() as u32).to_le_bytes());
+            h.update(v.as_bytes());
+        }
+        (h.digest() % SLOTS as u64) as u32
+    }
+
     /// The slot of a relation name in any schema: results that name it without
     /// a schema depend on it, so a relation of that name appearing (created,
     /// renamed, moved to another schema) anywhere invalidates them. No schema is

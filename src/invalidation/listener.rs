@@ -23,6 +23,7 @@ use super::catalog::Catalog;
 use super::control::{self, ControlTarget};
 use super::epoch;
 use super::fingerprint::{self, Tracked};
+use super::keyed;
 use super::payload::Payload;
 use super::triggers::{self, Scope};
 use super::watch_policy::Holdoff;
@@ -49,6 +50,8 @@ pub struct Settings {
     /// Stop announcing writes to a table written in quick succession until a
     /// read wants it cached again (`invalidation.unwatch_on_write`).
     pub unwatch_on_write: bool,
+    /// Invalidate reads by key where they select by key.
+    pub key_level: bool,
     /// The L2 signing key: signs and checks epoch notifications. None: no L2,
     /// and no epoch is sent or accepted.
     pub signer: Option<Signer>,
@@ -155,6 +158,13 @@ impl Listener {
         self.reload_catalog(&work).await?;
         self.poll_global(&work).await?;
         self.db.forget_watches();
+        // Column sets are registered afresh after a reconnect: the triggers or
+        // their registry may have changed while nobody listened.
+        self.db.keys.forget();
+        self.db
+            .keys
+            .enabled
+            .store(s.key_level, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut w) = self.eagerly_watched.lock() {
             w.clear();
         }
@@ -195,6 +205,8 @@ impl Listener {
         roles.tick().await;
         let mut watching = futures_util::stream::FuturesUnordered::new();
         let mut in_flight = std::collections::HashSet::new();
+        let mut keying = futures_util::stream::FuturesUnordered::new();
+        let mut keys_in_flight = std::collections::HashSet::new();
         let mut holdoff = Holdoff::default();
         loop {
             tokio::select! {
@@ -243,6 +255,27 @@ impl Listener {
                             let r = triggers::watch(work, &[oid], Duration::from_secs(5)).await;
                             (oid, ticket, r)
                         });
+                    }
+                    // Column sets that reads by key want reported by writes.
+                    for (oid, cols) in self.db.keys.take_requests() {
+                        if !keys_in_flight.insert((oid, cols.clone())) {
+                            continue;
+                        }
+                        let (work, channel) = (&work, &s.channel);
+                        let catalog = self.db.catalog.load_full();
+                        keying.push(async move {
+                            let r = keyed::register(work, channel, &catalog, oid, &cols, Duration::from_secs(5)).await;
+                            (oid, cols, r)
+                        });
+                    }
+                }
+                Some((oid, cols, r)) = keying.next(), if !keying.is_empty() => {
+                    keys_in_flight.remove(&(oid, cols.clone()));
+                    if r? {
+                        tracing::debug!(database = %self.db.name, oid, ?cols, "writes report keys");
+                        self.db.keys.mark_live(oid, cols);
+                    } else {
+                        tracing::info!(database = %self.db.name, oid, ?cols, "reads by key stay table-level for now");
                     }
                 }
                 Some((oid, ticket, r)) = watching.next(), if !watching.is_empty() => {

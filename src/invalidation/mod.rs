@@ -24,6 +24,7 @@ pub mod control;
 pub mod epoch;
 pub mod fingerprint;
 pub mod generations;
+pub mod key_deps;
 pub mod listener;
 pub mod payload;
 pub mod triggers;
@@ -55,6 +56,10 @@ pub struct Resolved {
     pub tables: Box<[u32]>,
     /// Catalog version the resolution was made against.
     pub catalog_version: u64,
+    /// Key-level version it was made against (see `key_deps`).
+    pub keys_version: u64,
+    /// For a read by key whose column set is live: how it depends on keys.
+    pub key: Option<Arc<key_deps::KeyPlan>>,
 }
 
 #[derive(Default)]
@@ -90,6 +95,8 @@ pub struct DbState {
     pub epoch_floor: epoch::Floor,
     /// L2 table versions per generation slot, advanced by each notification.
     l2_versions: Box<[AtomicU64]>,
+    /// Key-level invalidation: which column sets writes report.
+    pub keys: key_deps::KeyState,
 }
 
 impl DbState {
@@ -110,6 +117,7 @@ impl DbState {
             l2_epoch: AtomicU64::new(0),
             epoch_floor: epoch::Floor::default(),
             l2_versions: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            keys: key_deps::KeyState::default(),
         }
     }
 
@@ -156,12 +164,13 @@ impl DbState {
     /// before it bumps generations, so a snapshot that already sees the bump also
     /// sees the table gone, and one that does not is refused at insert time.
     pub fn snapshot(&self, resolved: &Resolved) -> Option<ReadAt> {
+        self.snapshot_slots(resolved, &resolved.slots)
+    }
+
+    /// As `snapshot`, of these slots (a read by key: see `key_deps`).
+    pub fn snapshot_slots(&self, resolved: &Resolved, slots: &[u32]) -> Option<ReadAt> {
         let epoch = self.epoch();
-        let gens = resolved
-            .slots
-            .iter()
-            .map(|s| (*s, self.gens.get(*s)))
-            .collect();
+        let gens = slots.iter().map(|s| (*s, self.gens.get(*s))).collect();
         let watched = self.watched.load();
         if resolved.tables.iter().all(|t| watched.contains(t)) {
             return Some((epoch, gens));
@@ -220,9 +229,26 @@ impl DbState {
     pub fn invalidate(&self, tables: &[payload::QualifiedName]) {
         for (schema, table) in tables {
             self.bump(Generations::slot(&self.name, schema, table));
+            self.bump(Generations::whole_slot(&self.name, schema, table));
             // Whatever happened to this relation may change what its name means
             // where it is written without a schema.
             self.bump(Generations::name_slot(&self.name, table));
+        }
+    }
+
+    /// A write that reported its keys: reads that scan the table, and reads of
+    /// these keys, are dead; reads of other keys live on.
+    pub fn invalidate_keys(&self, table: &payload::QualifiedName, sets: &[payload::KeySet]) {
+        let (schema, name) = table;
+        self.bump(Generations::slot(&self.name, schema, name));
+        for (cols, tuples) in sets {
+            let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+            for t in tuples {
+                let values: Vec<&str> = t.iter().map(String::as_str).collect();
+                self.bump(Generations::key_slot(
+                    &self.name, schema, name, &cols, &values,
+                ));
+            }
         }
     }
 
@@ -238,6 +264,8 @@ impl DbState {
     pub fn invalidate_local(&self, tables: &[payload::QualifiedName]) {
         for (schema, table) in tables {
             self.gens.bump(Generations::slot(&self.name, schema, table));
+            self.gens
+                .bump(Generations::whole_slot(&self.name, schema, table));
             self.gens.bump(Generations::name_slot(&self.name, table));
         }
     }
@@ -358,9 +386,12 @@ impl DbState {
         decision: &Decision,
     ) -> Arc<Result<Resolved, BypassReason>> {
         let catalog = self.catalog.load();
+        let keys_version = self.keys.version.load(Ordering::Acquire);
         if let Some(r) = self.resolved.get(&text_hash) {
             match r.as_ref() {
-                Ok(ok) if ok.catalog_version != catalog.version => {}
+                Ok(ok)
+                    if ok.catalog_version != catalog.version || ok.keys_version != keys_version => {
+                }
                 _ => return r,
             }
         }
@@ -369,12 +400,29 @@ impl DbState {
         let r = Arc::new(
             catalog
                 .resolve(&self.name, decision, &watched, &mut unwatched)
-                .map(|(slots, tables)| Resolved {
-                    slots: slots.into_boxed_slice(),
-                    tables: tables.into_boxed_slice(),
-                    catalog_version: catalog.version,
+                .map(|(slots, tables)| {
+                    let key = match (
+                        &decision.analysis.keys,
+                        self.keys.enabled.load(Ordering::Relaxed),
+                    ) {
+                        (Ok(lookup), true) => {
+                            key_deps::plan(&self.name, &catalog, &self.keys, lookup, &tables)
+                                .map(Arc::new)
+                        }
+                        _ => None,
+                    };
+                    Resolved {
+                        slots: slots.into_boxed_slice(),
+                        tables: tables.into_boxed_slice(),
+                        catalog_version: catalog.version,
+                        keys_version,
+                        key,
+                    }
                 }),
         );
+        if self.keys.take_pending_notice() {
+            self.watch_wanted.notify_one();
+        }
         if !unwatched.is_empty() {
             // Not cached as a verdict: it changes once the watch is in place.
             if let Ok(mut req) = self.watch_requests.lock() {
@@ -491,6 +539,7 @@ mod tests {
                 reads: Vec::new(),
                 parents: Vec::new(),
                 children: Vec::new(),
+                columns: Vec::new(),
             })
             .collect();
         db.set_catalog(Catalog::build(1, relations, HashSet::new()));
@@ -502,6 +551,8 @@ mod tests {
             slots: slots.into(),
             tables: tables.into(),
             catalog_version: 1,
+            keys_version: 0,
+            key: None,
         }
     }
 

@@ -4,6 +4,9 @@
 //! - `w[["schema","table"],...]` a write to these tables (the table, its
 //!   inheritance ancestors and descendants, fixed when the trigger is installed)
 //! - `d[["schema","table"],...]` DDL on these relations (also re-read the catalog)
+//! - `k["schema","table",[[["c1",..],[["v1",..],..]],..]]` a write to a table
+//!   whose reads by key are cached: for each registered column set, the values
+//!   (as `::text` prints them) of every row it changed, old and new
 //! - `*` everything in this database changed (a payload that would not fit)
 //! - `f<instance>:<n>:<nonce>` a fence sent by a pgtier instance after a
 //!   session's write; only the instance that registered it, with that random
@@ -27,9 +30,13 @@ pub const MAX_PAYLOAD: usize = 7999;
 
 pub type QualifiedName = (String, String);
 
+/// A column set and the key tuples a write changed in it.
+pub type KeySet = (Vec<String>, Vec<Vec<String>>);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
     Write(Vec<QualifiedName>),
+    Keys(QualifiedName, Vec<KeySet>),
     Ddl(Vec<QualifiedName>),
     Unwatch(Vec<QualifiedName>),
     All,
@@ -59,11 +66,47 @@ fn names(json: &str) -> Option<Vec<QualifiedName>> {
         .collect()
 }
 
+/// `["schema","table",[[cols, tuples], ...]]`; anything malformed is None
+/// (and then invalidates the whole database, as any unreadable payload).
+fn keys(json: &str) -> Option<Payload> {
+    let strings = |v: &Value| -> Option<Vec<String>> {
+        v.as_array()?
+            .iter()
+            .map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    let v: Value = serde_json::from_str(json).ok()?;
+    let [schema, table, sets] = v.as_array()?.as_slice() else {
+        return None;
+    };
+    let sets: Option<Vec<KeySet>> = sets
+        .as_array()?
+        .iter()
+        .map(|set| {
+            let [cols, tuples] = set.as_array()?.as_slice() else {
+                return None;
+            };
+            let cols = strings(cols)?;
+            let tuples: Option<Vec<Vec<String>>> = tuples
+                .as_array()?
+                .iter()
+                .map(|t| strings(t).filter(|t| t.len() == cols.len()))
+                .collect();
+            Some((cols, tuples?))
+        })
+        .collect();
+    Some(Payload::Keys(
+        (schema.as_str()?.to_string(), table.as_str()?.to_string()),
+        sets?,
+    ))
+}
+
 impl Payload {
     pub fn parse(s: &str) -> Option<Payload> {
         let (kind, rest) = s.split_at_checked(1)?;
         match kind {
             "w" => names(rest).map(Payload::Write),
+            "k" => keys(rest),
             "d" => names(rest).map(Payload::Ddl),
             "u" => names(rest).map(Payload::Unwatch),
             "*" => Some(Payload::All),

@@ -115,6 +115,37 @@ impl<'a> Bind<'a> {
         finish(buf, at);
     }
 
+    /// Parameter `index` (0-based): whether it is sent in binary, and its
+    /// value (`None` for NULL); `None` if there is no such parameter.
+    pub fn param(&self, index: usize) -> Option<(bool, Option<&'a [u8]>)> {
+        let mut r = Reader::new(Self::TAG, self.args);
+        let formats = r.i16_array("parameter formats").ok()?;
+        let n = r.i16("parameter count").ok()?.max(0) as usize;
+        if index >= n {
+            return None;
+        }
+        // No codes: all text; one code: for every parameter; else one each.
+        let code_at = |i: usize| i16::from_be_bytes([formats[2 * i], formats[2 * i + 1]]);
+        let binary = match formats.len() / 2 {
+            0 => false,
+            1 => code_at(0) == 1,
+            k if index < k => code_at(index) == 1,
+            _ => return None,
+        };
+        for i in 0..=index {
+            let len = r.i32("parameter length").ok()?;
+            let value = if len < 0 {
+                None
+            } else {
+                Some(r.bytes(len as usize, "parameter value").ok()?)
+            };
+            if i == index {
+                return Some((binary, value));
+            }
+        }
+        None
+    }
+
     /// Every non-NULL parameter value, whatever its format (a text parameter
     /// may well be sent in binary, where its bytes are the text itself).
     pub fn param_values(&self) -> Vec<&'a [u8]> {

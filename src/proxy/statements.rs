@@ -27,6 +27,11 @@ impl Statement {
     pub fn sql(&self) -> &[u8] {
         Parse::decode(&self.parse[5..]).map_or(&[][..], |p| p.query)
     }
+
+    /// The parameter types the client declared (raw big-endian OIDs).
+    pub fn param_types(&self) -> &[u8] {
+        Parse::decode(&self.parse[5..]).map_or(&[][..], |p| p.param_types)
+    }
 }
 
 #[derive(Default)]

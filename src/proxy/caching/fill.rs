@@ -5,12 +5,15 @@
 //! It lives beside the session's cache code rather than in `cache`, because it
 //! asks the database's invalidation state (`invalidation` depends on `cache`).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::bypass::BypassReason;
 use crate::cache::rules::Policy;
 use crate::cache::{Cache, Decision, Key};
+use crate::invalidation::key_deps::{self, Params};
 use crate::invalidation::DbState;
+use crate::protocol::frontend::Bind;
 
 /// Everything needed to store (or look up in L2) one result.
 #[derive(Debug)]
@@ -25,20 +28,58 @@ pub struct FillPlan {
     pub l2key: Option<u128>,
 }
 
+/// A Bind's parameters, with the types its statement declared.
+pub struct BindParams<'a> {
+    pub bind: &'a Bind<'a>,
+    /// Raw big-endian type OIDs from the Parse.
+    pub types: &'a [u8],
+}
+
+impl Params for BindParams<'_> {
+    fn param(&self, number: u32) -> Option<(bool, Option<&[u8]>, u32)> {
+        let i = usize::try_from(number.checked_sub(1)?).ok()?;
+        let (binary, value) = self.bind.param(i)?;
+        let declared = self
+            .types
+            .get(4 * i..4 * i + 4)
+            .map_or(0, |t| u32::from_be_bytes([t[0], t[1], t[2], t[3]]));
+        Some((binary, value, declared))
+    }
+}
+
 /// Plan storing the result of a statement (`sql_hash`: hash of its text) under
-/// `key`, or say why it cannot be stored.
+/// `key`, or say why it cannot be stored. A read by key depends on the keys
+/// `params` give it, not on its whole table (see `invalidation::key_deps`).
 pub fn plan(
     cache: &Cache,
     db: &DbState,
     decision: Arc<Decision>,
     sql_hash: u128,
     key: Key,
+    params: &dyn Params,
 ) -> Result<FillPlan, BypassReason> {
     let policy = decision.verdict.as_ref().map_err(|b| b.reason())?.clone();
     let resolved = db.resolve(sql_hash, &decision);
     let resolved = resolved.as_ref().as_ref().map_err(|why| *why)?;
-    let (epoch, deps) = db.snapshot(resolved).ok_or(BypassReason::NotWatched)?;
-    let l2key = cache.l2().and(db.l2_key(key, &resolved.slots));
+    let keyed = resolved.key.as_ref().and_then(|k| {
+        let keys = key_deps::key_slots(&db.name, k, params)?;
+        let mut slots: Vec<u32> = resolved
+            .slots
+            .iter()
+            .copied()
+            .filter(|s| *s != k.table_slot)
+            .chain(std::iter::once(k.whole_slot))
+            .chain(keys)
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        Some(slots)
+    });
+    let slots = keyed.map_or(Cow::Borrowed(&resolved.slots[..]), Cow::Owned);
+    let (epoch, deps) = db
+        .snapshot_slots(resolved, &slots)
+        .ok_or(BypassReason::NotWatched)?;
+    let l2key = cache.l2().and(db.l2_key(key, &slots));
     Ok(FillPlan {
         policy,
         decision,

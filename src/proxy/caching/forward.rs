@@ -7,7 +7,7 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::action::Forward;
-use super::fill;
+use super::fill::{self, BindParams};
 use super::state::SessionCache;
 use crate::bypass::BypassReason;
 use crate::cache::key::{describe_key, extended_key, statement_hash};
@@ -205,9 +205,14 @@ impl SessionCache {
     fn start_fill(&mut self, cache: &Cache, db: &DbState, b: &Bind<'_>) -> Option<CaptureId> {
         let (hash, decision) = self.statement_decision(cache, b.statement)?;
         let public = decision.cacheable()?.public;
-        let sql_hash = text_hash(self.statements.get(b.statement)?.sql());
+        let statement = self.statements.get(b.statement)?;
+        let sql_hash = text_hash(statement.sql());
         let key = extended_key(self.seed.pick(public), hash, b.args);
-        let plan = match fill::plan(cache, db, decision, sql_hash, key) {
+        let params = BindParams {
+            bind: b,
+            types: statement.param_types(),
+        };
+        let plan = match fill::plan(cache, db, decision, sql_hash, key, &params) {
             Ok(plan) => plan,
             Err(why) => {
                 metrics::bypass(why);

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use smallvec::SmallVec;
 
 use super::action::Reply;
-use super::fill;
+use super::fill::{self, BindParams};
 use super::simple::{entry, fresh};
 use super::state::SessionCache;
 use crate::cache::key::{describe_key, extended_key, statement_hash};
@@ -23,15 +23,18 @@ use crate::protocol::backend::{
     BIND_COMPLETE_BYTES, CLOSE_COMPLETE_BYTES, PARSE_COMPLETE_BYTES, READY_IDLE_BYTES,
 };
 use crate::protocol::batch::Batch;
-use crate::protocol::frontend::{Frontend, Target};
+use crate::protocol::frontend::{Bind, Frontend, Target};
 
 /// A portal bound in the request being planned.
 struct Portal<'a> {
     name: &'a [u8],
     statement: &'a [u8],
-    /// Text of a statement defined by a Parse in this same request.
+    /// Text of a statement defined by a Parse in this same request, and its
+    /// declared parameter types.
     sql: Option<&'a [u8]>,
+    types: Option<&'a [u8]>,
     key: Key,
+    bind: Bind<'a>,
     entry: Option<Arc<Entry>>,
     /// A cached result for it is served in this request: the same Bind
     /// succeeded on the server before (the key covers its arguments).
@@ -45,6 +48,8 @@ struct Defined<'a> {
     name: &'a [u8],
     hash: u128,
     sql: &'a [u8],
+    /// Its parameter types, as declared.
+    types: &'a [u8],
     /// The cache proves Postgres accepts it (a result or description for it).
     proven: bool,
 }
@@ -146,6 +151,7 @@ impl SessionCache {
                         name: p.name,
                         hash: statement_hash(p.query, p.param_types),
                         sql: p.query,
+                        types: p.param_types,
                         proven: false,
                     });
                     reply.push(Bytes::from_static(PARSE_COMPLETE_BYTES));
@@ -167,7 +173,9 @@ impl SessionCache {
                         name: b.portal,
                         statement: b.statement,
                         sql: parse.map(|i| defined[i].sql),
+                        types: parse.map(|i| defined[i].types),
                         key: extended_key(self.seed.pick(public), hash, b.args),
+                        bind: b,
                         entry: None,
                         proven: false,
                         parse,
@@ -266,19 +274,23 @@ impl SessionCache {
         let Some(l2) = cache.l2() else { return false };
         let mut wanted = Vec::new();
         for p in portals.iter().filter(|p| p.entry.is_none()) {
-            let (decision, sql_hash) = match p.sql {
-                Some(sql) => (cache.decide(sql), text_hash(sql)),
-                None => {
+            let (decision, sql_hash, types) = match (p.sql, p.types) {
+                (Some(sql), Some(types)) => (cache.decide(sql), text_hash(sql), types),
+                _ => {
                     let Some((_, d)) = self.statement_decision(cache, p.statement) else {
                         return false;
                     };
                     let Some(s) = self.statements.get(p.statement) else {
                         return false;
                     };
-                    (d, text_hash(s.sql()))
+                    (d, text_hash(s.sql()), s.param_types())
                 }
             };
-            let Ok(plan) = fill::plan(cache, db, decision, sql_hash, p.key) else {
+            let params = BindParams {
+                bind: &p.bind,
+                types,
+            };
+            let Ok(plan) = fill::plan(cache, db, decision, sql_hash, p.key, &params) else {
                 return false;
             };
             let Some(k2) = plan.l2key else {

@@ -15,6 +15,7 @@ use crate::bypass::BypassReason;
 use crate::cache::key::simple_key;
 use crate::cache::l2::Lookup;
 use crate::cache::{text_hash, Cache, Claim, Decision, Entry, Key};
+use crate::invalidation::key_deps::NoParams;
 use crate::invalidation::DbState;
 use crate::metrics;
 use crate::protocol::backend::READY_IDLE_BYTES;
@@ -126,7 +127,7 @@ impl SessionCache {
             metrics::bypass(why);
             return Miss::Bypass;
         }
-        let plan = match fill::plan(cache, db, decision.clone(), hash, key) {
+        let plan = match fill::plan(cache, db, decision.clone(), hash, key, &NoParams) {
             Ok(plan) => plan,
             Err(why) => {
                 metrics::bypass(why);
@@ -181,7 +182,8 @@ impl SessionCache {
             return None;
         };
         let hash = text_hash(sql);
-        let plan = fill::plan(cache, db, cache.decide_hashed(hash, sql), hash, key).ok()?;
+        let decision = cache.decide_hashed(hash, sql);
+        let plan = fill::plan(cache, db, decision, hash, key, &NoParams).ok()?;
         let request = self.current_request;
         let tag = self
             .captures
