@@ -24,6 +24,7 @@ pub mod control;
 pub mod epoch;
 pub mod fingerprint;
 pub mod generations;
+pub mod keyed;
 pub mod listener;
 pub mod payload;
 pub mod triggers;
