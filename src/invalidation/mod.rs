@@ -25,6 +25,7 @@ pub mod epoch;
 pub mod fingerprint;
 pub mod generations;
 pub mod key_deps;
+pub mod keyed;
 pub mod listener;
 pub mod payload;
 pub mod triggers;

@@ -24,6 +24,8 @@ use super::payload::Payload;
 pub const TRIGGER: &str = "pgtier_notify";
 /// The row-level trigger for writes in `session_replication_role = replica`.
 pub const REPLICA_TRIGGER: &str = "pgtier_notify_replica";
+/// The statement triggers that report the keys a write changes (see `keyed`).
+pub const KEYED_TRIGGERS: [&str; 3] = ["pgtier_keys_ins", "pgtier_keys_upd", "pgtier_keys_del"];
 
 /// Which tables to cover; empty lists mean every user table.
 #[derive(Debug, Clone, Default)]
@@ -288,7 +290,25 @@ pub async fn watch(
             set.push(*oid);
         }
     }
-    let rels: Vec<i64> = set.iter().map(|o| *o as i64).collect();
+    if drain_writers(client, &set, patience).await? {
+        Ok(set)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// Wait until every transaction now holding a write lock on one of these
+/// tables has ended: true once they have, false if some is still running after
+/// `patience`. Transactions that take a write lock later are not waited for.
+pub async fn drain_writers(
+    client: &Client,
+    oids: &[u32],
+    patience: std::time::Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    if oids.is_empty() {
+        return Ok(true);
+    }
+    let rels: Vec<i64> = oids.iter().map(|o| *o as i64).collect();
     const WRITERS: &str = "SELECT coalesce(array_agg(DISTINCT virtualtransaction), '{}')
          FROM pg_locks
          WHERE locktype = 'relation' AND relation = ANY($1::int8[]::oid[])
@@ -296,7 +316,7 @@ pub async fn watch(
            AND mode NOT IN ('AccessShareLock', 'RowShareLock') AND pid IS DISTINCT FROM pg_backend_pid()";
     let writers: Vec<String> = client.query_one(WRITERS, &[&rels]).await?.get(0);
     if writers.is_empty() {
-        return Ok(set);
+        return Ok(true);
     }
     let deadline = std::time::Instant::now() + patience;
     let mut pause = std::time::Duration::from_micros(500);
@@ -315,17 +335,17 @@ pub async fn watch(
             .await?
             .get(0);
         if left == 0 {
-            return Ok(set);
+            return Ok(true);
         }
         if std::time::Instant::now() > deadline {
-            return Ok(Vec::new());
+            return Ok(false);
         }
     }
 }
 
 /// The advisory lock key that serialises switching one table's announcing on
 /// and off, across pgtier instances (writers never take it).
-fn switch_lock(oid: u32) -> i64 {
+pub(super) fn switch_lock(oid: u32) -> i64 {
     0x7067_7469_0000_0000 | oid as i64
 }
 
@@ -393,24 +413,26 @@ pub async fn unwatch(
     Ok(done)
 }
 
-/// Remove everything `install` created.
+/// Remove everything `install` and `keyed::register` created.
 pub async fn uninstall(client: &Client) -> Result<usize, tokio_postgres::Error> {
+    let mut names = vec![TRIGGER, REPLICA_TRIGGER];
+    names.extend(KEYED_TRIGGERS);
     let rows = client
         .query(
-            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+            "SELECT DISTINCT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
              FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
              JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE t.tgname = $1 AND NOT t.tgisinternal",
-            &[&TRIGGER],
+             WHERE t.tgname = ANY($1::text[]::name[]) AND NOT t.tgisinternal",
+            &[&names],
         )
         .await?;
     for row in &rows {
         let rel: String = row.get(0);
-        client
-            .batch_execute(&format!(
-                "DROP TRIGGER IF EXISTS {TRIGGER} ON {rel}; DROP TRIGGER IF EXISTS {REPLICA_TRIGGER} ON {rel}"
-            ))
-            .await?;
+        let drops: String = names
+            .iter()
+            .map(|t| format!("DROP TRIGGER IF EXISTS {t} ON {rel};"))
+            .collect();
+        client.batch_execute(&drops).await?;
     }
     match client
         .batch_execute(
