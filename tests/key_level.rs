@@ -45,8 +45,8 @@ async fn eventually(c: &Client, id: i32, want: Option<&str>) {
     }
 }
 
-async fn setup() -> (String, Pgtier, Client, Client) {
-    let db = fresh_db("pgtier_key_level").await;
+async fn setup(name: &str) -> (String, Pgtier, Client, Client) {
+    let db = fresh_db(name).await;
     let d = direct(&db).await;
     d.batch_execute(
         "create table kv(id int primary key, v text not null);
@@ -80,7 +80,7 @@ async fn setup() -> (String, Pgtier, Client, Client) {
 
 #[tokio::test]
 async fn writes_to_other_keys_leave_reads_cached_and_their_own_key_refreshes() {
-    let (_db, p, c, d) = setup().await;
+    let (_db, p, c, d) = setup("pgtier_kl_other").await;
     read(&c, 2).await;
     assert!(read_hit(&p, &c, 2).await.0, "cached");
     // Through pgtier (fenced) and directly.
@@ -99,7 +99,7 @@ async fn writes_to_other_keys_leave_reads_cached_and_their_own_key_refreshes() {
 
 #[tokio::test]
 async fn inserts_deletes_and_moved_keys_reach_their_readers() {
-    let (_db, p, c, d) = setup().await;
+    let (_db, p, c, d) = setup("pgtier_kl_moves").await;
     // Cache a present key, an absent one, and one about to be deleted.
     for id in [3, 50, 60, 4] {
         read(&c, id).await;
@@ -122,7 +122,7 @@ async fn inserts_deletes_and_moved_keys_reach_their_readers() {
 
 #[tokio::test]
 async fn large_writes_truncate_and_scans_stay_table_level() {
-    let (_db, p, c, d) = setup().await;
+    let (_db, p, c, d) = setup("pgtier_kl_large").await;
     let scan = "select string_agg(v, ',' order by id) from kv";
     let scanned: String = c.query_one(scan, &[]).await.expect("scan").get(0);
     // A read that scans the table dies with any write, keys or not.
@@ -155,7 +155,7 @@ async fn large_writes_truncate_and_scans_stay_table_level() {
 
 #[tokio::test]
 async fn simple_queries_by_literal_are_keyed_too() {
-    let (_db, p, c, d) = setup().await;
+    let (_db, p, c, d) = setup("pgtier_kl_simple").await;
     let q = "select v from kv where id = '007'";
     let text = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
         rows.into_iter()

@@ -55,11 +55,15 @@ struct Defined<'a> {
 }
 
 /// What planning found an extended-protocol request to be.
+// Returned once per request, never stored: the hit's reply stays inline (no
+// allocation on a hit), the miss path's portals are boxed.
+#[allow(clippy::large_enum_variant)]
 enum Plan<'a> {
     /// Every part answered from L1: the reply.
     Hit(Reply),
     /// Answerable except for results missing from L1 (L2 may have them).
-    Missing(SmallVec<[Portal<'a>; 4]>),
+    /// (Boxed: the miss path may allocate, the hit path does not.)
+    Missing(Box<SmallVec<[Portal<'a>; 4]>>),
     /// Must go to the server.
     No,
 }
@@ -255,7 +259,7 @@ impl SessionCache {
         }
         if missing {
             self.timing.forget_hits();
-            return Plan::Missing(portals);
+            return Plan::Missing(Box::new(portals));
         }
         // A Parse or Bind whose success nothing cached proves (a prepare with
         // no execution, a Bind without Execute) may fail on the server: only
