@@ -302,6 +302,14 @@ pub fn gen_write(rng: &mut StdRng, ws: &mut WriteState) -> (String, &'static str
             ),
             "items",
         ),
+        // a key that moves: readers of the old id and of the new one must see it
+        17 if rng.gen_bool(0.5) => {
+            ws.next_item += 1;
+            (
+                format!("update items set id = {} where id = {id}", ws.next_item),
+                "items",
+            )
+        }
         // a write that changes nothing
         _ => ("update items set price = price where id = -1".into(), "items"),
     }

@@ -50,6 +50,17 @@ const NEW_PER_ROUND: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_reads_match_postgres_through_writes() {
+    run("pgtier_differential", &[]).await;
+}
+
+/// The same with key-level invalidation: reads by id depend on their keys,
+/// while writes insert, delete, update and move keys (issue 14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_reads_match_postgres_through_writes_by_key() {
+    run("pgtier_differential_keys", &["--key-level"]).await;
+}
+
+async fn run(database: &str, args: &[&str]) {
     let seed = std::env::var("PGTIER_DIFF_SEED")
         .ok()
         .map(|s| {
@@ -62,7 +73,7 @@ async fn generated_reads_match_postgres_through_writes() {
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let db = fresh_db("pgtier_differential").await;
+    let db = fresh_db(database).await;
     let d = direct(&db).await;
     d.batch_execute(SCHEMA).await.unwrap();
     let items: Vec<String> = (1..=300).map(|id| item_row(&mut rng, id)).collect();
@@ -76,7 +87,7 @@ async fn generated_reads_match_postgres_through_writes() {
     .await
     .unwrap();
 
-    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"10m\"\n", &[]).await;
+    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"10m\"\n", args).await;
     let dc = direct(&db).await;
     dc.batch_execute(C_SETTINGS).await.unwrap();
     let c = p.connect(&db).await;
