@@ -280,15 +280,9 @@ impl Catalog {
         Ok((slots, oids))
     }
 
-    fn resolve_table(
-        &self,
-        database: &str,
-        t: &TableRef,
-        slots: &mut Vec<u32>,
-        oids: &mut Vec<u32>,
-    ) -> Result<(), BypassReason> {
-        let candidates: Vec<usize> = self
-            .by_name
+    /// The relations a reference may name (any schema's, if unqualified).
+    fn candidates(&self, t: &TableRef) -> Vec<usize> {
+        self.by_name
             .get(&t.name)
             .into_iter()
             .flatten()
@@ -298,7 +292,26 @@ impl Catalog {
                     .as_deref()
                     .is_none_or(|s| self.relations[i].schema == s)
             })
-            .collect();
+            .collect()
+    }
+
+    /// The oids of the relations a reference may name: a statement reads table
+    /// `oid` itself, not through a view, when this is `[oid]`.
+    pub fn named(&self, t: &TableRef) -> Vec<u32> {
+        self.candidates(t)
+            .into_iter()
+            .map(|i| self.relations[i].oid)
+            .collect()
+    }
+
+    fn resolve_table(
+        &self,
+        database: &str,
+        t: &TableRef,
+        slots: &mut Vec<u32>,
+        oids: &mut Vec<u32>,
+    ) -> Result<(), BypassReason> {
+        let candidates = self.candidates(t);
         if candidates.is_empty() {
             return Err(BypassReason::UnknownTable);
         }

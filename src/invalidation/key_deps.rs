@@ -23,6 +23,7 @@ use super::catalog::Catalog;
 use super::generations::Generations;
 use crate::sql::keys::{KeyLookup, KeyValue};
 use crate::sql::keyvalue::{self, KeyType};
+use crate::sql::TableRef;
 
 /// More key tuples than this (an IN list crossed with another) and the read
 /// stays table-level.
@@ -121,11 +122,24 @@ pub fn plan(
     catalog: &Catalog,
     state: &KeyState,
     lookup: &KeyLookup,
+    refs: &[TableRef],
     tables: &[u32],
 ) -> Option<KeyPlan> {
     let [oid] = tables else {
         return None;
     };
+    // The statement must name the table itself: through a view, its columns
+    // are the view's (renamed, grouped, computed), not the table's.
+    let [named] = refs else {
+        return None;
+    };
+    if catalog.named(named) != [*oid] {
+        return None;
+    }
+    // An `=` of the user's may be the one the statement's `=` means.
+    if catalog.routines.key_equality() {
+        return None;
+    }
     let r = catalog.get(*oid)?;
     // Plain tables only: writes to a partition or an inheritance child would
     // change the parent's rows under another table's triggers.

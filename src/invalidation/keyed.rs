@@ -203,6 +203,17 @@ fn tgargs(args: &[String]) -> Vec<u8> {
     b
 }
 
+/// The column sets in a keyed trigger's pg_trigger.tgargs (after the watch
+/// sequence); arguments that are not a column set are skipped.
+fn reported_sets(tgargs: &[u8]) -> Vec<Vec<String>> {
+    tgargs
+        .split(|b| *b == 0)
+        .skip(1)
+        .filter_map(|a| serde_json::from_slice::<Vec<String>>(a).ok())
+        .filter(|set| valid_set(set))
+        .collect()
+}
+
 /// The `pgtier_notify` arguments `triggers::trigger_sql` gives a table without
 /// inheritance family: its write payload, and its watch sequence's oid.
 fn truncate_args(schema: &str, name: &str, sequence: u32) -> Vec<String> {
@@ -421,7 +432,7 @@ async fn register_in_transaction(
             &[&(oid as i64), &cols],
         )
         .await?;
-    let sets: Vec<Vec<String>> = client
+    let mut sets: Vec<Vec<String>> = client
         .query(
             "SELECT cols FROM pgtier.keys WHERE relid = $1::int8::oid ORDER BY cols",
             &[&(oid as i64)],
@@ -430,6 +441,42 @@ async fn register_in_transaction(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let names = vec![
+        KEYED_TRIGGERS[0],
+        KEYED_TRIGGERS[1],
+        KEYED_TRIGGERS[2],
+        TRIGGER,
+    ];
+    let have = client
+        .query(
+            "SELECT tgname::text, tgtype::int4, tgenabled = 'A', tgargs FROM pg_trigger
+             WHERE tgrelid = $1::int8::oid AND tgname = ANY($2::text[]::name[]) AND NOT tgisinternal",
+            &[&(oid as i64), &names],
+        )
+        .await?;
+    // The column sets the triggers report now stay reported, registered or
+    // not: some pgtier instance may be reading by them (a registry row deleted
+    // by hand must not silently stop a set's keys being reported).
+    let mut unregistered = Vec::new();
+    for r in &have {
+        if KEYED_TRIGGERS.contains(&r.get::<_, String>(0).as_str()) {
+            for set in reported_sets(&r.get::<_, Vec<u8>>(3)) {
+                if !sets.contains(&set) && !unregistered.contains(&set) {
+                    unregistered.push(set);
+                }
+            }
+        }
+    }
+    for set in &unregistered {
+        client
+            .execute(
+                "INSERT INTO pgtier.keys (relid, cols) VALUES ($1::int8::oid, $2::text[])
+                 ON CONFLICT DO NOTHING",
+                &[&(oid as i64), set],
+            )
+            .await?;
+    }
+    sets.extend(unregistered);
     let args = trigger_args(sequence, &sets);
     let truncate = truncate_args(&schema, &name, sequence);
     let want = [
@@ -438,14 +485,6 @@ async fn register_in_transaction(
         (KEYED_TRIGGERS[2], TYPE_DELETE, tgargs(&args)),
         (TRIGGER, TYPE_TRUNCATE, tgargs(&truncate)),
     ];
-    let names: Vec<&str> = want.iter().map(|w| w.0).collect();
-    let have = client
-        .query(
-            "SELECT tgname::text, tgtype::int4, tgenabled = 'A', tgargs FROM pg_trigger
-             WHERE tgrelid = $1::int8::oid AND tgname = ANY($2::text[]::name[]) AND NOT tgisinternal",
-            &[&(oid as i64), &names],
-        )
-        .await?;
     let in_place = want.iter().all(|(name, ty, args)| {
         have.iter().any(|r| {
             r.get::<_, String>(0) == *name
@@ -478,6 +517,8 @@ mod tests {
             ["4242", r#"["order_id","line_no"]"#, r#"["we\"ird'"]"#]
         );
         assert_eq!(tgargs(&args[..2]), b"4242\0[\"order_id\",\"line_no\"]\0");
+        assert_eq!(reported_sets(&tgargs(&args)), sets, "read back");
+        assert!(reported_sets(b"4242\0").is_empty());
     }
 
     #[test]

@@ -406,10 +406,19 @@ impl DbState {
                         &decision.analysis.keys,
                         self.keys.enabled.load(Ordering::Relaxed),
                     ) {
-                        (Ok(lookup), true) => {
-                            key_deps::plan(&self.name, &catalog, &self.keys, lookup, &tables)
-                                .map(Arc::new)
-                        }
+                        (Ok(lookup), true) => key_deps::plan(
+                            &self.name,
+                            &catalog,
+                            &self.keys,
+                            lookup,
+                            decision
+                                .analysis
+                                .read
+                                .as_ref()
+                                .map_or(&[][..], |r| r.tables.as_slice()),
+                            &tables,
+                        )
+                        .map(Arc::new),
                         _ => None,
                     };
                     Resolved {

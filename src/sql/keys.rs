@@ -103,6 +103,32 @@ pub fn key_lookup(select: &SelectStmt) -> Result<KeyLookup, TableLevel> {
     Ok(KeyLookup { columns })
 }
 
+/// The lookup without the key columns whose value is a parameter the statement
+/// also uses elsewhere (`uses`: how often each `$n` appears). Postgres types a
+/// parameter where it first meets it: in `SELECT $1::float8 .. WHERE id = $1`
+/// `$1` is a float8, whose binary value read as the column's type would be
+/// another number; only a parameter used once takes its type from its key
+/// column (or its own cast).
+pub fn single_use_params(
+    lookup: KeyLookup,
+    uses: impl Fn(u32) -> usize,
+) -> Result<KeyLookup, TableLevel> {
+    let columns: Vec<KeyColumn> = lookup
+        .columns
+        .into_iter()
+        .filter(|c| {
+            c.values.iter().all(|v| match v {
+                KeyValue::Param { number, .. } => uses(*number) == 1,
+                KeyValue::Literal { .. } => true,
+            })
+        })
+        .collect();
+    if columns.is_empty() {
+        return Err(TableLevel::NoKeyEquality);
+    }
+    Ok(KeyLookup { columns })
+}
+
 /// The top-level AND terms of a WHERE clause.
 fn conjuncts(clause: Option<&Node>) -> Vec<&Node> {
     let Some(node) = clause else {

@@ -228,7 +228,10 @@ pub fn analyze(sql: &str) -> Analysis {
             // (`facts.tables` has every reference, `Read::tables` each once.)
             let one_table = out.read.is_ok() && facts.tables.len() == 1 && facts.ctes.is_empty();
             if let (true, Some(pg_query::NodeEnum::SelectStmt(select))) = (one_table, &stmt.node) {
-                out.keys = keys::key_lookup(select);
+                let uses = param_uses(&tree);
+                out.keys = keys::key_lookup(select).and_then(|l| {
+                    keys::single_use_params(l, |n| uses.iter().filter(|u| **u == n).count())
+                });
             }
         }
     }
@@ -296,6 +299,30 @@ fn qualified_name(list: Option<&Value>) -> String {
         }
     }
     parts.join(".")
+}
+
+/// The number of every parameter reference (`$n`) in a statement's tree, once
+/// per occurrence.
+fn param_uses(tree: &Value) -> Vec<u32> {
+    let mut uses = Vec::new();
+    let mut stack = vec![tree];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(map) => {
+                if let Some(n) = map
+                    .get("ParamRef")
+                    .and_then(|p| p.get("number"))
+                    .and_then(Value::as_u64)
+                {
+                    uses.push(u32::try_from(n).unwrap_or(u32::MAX));
+                }
+                stack.extend(map.values());
+            }
+            Value::Array(items) => stack.extend(items.iter()),
+            _ => {}
+        }
+    }
+    uses
 }
 
 impl Facts {

@@ -240,6 +240,14 @@ fn role_changes_are_found() {
 
 #[test]
 fn key_lookups_only_for_reads_of_one_table() {
+    let k = analyze("select * from t where a = $1 and b = $2 and $2 > 0").keys;
+    let cols: Vec<String> = k
+        .expect("a")
+        .columns
+        .into_iter()
+        .map(|c| c.column)
+        .collect();
+    assert_eq!(cols, ["a"], "b's parameter is also used elsewhere");
     assert!(
         analyze("select abalance from pgbench_accounts where aid = $1")
             .keys
@@ -250,6 +258,9 @@ fn key_lookups_only_for_reads_of_one_table() {
         "select * from t where id = $1 and x > (select avg(x) from t)",
         "with c as (select 1) select * from t where id = $1",
         "update t set x = 1 where id = $1",
+        "select $1::float8 from t where id = $1",
+        "select * from t where id = $1 and x = $1",
+        "select * from t where id in ($1, $1)",
     ] {
         assert!(analyze(sql).keys.is_err(), "{sql}");
     }

@@ -40,7 +40,9 @@ SELECT DISTINCT proname::text FROM pg_proc WHERE pronamespace = 'pg_catalog'::re
 
 const OPERATORS: &str = "
 SELECT o.oprname::text, coalesce(p.provolatile = 'i', false),
-       md5(concat_ws('|', o.oid, o.oprcode, o.oprleft, o.oprright, n.nspname))
+       md5(concat_ws('|', o.oid, o.oprcode, o.oprleft, o.oprright, n.nspname)),
+       -- An = on a key type (int2/4/8, uuid, bool): key lookups may mean it.
+       o.oprname = '=' AND (o.oprleft IN (16, 20, 21, 23, 2950) OR o.oprright IN (16, 20, 21, 23, 2950))
 FROM pg_operator o JOIN pg_namespace n ON n.oid = o.oprnamespace
 LEFT JOIN pg_proc p ON p.oid = o.oprcode
 WHERE n.nspname <> 'pg_catalog'
@@ -152,6 +154,10 @@ pub struct Routines {
     implicit_unsafe: bool,
     /// One that runs only when a statement casts explicitly.
     explicit_unsafe: bool,
+    /// Some `=` outside pg_catalog takes a key type (an integer, uuid or
+    /// bool): with its schema before pg_catalog in search_path, `id = $1` may
+    /// match rows of other keys, so no read is keyed.
+    key_equality: bool,
     /// Some role has a setting of its own that may change results
     /// (extra_float_digits, role, ...): no result is the same for every user.
     role_settings: bool,
@@ -181,6 +187,7 @@ impl Routines {
             let e = r.operators.entry(row.get(0)).or_insert(true);
             *e &= immutable;
             digest.update(row.get::<_, Option<&str>>(2).unwrap_or("").as_bytes());
+            r.key_equality |= row.get::<_, Option<bool>>(3) == Some(true);
         }
         for row in client.query(CASTS_AND_TYPES, &[]).await? {
             let implicit = row.get::<_, Option<bool>>(0) == Some(true);
@@ -235,6 +242,11 @@ impl Routines {
     /// Why a statement (or a view's body) using these may not be cached, if it
     /// may not. With `public`, the result is shared across users, so every name
     /// must mean the same object for every user's search_path.
+    /// Whether a user-defined `=` on a key type exists (see `key_equality`).
+    pub fn key_equality(&self) -> bool {
+        self.key_equality
+    }
+
     pub fn check(&self, read: &Read, public: bool) -> Result<(), BypassReason> {
         if self.implicit_unsafe || (read.casts && self.explicit_unsafe) {
             return Err(BypassReason::VolatileCast);
