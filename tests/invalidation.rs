@@ -438,3 +438,34 @@ async fn writes_stop_being_announced_until_a_read_wants_the_table_again() {
     warm(&p2, &c2, q, "36").await;
     assert_eq!(announced(&d, "k").await, 2);
 }
+
+/// A table that gains an inheritance child (found in review, issue 14): reads
+/// of the parent cover the child's rows from then on, so they must not be
+/// served from entries cached before, even while the child has no trigger yet.
+#[tokio::test]
+async fn a_table_that_gains_a_child_is_not_served_stale() {
+    let db = fresh_db("pgtier_inherit_later").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table parent_t(id int, v text); insert into parent_t values (1, 'a')")
+        .await
+        .unwrap();
+    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"10m\"\n", &[]).await;
+    let c = p.connect(&db).await;
+    let q = "select count(*)::text from parent_t";
+    warm(&p, &c, q, "1").await;
+    d.batch_execute(
+        "create table child_t () inherits (parent_t); insert into child_t values (2, 'b')",
+    )
+    .await
+    .unwrap();
+    until(&c, q, "2").await;
+    // A table with rows of its own joins the family: no row is written.
+    d.batch_execute("create table other_t(id int, v text); insert into other_t values (3, 'c')")
+        .await
+        .unwrap();
+    warm(&p, &c, q, "2").await;
+    d.batch_execute("alter table other_t inherit parent_t")
+        .await
+        .unwrap();
+    until(&c, q, "3").await;
+}

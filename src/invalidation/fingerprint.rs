@@ -170,7 +170,18 @@ pub fn compare(old: &Catalog, old_fp: &Relations, new: &Catalog, new_fp: &Relati
             continue;
         };
         let trigger_same = n.has_trigger == r.has_trigger && n.trigger_oid == r.trigger_oid;
+        // A relation that gained or lost an inheritance parent or child: its
+        // reads cover other rows now (and a table read by key is no longer a
+        // plain table).
+        let family_same = |a: &[u32], b: &[u32]| {
+            let (mut a, mut b) = (a.to_vec(), b.to_vec());
+            a.sort_unstable();
+            b.sort_unstable();
+            a == b
+        };
         let same = trigger_same
+            && family_same(&n.parents, &r.parents)
+            && family_same(&n.children, &r.children)
             && n.schema == r.schema
             && n.name == r.name
             && n.kind == r.kind
@@ -229,6 +240,21 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_table_that_gains_a_child_changed() {
+        let old = cat(vec![rel(1, "public", "kv")]);
+        let mut kv = rel(1, "public", "kv");
+        kv.children = vec![2];
+        let mut child = rel(2, "public", "c");
+        child.parents = vec![1];
+        let new = cat(vec![kv, child]);
+        let c = compare(&old, &Relations::default(), &new, &Relations::default());
+        assert!(
+            c.names.contains(&("public".to_string(), "kv".to_string())),
+            "{c:?}"
+        );
     }
 
     #[test]
