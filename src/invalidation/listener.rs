@@ -261,21 +261,38 @@ impl Listener {
                         if !keys_in_flight.insert((oid, cols.clone())) {
                             continue;
                         }
-                        let (work, channel) = (&work, &s.channel);
+                        let channel = &s.channel;
                         let catalog = self.db.catalog.load_full();
+                        let (target, tls, ssl) = (&self.target, &self.tls, self.ssl);
+                        // On a connection of its own: registering is a
+                        // transaction, and statements of other work (watches)
+                        // pipelined on a shared connection would land inside
+                        // it, or a second registration's COMMIT end it early.
                         keying.push(async move {
-                            let r = keyed::register(work, channel, &catalog, oid, &cols, Duration::from_secs(5)).await;
+                            let r = async {
+                                let (conn, driver) = control::connect(target, tls, ssl, None).await?;
+                                let _driver = AbortOnDrop(vec![driver]);
+                                keyed::register(&conn, channel, &catalog, oid, &cols, Duration::from_secs(5)).await
+                            }
+                            .await;
                             (oid, cols, r)
                         });
                     }
                 }
                 Some((oid, cols, r)) = keying.next(), if !keying.is_empty() => {
                     keys_in_flight.remove(&(oid, cols.clone()));
-                    if r? {
-                        tracing::debug!(database = %self.db.name, oid, ?cols, "writes report keys");
-                        self.db.keys.mark_live(oid, cols);
-                    } else {
-                        tracing::info!(database = %self.db.name, oid, ?cols, "reads by key stay table-level for now");
+                    match r {
+                        Ok(true) => {
+                            tracing::debug!(database = %self.db.name, oid, ?cols, "writes report keys");
+                            self.db.keys.mark_live(oid, cols);
+                        }
+                        Ok(false) => {
+                            tracing::info!(database = %self.db.name, oid, ?cols, "reads by key stay table-level for now");
+                        }
+                        // Reads stay table-level; the next read asks again.
+                        Err(e) => {
+                            tracing::warn!(database = %self.db.name, oid, ?cols, error = %e, "could not register a key column set");
+                        }
                     }
                 }
                 Some((oid, ticket, r)) = watching.next(), if !watching.is_empty() => {
