@@ -9,7 +9,11 @@
 # Scenarios: no triggers; triggers on tables pgtier does not cache; tables pgtier
 # caches (watched by reading them through pgtier), with writes only and with a
 # light read load through pgtier; and every write announced (the cost of a
-# notification per transaction, which unwatch_on_write avoids).
+# notification per transaction, which unwatch_on_write avoids); and with
+# key-level invalidation (`--key-level`, issue 14), where the reads by key keep
+# pgbench_accounts and pgbench_branches cached and their writes report keys
+# through the key triggers (compare with "cached, reads through pgtier", the
+# table-level announcements of the same load).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 rounds=3 duration=20 clients=8 threads=2 scale=10
@@ -95,7 +99,7 @@ announce_all() {
 pct() { echo "(1 - $1 / $2) * 100" | bc -l; }
 
 echo "TPC-B, scale $scale, $clients clients, $threads threads, ${duration}s runs, $rounds rounds (alternating)"
-a=0 b=0 c=0 d=0 e=0 f=0
+a=0 b=0 c=0 d=0 e=0 f=0 k=0
 for r in $(seq "$rounds"); do
   "$bin" uninstall-triggers --control-url "$control" >/dev/null
   ra=$(tps)
@@ -110,13 +114,20 @@ for r in $(seq "$rounds"); do
   announce_all
   rf=$(tps)
   stop_pgtier
+  # Key-level: a first run of reads registers the key columns (and leaves the
+  # key triggers in place), the second is measured.
+  start_pgtier --key-level
+  with_reads tps >/dev/null
+  rk=$(with_reads tps)
+  stop_pgtier
   start_pgtier
-  echo "  round $r: no triggers $ra | triggers, not cached $rb | cached, writes only $rc | every write announced $rf | with reads through pgtier: no triggers $rd, cached $re"
-  a=$((a + ra)) b=$((b + rb)) c=$((c + rc)) d=$((d + rd)) e=$((e + re)) f=$((f + rf))
+  echo "  round $r: no triggers $ra | triggers, not cached $rb | cached, writes only $rc | every write announced $rf | with reads through pgtier: no triggers $rd, cached $re, key-level $rk"
+  a=$((a + ra)) b=$((b + rb)) c=$((c + rc)) d=$((d + rd)) e=$((e + re)) f=$((f + rf)) k=$((k + rk))
 done
-a=$((a / rounds)) b=$((b / rounds)) c=$((c / rounds)) d=$((d / rounds)) e=$((e / rounds)) f=$((f / rounds))
+a=$((a / rounds)) b=$((b / rounds)) c=$((c / rounds)) d=$((d / rounds)) e=$((e / rounds)) f=$((f / rounds)) k=$((k / rounds))
 echo "average TPS (cost against the same load without triggers):"
 printf "  triggers, tables not cached:          %6d vs %6d  cost %5.1f%%\n" "$b" "$a" "$(pct "$b" "$a")"
 printf "  tables cached, writes only:           %6d vs %6d  cost %5.1f%%\n" "$c" "$a" "$(pct "$c" "$a")"
 printf "  tables cached, reads through pgtier:  %6d vs %6d  cost %5.1f%%\n" "$e" "$d" "$(pct "$e" "$d")"
 printf "  every write announced:                %6d vs %6d  cost %5.1f%%\n" "$f" "$a" "$(pct "$f" "$a")"
+printf "  key-level, reads by key through pgtier: %6d vs %6d  cost %5.1f%%\n" "$k" "$d" "$(pct "$k" "$d")"
