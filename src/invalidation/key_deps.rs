@@ -208,13 +208,9 @@ fn render(column: KeyType, v: &KeyValue, params: &dyn Params) -> Option<String> 
             }
         }
         KeyValue::Literal { text, quoted, cast } => {
-            let ty = match (cast, quoted) {
-                (Some(t), _) => *t,
-                // A string constant takes the column's type.
-                (None, true) => column,
-                // A bare number or boolean: only against its own kind.
-                (None, false) => column,
-            };
+            // A string constant takes the column's type, and so is a bare
+            // number or boolean read (refused below if not of that kind).
+            let ty = cast.unwrap_or(column);
             if !ty.compares_with(column) {
                 return None;
             }
