@@ -182,7 +182,7 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
         rescan_interval: inv.rescan_interval.0,
         auto_install: inv.auto_install,
         eager_watch: inv.watch == crate::config::WatchMode::Eager,
-        unwatch_on_write: inv.unwatch_on_write,
+        min_hits_per_write: inv.unwatch_on_write.then_some(inv.min_hits_per_write),
         key_level: inv.key_level,
         signer: crate::signing::load_key(
             config.l2.signing_key.as_deref(),

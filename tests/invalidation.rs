@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::sql::{first, until, warm};
+use common::sql::{announced, first, until, until_announced, warm};
 use common::{direct, fresh_db, pgtier_bin, run_bounded, Pgtier};
 
 const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
@@ -311,16 +311,12 @@ async fn invalidations_apply_while_the_listener_waits_to_watch_a_table() {
     old.batch_execute("begin; insert into cold values (2, 2)")
         .await
         .unwrap();
-    // Written fast enough (5 commits well within 100 ms) to be unwatched.
-    for v in 3..=7 {
-        d.execute("update cold set v = $1 where id = 1", &[&v])
-            .await
-            .unwrap();
-    }
-    until(&c, qc, "7").await;
+    // Written often with no read to pay for it: unwatched.
+    let last = write_until_unwatched(&d, "cold", "update cold set v = $1 where id = 1").await;
+    until(&c, qc, &last).await;
     assert_eq!(
         first(&c, qc).await,
-        "7",
+        last,
         "never stale while it cannot be cached"
     );
 
@@ -345,30 +341,26 @@ async fn invalidations_apply_while_the_listener_waits_to_watch_a_table() {
     old.batch_execute("rollback").await.unwrap();
     reader.batch_execute("rollback").await.unwrap();
     // With the writer gone, `cold` is watched and cached again.
-    warm(&p, &c, qc, "7").await;
+    warm(&p, &c, qc, &last).await;
 }
 
-/// The watch sequence of `table`: 2 while its writes are announced, 1 after.
-async fn announced(d: &tokio_postgres::Client, table: &str) -> i64 {
-    d.query_one(
-        "select coalesce(pg_sequence_last_value(('pgtier.w' || $1::text::regclass::oid)::regclass), 0)",
-        &[&table],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
-/// Bounded wait for a table's announcing to be switched to `want`.
-async fn until_announced(d: &tokio_postgres::Client, table: &str, want: i64) {
+/// Write `update` (with values 1000, 1001, ...) with no read in between until
+/// pgtier switches `table`'s announcing off: its announced writes earn no hit
+/// (bounded). Returns the last value written.
+async fn write_until_unwatched(d: &tokio_postgres::Client, table: &str, update: &str) -> String {
     let t = Instant::now();
-    while announced(d, table).await != want {
+    for v in 1000.. {
+        d.execute(update, &[&v]).await.unwrap();
+        if announced(d, table).await == 1 {
+            return v.to_string();
+        }
         assert!(
             t.elapsed() < Duration::from_secs(5),
-            "{table}: watch sequence never became {want}"
+            "{table}: still announced after {} writes that earned no hit",
+            v - 999
         );
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    unreachable!()
 }
 
 #[tokio::test]
@@ -389,11 +381,9 @@ async fn writes_stop_being_announced_until_a_read_wants_the_table_again() {
     until(&c, q, "2").await;
     warm(&p, &c, q, "2").await;
     assert_eq!(announced(&d, "k").await, 2);
-    // Writes in quick succession (5 within 100 ms) are announced, then pgtier
+    // Writes in quick succession that earn no hit are announced, then pgtier
     // switches announcing off, so later writes commit without a notification.
-    for v in 20..=24 {
-        d.execute("update k set v = $1", &[&v]).await.unwrap();
-    }
+    write_until_unwatched(&d, "k", "update k set v = $1").await;
     until_announced(&d, "k", 1).await;
     let before = p.metrics().await.get(
         "pgtier_invalidation_notifications_total",

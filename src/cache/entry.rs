@@ -1,5 +1,6 @@
 //! A cached result: the encoded backend messages, ready to be written as they are.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +28,9 @@ pub struct Entry {
     /// filling query was sent: the entry is valid while they are all unchanged.
     pub epoch: u64,
     pub deps: Box<[(u32, u64)]>,
+    /// Oids of the tables it read, for the per-table hit counts that decide
+    /// whether their writes stay announced (shared, not copied, per fill).
+    pub tables: Arc<[u32]>,
 }
 
 impl Entry {
@@ -48,7 +52,14 @@ impl Entry {
             shape,
             epoch,
             deps,
+            tables: Arc::default(),
         }
+    }
+
+    /// The tables it read (see `tables`).
+    pub fn reading(mut self, tables: Arc<[u32]>) -> Entry {
+        self.tables = tables;
+        self
     }
 
     pub fn payload_len(&self) -> usize {

@@ -95,10 +95,13 @@ pub struct InvalidationConfig {
     /// nothing), `eager` for every table with a trigger as soon as the listener
     /// connects (no warm-up misses).
     pub watch: WatchMode,
-    /// Stop announcing writes to a table written in quick succession (its
-    /// entries hardly live, and each announced write pays Postgres's NOTIFY
-    /// lock) until a read wants it cached again.
+    /// Stop announcing writes to a table whose announced writes earn fewer than
+    /// `min_hits_per_write` cache hits each (each announced write pays
+    /// Postgres's NOTIFY lock) until a read wants it cached again.
     pub unwatch_on_write: bool,
+    /// The hits on its cached reads that each announced write of a table must
+    /// earn for its writes to stay announced (see `unwatch_on_write`).
+    pub min_hits_per_write: f64,
     /// Key-level invalidation of reads by key (see config/pgtier.toml).
     pub key_level: bool,
 }
@@ -140,6 +143,7 @@ impl Default for InvalidationConfig {
             fence_timeout: Dur(std::time::Duration::from_secs(1)),
             watch: WatchMode::Lazy,
             unwatch_on_write: true,
+            min_hits_per_write: 5.0,
             key_level: false,
         }
     }

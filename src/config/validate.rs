@@ -171,6 +171,13 @@ impl Config {
                 "must be 1 to 63 characters",
             ));
         }
+        let m = self.invalidation.min_hits_per_write;
+        if !m.is_finite() || m < 0.0 {
+            return Err(invalid(
+                "invalidation.min_hits_per_write",
+                "must be a number of at least 0",
+            ));
+        }
         for (key, d) in [
             (
                 "invalidation.check_interval",

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
 use super::epoch;
-use super::payload::Payload;
-use super::watch_policy::WriteRates;
+use super::payload::{Payload, QualifiedName};
+use super::watch_policy::Benefit;
 use super::DbState;
 use crate::cache::Cache;
 use crate::signing::Signer;
@@ -24,7 +24,9 @@ pub(super) struct Applier {
     /// Where written tables go to be unwatched (kept open even when that is
     /// off: the loop takes a closed channel for a lost connection).
     unwatch: mpsc::UnboundedSender<Vec<u32>>,
-    unwatch_on_write: bool,
+    /// How many hits each announced write must earn (`None`: tables are never
+    /// unwatched for their writes).
+    min_hits_per_write: Option<f64>,
     cache: Arc<Cache>,
     channel: String,
     instance: u64,
@@ -41,22 +43,22 @@ pub(super) struct Applier {
 
 impl Applier {
     /// The applier of `db`'s notifications on `channel`: fences of `instance`
-    /// are completed, epochs checked with `signer`; written tables found hot
-    /// go to `unwatch` (with `unwatch_on_write`).
+    /// are completed, epochs checked with `signer`; written tables whose hits
+    /// do not pay for their announcements go to `unwatch`.
     pub(super) fn new(
         db: Arc<DbState>,
         cache: Arc<Cache>,
         channel: String,
         instance: u64,
         signer: Option<Signer>,
-        unwatch_on_write: bool,
+        min_hits_per_write: Option<f64>,
         unwatch: mpsc::UnboundedSender<Vec<u32>>,
     ) -> Applier {
         let name = db.name.clone();
         Applier {
             db,
             unwatch,
-            unwatch_on_write,
+            min_hits_per_write,
             cache,
             channel,
             instance,
@@ -71,12 +73,43 @@ impl Applier {
         }
     }
 
+    /// Announced writes to `tables`: stop caching here at once the ones whose
+    /// announcements cost writers more than their hits save readers, and have
+    /// the listener loop switch their announcing off. False once that loop is
+    /// gone.
+    fn weigh(&self, benefit: &mut Option<Benefit>, tables: &[QualifiedName], at: Instant) -> bool {
+        let Some(benefit) = benefit else {
+            return true;
+        };
+        let catalog = self.db.catalog.load();
+        let regime = self
+            .db
+            .keys
+            .version
+            .load(std::sync::atomic::Ordering::Acquire);
+        let poor: Vec<QualifiedName> = tables
+            .iter()
+            .filter(|t| {
+                let hits = catalog
+                    .oid_of(&t.0, &t.1)
+                    .map_or(0, |o| self.db.hits.get(o));
+                benefit.not_worth(t, hits, regime, at)
+            })
+            .cloned()
+            .collect();
+        if poor.is_empty() {
+            return true;
+        }
+        let oids = self.db.stop_watching(&poor, false);
+        oids.is_empty() || self.unwatch.send(oids).is_ok()
+    }
+
     pub(super) async fn run(
         self,
         mut rx: mpsc::UnboundedReceiver<AsyncMessage>,
         ddl: mpsc::UnboundedSender<()>,
     ) {
-        let mut rates = WriteRates::default();
+        let mut benefit = self.min_hits_per_write.map(Benefit::new);
         while let Some(m) = rx.recv().await {
             let AsyncMessage::Notification(note) = m else {
                 continue;
@@ -91,22 +124,20 @@ impl Applier {
                 Some(Payload::Write(t)) => {
                     self.db.invalidate(&t);
                     self.invalidations.increment(t.len() as u64);
-                    if self.unwatch_on_write && rates.hot(&t, at) {
-                        // Each of these writes pays the notify lock while the
-                        // entries it kills hardly live: stop caching the tables
-                        // here at once, and have the loop switch announcing off.
-                        let oids = self.db.stop_watching(&t, false);
-                        if !oids.is_empty() && self.unwatch.send(oids).is_err() {
-                            return;
-                        }
+                    if !self.weigh(&mut benefit, &t, at) {
+                        return;
                     }
                 }
                 Some(Payload::Keys(table, sets)) => {
-                    // A table whose reads are cached by key stays watched however
-                    // often it is written: each write only kills its own keys.
+                    // Each write kills only its own keys, so a table read by key
+                    // earns hits between writes to the same keys; it is weighed
+                    // like any other.
                     self.db.invalidate_keys(&table, &sets);
                     let keys: usize = sets.iter().map(|(_, t)| t.len()).sum();
                     self.key_invalidations.increment(keys as u64);
+                    if !self.weigh(&mut benefit, std::slice::from_ref(&table), at) {
+                        return;
+                    }
                 }
                 Some(Payload::Unwatch(t)) => {
                     self.db.unwatch(&t);

@@ -47,9 +47,10 @@ pub struct Settings {
     pub auto_install: bool,
     pub scope: Scope,
     pub eager_watch: bool,
-    /// Stop announcing writes to a table written in quick succession until a
-    /// read wants it cached again (`invalidation.unwatch_on_write`).
-    pub unwatch_on_write: bool,
+    /// Stop announcing writes to a table whose announced writes earn fewer
+    /// hits each than this, until a read wants it cached again (`None`: never;
+    /// `invalidation.unwatch_on_write`, `min_hits_per_write`).
+    pub min_hits_per_write: Option<f64>,
     /// Invalidate reads by key where they select by key.
     pub key_level: bool,
     /// The L2 signing key: signs and checks epoch notifications. None: no L2,
@@ -131,7 +132,7 @@ impl Listener {
             self.settings.channel.clone(),
             self.settings.instance,
             self.settings.signer.clone(),
-            self.settings.unwatch_on_write,
+            self.settings.min_hits_per_write,
             unwatch_tx,
         );
         let applier = tokio::spawn(applier.run(rx, ddl_tx));

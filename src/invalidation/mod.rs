@@ -24,6 +24,7 @@ pub mod control;
 pub mod epoch;
 pub mod fingerprint;
 pub mod generations;
+pub mod hits;
 pub mod key_deps;
 pub mod keyed;
 pub mod listener;
@@ -53,8 +54,9 @@ pub type ReadAt = (u64, Box<[(u32, u64)]>);
 pub struct Resolved {
     /// Generation slots of every table the result reads.
     pub slots: Box<[u32]>,
-    /// The tables whose writes must be announced for the result to be cached.
-    pub tables: Box<[u32]>,
+    /// The tables whose writes must be announced for the result to be cached
+    /// (shared with the entries filled from it, which count their hits on them).
+    pub tables: Arc<[u32]>,
     /// Catalog version the resolution was made against.
     pub catalog_version: u64,
     /// Key-level version it was made against (see `key_deps`).
@@ -98,6 +100,8 @@ pub struct DbState {
     l2_versions: Box<[AtomicU64]>,
     /// Key-level invalidation: which column sets writes report.
     pub keys: key_deps::KeyState,
+    /// Hits per table, for the announce policy.
+    pub hits: hits::TableHits,
 }
 
 impl DbState {
@@ -119,6 +123,7 @@ impl DbState {
             epoch_floor: epoch::Floor::default(),
             l2_versions: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             keys: key_deps::KeyState::default(),
+            hits: hits::TableHits::default(),
         }
     }
 
@@ -423,7 +428,7 @@ impl DbState {
                     };
                     Resolved {
                         slots: slots.into_boxed_slice(),
-                        tables: tables.into_boxed_slice(),
+                        tables: tables.into(),
                         catalog_version: catalog.version,
                         keys_version,
                         key,

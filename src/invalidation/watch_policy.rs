@@ -1,50 +1,104 @@
-//! When a table's writes stop and start being announced: a table written in
-//! quick succession is unwatched (`WriteRates`), and one unwatched right after
-//! each watch waits longer each time before it is watched again (`Holdoff`).
+//! When a table's writes stop and start being announced. Announcing costs
+//! writers (Postgres serialises notifying commits, and key-reporting triggers
+//! read their transition tables); it pays off only through the hits on the
+//! table's cached reads. `Benefit` weighs the two per table and unwatches a
+//! table whose announced writes earn too few hits; one unwatched again soon
+//! after each watch waits longer each time before it is watched again
+//! (`Holdoff`).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::payload::QualifiedName;
 
-/// Announced writes per table over a short window: a table written faster than
-/// `HOT_WRITES` per `HOT_WINDOW` is worth unwatching; one written now and then
-/// stays watched (and cached between its writes).
-#[derive(Default)]
-pub(super) struct WriteRates {
-    tables: HashMap<QualifiedName, (Instant, u32)>,
+/// Announced writes and cache hits per table over a window of `WINDOW`.
+///
+/// A table is announced as long as each announced write earns at least
+/// `min_hits_per_write` hits on results that read it (counted by this
+/// instance). Tables written fewer than `MIN_WRITES` times in a window are
+/// never judged: their announcements cost writers little. A write-only table
+/// (no hit at all) is judged at `MIN_WRITES`; others once the window has
+/// lasted `SPAN`, so entries filled after a watch have time to be hit.
+pub(super) struct Benefit {
+    tables: HashMap<QualifiedName, Window>,
+    min_hits_per_write: f64,
 }
 
-const HOT_WRITES: u32 = 5;
-const HOT_WINDOW: Duration = Duration::from_millis(100);
+struct Window {
+    start: Instant,
+    writes: u32,
+    hits_at_start: u64,
+    /// What the table's reads depended on when the window started (the
+    /// key-level version): once reads by key become keyed, the hits and
+    /// writes from before say nothing about what announcing earns now.
+    regime: u64,
+}
 
-impl WriteRates {
-    pub(super) fn hot(&mut self, tables: &[QualifiedName], now: Instant) -> bool {
+const WINDOW: Duration = Duration::from_secs(1);
+const SPAN: Duration = Duration::from_millis(250);
+const MIN_WRITES: u32 = 20;
+
+impl Benefit {
+    pub(super) fn new(min_hits_per_write: f64) -> Benefit {
+        Benefit {
+            tables: HashMap::new(),
+            min_hits_per_write,
+        }
+    }
+
+    /// A write to `table` was announced at `now`, and results that read it
+    /// have been hit `hits` times so far under `regime`: is announcing it
+    /// worth less than it costs? Once it says so, the table's window starts
+    /// over.
+    pub(super) fn not_worth(
+        &mut self,
+        table: &QualifiedName,
+        hits: u64,
+        regime: u64,
+        now: Instant,
+    ) -> bool {
         if self.tables.len() > 100_000 {
             self.tables.clear();
         }
-        let mut hot = false;
-        for t in tables {
-            let (start, n) = self.tables.entry(t.clone()).or_insert((now, 0));
-            if now.duration_since(*start) > HOT_WINDOW {
-                *start = now;
-                *n = 0;
-            }
-            *n += 1;
-            hot |= *n >= HOT_WRITES;
+        let fresh = Window {
+            start: now,
+            writes: 0,
+            hits_at_start: hits,
+            regime,
+        };
+        let w = self.tables.entry(table.clone()).or_insert(fresh);
+        let mut elapsed = now.saturating_duration_since(w.start);
+        if elapsed > WINDOW || w.regime != regime {
+            *w = Window {
+                start: now,
+                writes: 0,
+                hits_at_start: hits,
+                regime,
+            };
+            elapsed = Duration::ZERO;
         }
-        hot
+        w.writes += 1;
+        if w.writes < MIN_WRITES {
+            return false;
+        }
+        let earned = hits.saturating_sub(w.hits_at_start);
+        let judged = earned == 0 || elapsed >= SPAN;
+        let poor = (earned as f64) < self.min_hits_per_write * f64::from(w.writes);
+        if judged && poor {
+            self.tables.remove(table);
+            return true;
+        }
+        false
     }
 }
 
 /// How long a table that was just unwatched waits before it may be watched
-/// again. A table written soon after each watch (a counter, a queue) would
-/// otherwise cycle: every read watches it, the next write unwatches it, and
-/// writers pay for a notification each time while its entries live a few
-/// milliseconds. When a watch ends within `SHORT_WATCH`, the table's hold-off
-/// doubles (up to `MAX_HOLDOFF`; reads meanwhile go to Postgres); a watch that
-/// lasts longer clears it, so tables written now and then are cached again at
-/// the next read.
+/// again. A table not worth announcing would otherwise cycle: every read
+/// watches it, `Benefit` unwatches it a fraction of a second later, and
+/// writers pay for notifications during each watch. When a watch ends within
+/// `SHORT_WATCH`, the table's hold-off doubles (up to `MAX_HOLDOFF`; reads
+/// meanwhile go to Postgres); a watch that lasts longer clears it, so a table
+/// whose workload changed is cached again at the next read.
 #[derive(Default)]
 pub(super) struct Holdoff {
     tables: HashMap<u32, HoldoffState>,
@@ -57,8 +111,8 @@ struct HoldoffState {
 }
 
 const MIN_HOLDOFF: Duration = Duration::from_millis(10);
-const MAX_HOLDOFF: Duration = Duration::from_secs(2);
-const SHORT_WATCH: Duration = Duration::from_millis(100);
+const MAX_HOLDOFF: Duration = Duration::from_secs(10);
+const SHORT_WATCH: Duration = Duration::from_secs(5);
 
 impl Holdoff {
     pub(super) fn may_watch(&self, oid: u32) -> bool {
@@ -104,7 +158,7 @@ mod tests {
         let mut h = Holdoff::default();
         assert!(h.may_watch(1), "never watched: no hold-off");
         let mut last = Duration::ZERO;
-        for _ in 0..10 {
+        for _ in 0..12 {
             h.watched(&[1]);
             h.unwatched(&[1]);
             let t = &h.tables[&1];
@@ -126,18 +180,33 @@ mod tests {
     }
 
     #[test]
-    fn only_tables_written_in_quick_succession_are_hot() {
-        let mut r = WriteRates::default();
-        let t = vec![("public".to_string(), "t".to_string())];
+    fn tables_are_announced_while_their_hits_pay_for_their_writes() {
+        let t = ("public".to_string(), "t".to_string());
         let start = Instant::now();
-        // One write every 30 ms: never five within a window.
-        for i in 0..20 {
-            assert!(!r.hot(&t, start + Duration::from_millis(30 * i)));
-        }
-        let later = start + Duration::from_secs(10);
-        let hot: Vec<bool> = (0..5)
-            .map(|i| r.hot(&t, later + Duration::from_millis(i)))
+        let ms = |n: u64| start + Duration::from_millis(n);
+        // A write-only table is judged as soon as it has enough writes.
+        let mut b = Benefit::new(5.0);
+        let verdicts: Vec<bool> = (0..MIN_WRITES)
+            .map(|i| b.not_worth(&t, 0, 0, ms(i.into())))
             .collect();
-        assert_eq!(hot, [false, false, false, false, true]);
+        assert_eq!(verdicts.iter().filter(|v| **v).count(), 1);
+        assert!(verdicts[MIN_WRITES as usize - 1], "the last write decides");
+        // Ten hits per write against a bar of five: announced however often written.
+        let mut b = Benefit::new(5.0);
+        assert!((0..1000u64).all(|i| !b.not_worth(&t, 100 + 10 * i, 0, ms(i))));
+        // Two hits per write: judged once the window has lasted SPAN, not before.
+        let mut b = Benefit::new(5.0);
+        let first = (0..1000u64).find(|i| b.not_worth(&t, 2 * i, 0, ms(*i)));
+        assert_eq!(first, Some(SPAN.as_millis() as u64));
+        // A new regime (reads became keyed) starts the window over.
+        let mut b = Benefit::new(5.0);
+        assert!((0..19u64).all(|i| !b.not_worth(&t, 0, 0, ms(i))));
+        assert!(
+            !b.not_worth(&t, 0, 1, ms(19)),
+            "twenty writes, but one under the new regime"
+        );
+        // Written rarely: never judged, hits or not.
+        let mut b = Benefit::new(5.0);
+        assert!((0..100u64).all(|i| !b.not_worth(&t, 0, 0, ms(i * 100))));
     }
 }

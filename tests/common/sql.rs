@@ -86,3 +86,26 @@ pub async fn warm(p: &Pgtier, c: &Client, sql: &str, want: &str) {
         );
     }
 }
+
+/// The watch sequence of `table`: 2 while its writes are announced, 1 after.
+pub async fn announced(d: &tokio_postgres::Client, table: &str) -> i64 {
+    d.query_one(
+        "select coalesce(pg_sequence_last_value(('pgtier.w' || $1::text::regclass::oid)::regclass), 0)",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Bounded wait for a table's announcing to be switched to `want`.
+pub async fn until_announced(d: &tokio_postgres::Client, table: &str, want: i64) {
+    let t = Instant::now();
+    while announced(d, table).await != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{table}: watch sequence never became {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

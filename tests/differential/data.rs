@@ -187,12 +187,14 @@ pub struct WriteState {
     pub next_order: i32,
     pub next_cat: i32,
     pub cats_empty: bool,
+    /// Whether the bulk rows (orders 1000001..=1001100) are in.
+    pub bulk: bool,
 }
 
 /// One single-statement write, and the table it touches.
 pub fn gen_write(rng: &mut StdRng, ws: &mut WriteState) -> (String, &'static str) {
     let id = rng.gen_range(1..=320);
-    match rng.gen_range(0..18) {
+    match rng.gen_range(0..19) {
         0 | 1 => {
             let rows: Vec<String> = (0..rng.gen_range(1..=3))
                 .map(|_| {
@@ -309,6 +311,18 @@ pub fn gen_write(rng: &mut StdRng, ws: &mut WriteState) -> (String, &'static str
                 format!("update items set id = {} where id = {id}", ws.next_item),
                 "items",
             )
+        }
+        // More rows than a key report may carry (issue 14): announced for the
+        // whole table, inserted and then deleted in one statement each.
+        18 => {
+            ws.bulk = !ws.bulk;
+            let sql = if ws.bulk {
+                "insert into orders select g, 1, 1, 1.5, 'bulk', date '2024-01-01', 100, null \
+                 from generate_series(1000001, 1001100) g"
+            } else {
+                "delete from orders where id between 1000001 and 1001100"
+            };
+            (sql.into(), "orders")
         }
         // a write that changes nothing
         _ => ("update items set price = price where id = -1".into(), "items"),

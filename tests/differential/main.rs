@@ -108,6 +108,7 @@ async fn run(database: &str, args: &[&str]) {
         next_order: 5000,
         next_cat: 10,
         cats_empty: false,
+        bulk: false,
     };
 
     // round 0: nothing has been written since pgtier started, every read must match

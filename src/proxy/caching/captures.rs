@@ -183,7 +183,8 @@ impl Captures {
                             plan.decision.analysis.fingerprint,
                             plan.epoch,
                             plan.deps,
-                        );
+                        )
+                        .reading(plan.tables);
                         cache.insert(key, entry);
                         metrics::hot().fills.increment(1);
                     } else {

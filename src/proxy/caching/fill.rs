@@ -24,6 +24,8 @@ pub struct FillPlan {
     /// before the statement runs: a write in between makes the entry invalid.
     pub epoch: u64,
     pub deps: Box<[(u32, u64)]>,
+    /// Oids of the tables it reads (its hits are counted on them).
+    pub tables: Arc<[u32]>,
     /// The L2 key, when L2 is in use.
     pub l2key: Option<u128>,
 }
@@ -85,6 +87,7 @@ pub fn plan(
         decision,
         epoch,
         deps,
+        tables: resolved.tables.clone(),
         l2key,
     })
 }

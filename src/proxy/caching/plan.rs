@@ -236,6 +236,7 @@ impl SessionCache {
                                 defined[i].proven = true;
                             }
                             reply.push(e.rows.clone());
+                            db.hits.count(&e.tables);
                             self.timing.hit(e.shape);
                             executes += 1;
                         }

@@ -68,10 +68,12 @@ impl SessionCache {
                     let now = Instant::now();
                     if now < e.fresh_until {
                         hot.l1_hit.increment(1);
+                        db.hits.count(&e.tables);
                         return Outcome::answer(self.reply_simple(&e));
                     }
                     if now < e.stale_until {
                         hot.l1_stale.increment(1);
+                        db.hits.count(&e.tables);
                         let answer = Some(self.reply_simple(&e));
                         let forward = self.refresh_simple(cache, db, sql, key, track);
                         return Outcome { answer, forward };
@@ -140,6 +142,7 @@ impl SessionCache {
                     hot.l2_hit.increment(1);
                     self.timing.served_from_l2();
                     let e = entry(Some(rd), rows, plan);
+                    db.hits.count(&e.tables);
                     let reply = self.reply_simple(&e);
                     cache.insert(key, e);
                     return Miss::Answered(reply);
@@ -155,6 +158,7 @@ impl SessionCache {
                 cache.wait_for(n, key).await;
                 if let Some(e) = fresh(cache, db, &key, Instant::now()) {
                     hot.l1_hit.increment(1);
+                    db.hits.count(&e.tables);
                     return Miss::Answered(self.reply_simple(&e));
                 }
                 None
@@ -220,4 +224,5 @@ pub(super) fn entry(row_desc: Option<Bytes>, rows: Bytes, plan: FillPlan) -> Ent
         plan.epoch,
         plan.deps,
     )
+    .reading(plan.tables)
 }

@@ -1,0 +1,153 @@
+//! The announce policy (issue 14): a table's writes stay announced while the
+//! hits on its cached reads pay for them (`invalidation.min_hits_per_write`),
+//! and are switched off when they do not — whether the table is read per table
+//! or by key.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::sql::{announced, first, until_announced, warm};
+use common::{direct, fresh_db, Pgtier};
+use tokio_postgres::Client;
+
+const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
+
+/// Writes through pgtier (so the next read waits for the write's
+/// notification), each followed by `reads` reads of `q`, for at least
+/// `at_least` and at least 40 writes (two judgements' worth). Returns the
+/// watch sequence after each write, and the share of reads that hit.
+async fn write_and_read(
+    (p, c, d): (&Pgtier, &Client, &Client),
+    update: &str,
+    q: &str,
+    reads: usize,
+    at_least: Duration,
+) -> (Vec<i64>, f64) {
+    let mut seq = Vec::new();
+    let before = p.metrics().await.hits();
+    let t = Instant::now();
+    let mut n = 0;
+    while n < 40 || t.elapsed() < at_least {
+        n += 1;
+        c.execute(update, &[]).await.expect("write");
+        for _ in 0..reads {
+            first(c, q).await;
+        }
+        seq.push(announced(d, "t").await);
+    }
+    let hits = p.metrics().await.hits() - before;
+    (seq, hits / (n * reads) as f64)
+}
+
+#[tokio::test]
+async fn a_table_read_more_than_written_stays_announced() {
+    let db = fresh_db("pgtier_policy_table").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table t(id int primary key, v int); insert into t values (1, 0)")
+        .await
+        .expect("setup");
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let c = p.connect(&db).await;
+    let q = "select v from t where id = 1";
+    warm(&p, &c, q, "0").await;
+    // Each write kills the entry; the nine reads after its refill hit: nine
+    // hits per write, against a bar of five.
+    let upd = "update t set v = v + 1 where id = 1";
+    let (seq, hit_ratio) =
+        write_and_read((&p, &c, &d), upd, q, 10, Duration::from_millis(700)).await;
+    assert!(
+        seq.iter().all(|s| *s == 2),
+        "switched off while its hits paid for its writes: {seq:?}"
+    );
+    assert!(hit_ratio >= 0.85, "reads hit {hit_ratio}");
+
+    // The same load against a bar of twenty hits per write: switched off.
+    drop(c);
+    drop(p);
+    let p = Pgtier::cached(
+        &db,
+        &format!("{TTL}[invalidation]\nmin_hits_per_write = 20\n"),
+        &[],
+    )
+    .await;
+    let c = p.connect(&db).await;
+    let v = first(&c, q).await;
+    warm(&p, &c, q, &v).await;
+    let (seq, _) = write_and_read((&p, &c, &d), upd, q, 10, Duration::from_millis(700)).await;
+    assert!(
+        seq.contains(&1),
+        "announced on although nine hits per write are under the bar: {seq:?}\n{}",
+        p.logs()
+    );
+    // Never stale meanwhile, and cached again once a read wants it (after the
+    // hold-off).
+    let direct_v: i32 = d.query_one("select v from t", &[]).await.expect("v").get(0);
+    assert_eq!(first(&c, q).await, direct_v.to_string());
+    until_announced(&d, "t", 2).await;
+}
+
+#[tokio::test]
+async fn a_table_read_by_key_stays_announced_while_written_and_not_once_reads_stop() {
+    let db = fresh_db("pgtier_policy_keys").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "create table t(id int primary key, v int);
+         insert into t select g, 0 from generate_series(1, 100) g",
+    )
+    .await
+    .expect("setup");
+    let p = Pgtier::cached(&db, TTL, &["--key-level"]).await;
+    let c = p.connect(&db).await;
+    let q = "select v from t where id = 1";
+    // Until the key column set is live, reads are table-level: wait (bounded)
+    // until a write to another key leaves the read cached.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        first(&c, q).await;
+        c.execute("update t set v = v + 1 where id = 50", &[])
+            .await
+            .expect("write");
+        let before = p.metrics().await.hits();
+        first(&c, q).await;
+        if p.metrics().await.hits() > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never keyed:\n{}", p.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Writes to another key kill nothing the reads need: six hits per write.
+    let upd = "update t set v = v + 1 where id = 50";
+    let (seq, hit_ratio) =
+        write_and_read((&p, &c, &d), upd, q, 6, Duration::from_millis(700)).await;
+    assert!(
+        seq.iter().all(|s| *s == 2),
+        "a table read by key was switched off: {seq:?}"
+    );
+    assert!(
+        hit_ratio >= 0.99,
+        "reads by key of an unwritten key hit {hit_ratio}"
+    );
+
+    // Writes alone earn nothing: switched off.
+    let t = Instant::now();
+    while announced(&d, "t").await != 1 {
+        d.execute("update t set v = v + 1 where id = 50", &[])
+            .await
+            .expect("write");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a table written with no reads stays announced"
+        );
+    }
+    // And its reads are never stale meanwhile.
+    let v: i32 = d
+        .query_one("select v from t where id = 50", &[])
+        .await
+        .expect("v")
+        .get(0);
+    assert_eq!(
+        first(&c, "select v from t where id = 50").await,
+        v.to_string()
+    );
+}
