@@ -9,6 +9,10 @@
 //!     STALE_ANNOUNCE_ALL=1 cargo bench --bench staleness
 //!         # invalidation.unwatch_on_write = false: written tables stay watched
 //!         # (every write is announced and invalidates)
+//!     STALE_KEY_LEVEL=1 cargo bench --bench staleness
+//!         # --key-level: half the reads are by key (`id = $1`, invalidated per
+//!         # key), half read the same row through a range (table-level), on
+//!         # the same tables
 //!
 //! Needs the local Postgres on 127.0.0.1:5432 (see README).
 
@@ -67,14 +71,24 @@ async fn main() {
 
     let announce_all = env("STALE_ANNOUNCE_ALL", 0u8) == 1;
     let toml = format!("[invalidation]\nunwatch_on_write = {}\n", !announce_all);
+    let key_level = env("STALE_KEY_LEVEL", 0u8) == 1;
+    let mut args = vec!["--default-ttl", "10m", "--log-level", "warn"];
+    if key_level {
+        args.push("--key-level");
+    }
     // The test harness's pgtier: its listener is connected before this returns.
-    let p = Pgtier::cached(db, &toml, &["--default-ttl", "10m", "--log-level", "warn"]).await;
+    let p = Pgtier::cached(db, &toml, &args).await;
     let via = p.conn_str(db);
 
     println!(
         "staleness: {secs}s, {writes_per_sec} writes/s ({writers} writers, direct), \
          {reads_per_sec} reads/s ({readers} readers, via pgtier), {rows} counters in {tables} tables, \
-         bound {bound:?}"
+         bound {bound:?}{}",
+        if key_level {
+            ", key-level (half the reads by key, half by range)"
+        } else {
+            ""
+        }
     );
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
@@ -111,6 +125,8 @@ async fn main() {
         let via = via.clone();
         handles.push(tokio::spawn(async move {
             let c = connect_str(&via).await;
+            // By key, and (with key-level) the same row through a range, which
+            // stays table-level: both shapes on the same tables.
             let mut sts = Vec::new();
             for t in 0..tables {
                 sts.push(
@@ -119,12 +135,27 @@ async fn main() {
                         .unwrap(),
                 );
             }
+            let mut ranges = Vec::new();
+            for t in 0..tables {
+                ranges.push(
+                    c.prepare(&format!(
+                        "select v from c{t} where id >= $1 and id <= $1::int + 0"
+                    ))
+                    .await
+                    .unwrap(),
+                );
+            }
             let mut reads: Vec<(i32, i64, Instant)> = Vec::new();
             let mut next = Instant::now();
             while Instant::now() < end {
                 let id = rand::thread_rng().gen_range(1..=rows);
                 let t0 = Instant::now();
-                let st = &sts[(id % tables) as usize];
+                let by_range = key_level && reads.len() % 2 == 1;
+                let st = if by_range {
+                    &ranges[(id % tables) as usize]
+                } else {
+                    &sts[(id % tables) as usize]
+                };
                 let v: i64 = c.query_one(st, &[&id]).await.unwrap().get(0);
                 reads.push((id, v, t0));
                 next += interval;

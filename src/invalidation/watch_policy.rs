@@ -85,6 +85,14 @@ impl Benefit {
         let judged = earned == 0 || elapsed >= SPAN;
         let poor = (earned as f64) < self.min_hits_per_write * f64::from(w.writes);
         if judged && poor {
+            tracing::info!(
+                schema = %table.0,
+                table = %table.1,
+                writes = w.writes,
+                hits = earned,
+                over_ms = elapsed.as_millis() as u64,
+                "announced writes earn too few hits: switching the table's announcing off"
+            );
             self.tables.remove(table);
             return true;
         }
