@@ -16,6 +16,9 @@
 #            --baseline BIN  (also measure another pgtier build, started with the same
 #                             arguments, alternating with this one: before/after in one run)
 #            --pgtier-args "..." (extra arguments for every pgtier started)
+#            --forwarding    (also measure the same binary with no cache at all, a plain
+#                             proxy in front of the direct copy: what the extra hop costs
+#                             on this machine, the floor of "never slower than no cache")
 #
 # Targets: direct Postgres is a copy of the database without pgtier's triggers
 # (what the application gets with no cache at all); each pgtier build caches
@@ -43,7 +46,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 clients=8 threads=2 duration=10 warmup=3 scale=10
 modes="simple extended prepared"
 writes="0 1 5 20"
-bin="" baseline="" pgtier_args=""
+bin="" baseline="" pgtier_args="" forwarding=""
 db=pgtier_keyed
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -57,6 +60,7 @@ while [ $# -gt 0 ]; do
     --bin) bin=$2; shift ;;
     --baseline) baseline=$2; shift ;;
     --pgtier-args) pgtier_args=$2; shift ;;
+    --forwarding) forwarding=1 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -151,9 +155,20 @@ start_pgtier() { # binary port admin-port workdir database
     exit 1
   fi
 }
-read -r port admin base_port base_admin <<<"$(free_ports 4)"
+read -r port admin base_port base_admin fwd_port fwd_admin <<<"$(free_ports 6)"
 start_pgtier "$bin" "$port" "$admin" "$work/pgtier" "$db"
 [ -n "$baseline" ] && start_pgtier "$baseline" "$base_port" "$base_admin" "$work/baseline" "$base_db"
+if [ -n "$forwarding" ]; then
+  # No control URL: nothing is cached, every statement is forwarded.
+  mkdir -p "$work/forward"
+  "$bin" --listen "127.0.0.1:$fwd_port" --upstream 127.0.0.1:5432 --admin-listen "127.0.0.1:$fwd_admin" \
+    --pid-file "$work/forward/pgtier.pid" --upgrade-sock "$work/forward/upgrade.sock" --log-level warn \
+    >"$work/forward/pgtier.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 150); do curl -sf -o /dev/null "http://127.0.0.1:$fwd_admin/ready" && break; sleep 0.1; done
+  psql -h 127.0.0.1 -p "$fwd_port" -U postgres -d "$direct_db" -qAtXc "select 1" >/dev/null \
+    || { echo "forwarding pgtier did not start:" >&2; cat "$work/forward/pgtier.log" >&2; exit 1; }
+fi
 
 n=$((100000 * scale))
 cat >"$work/read.sql" <<SQL
@@ -224,7 +239,7 @@ verdict() {
 # 0 %-writes row (- for none), TPS factor of direct
 targets=("1 0.95 1.5" "5 0.85 1.2" "20 - 1.0")
 
-declare -A D P PH B BH
+declare -A D P PH B BH F
 echo "key reads (zipfian 1.1 over $n rows) + uniform single-row updates; scale $scale," \
   "$clients clients, $threads threads, ${duration}s per run, ${warmup}s warm-up per mode"
 echo "hit = pgtier L1 hit ratio of the reads in that run: (hit+stale)/(hit+stale+miss+bypass), writes excluded"
@@ -232,10 +247,12 @@ for mode in $modes; do
   tps 5432 "$direct_db" "$mode" "$warmup" 0 >/dev/null
   tps "$port" "$db" "$mode" "$warmup" 0 >/dev/null
   [ -n "$baseline" ] && tps "$base_port" "$base_db" "$mode" "$warmup" 0 >/dev/null
+  [ -n "$forwarding" ] && tps "$fwd_port" "$direct_db" "$mode" "$warmup" 0 >/dev/null
   echo
   echo "-M $mode"
   printf "%8s %10s %10s %7s %7s" "writes %" direct pgtier ratio hit
   [ -n "$baseline" ] && printf " %10s %7s %7s %9s" baseline ratio hit pgt/base
+  [ -n "$forwarding" ] && printf " %10s %7s" forward ratio
   printf "\n"
   for w in $writes; do
     k=$mode/$w
@@ -247,6 +264,10 @@ for mode in $modes; do
       r=$(tps_hit "$base_port" "$base_admin" "$base_db" "$mode" "$duration" "$w")
       read -r "B[$k]" "BH[$k]" <<<"$r"
       printf " %10d %7s %7s %9s" "${B[$k]}" "$(div "${B[$k]}" "${D[$k]}")" "${BH[$k]}" "$(div "${P[$k]}" "${B[$k]}")"
+    fi
+    if [ -n "$forwarding" ]; then
+      F[$k]=$(tps "$fwd_port" "$direct_db" "$mode" "$duration" "$w")
+      printf " %10d %7s" "${F[$k]}" "$(div "${F[$k]}" "${D[$k]}")"
     fi
     printf "\n"
   done
@@ -289,6 +310,7 @@ for mode in $modes; do
       "$mode" "$w" "${D[$k]}" "${P[$k]}" "$(div "${P[$k]}" "${D[$k]}")" "${PH[$k]}"
     [ -n "$baseline" ] && printf " baseline=%d baseline_ratio=%s baseline_hit=%s" \
       "${B[$k]}" "$(div "${B[$k]}" "${D[$k]}")" "${BH[$k]}"
+    [ -n "$forwarding" ] && printf " forward=%d forward_ratio=%s" "${F[$k]}" "$(div "${F[$k]}" "${D[$k]}")"
     printf "\n"
   done
 done
