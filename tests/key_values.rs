@@ -4,14 +4,20 @@
 //! pgtier's canonical rendering (`sql::keyvalue`) must be exactly what
 //! Postgres prints for the value it reads (`::text`), which is what a write
 //! reports; and a spelling Postgres refuses must not be rendered at all.
+//! Arrays (`= ANY(...)`) likewise, element by element, in text and binary
+//! form.
 
 mod common;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use bytes::BytesMut;
 use common::direct;
-use pgtier::sql::keyvalue::{from_binary, from_text, KeyType};
+use pgtier::sql::keyvalue::{
+    array_from_binary, array_from_text, from_binary, from_text, KeyType, Refusal,
+};
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::Client;
 
 const TYPES: [(KeyType, &str); 6] = [
@@ -195,4 +201,146 @@ async fn binary_parameters_render_as_postgres_prints_them() {
             "seed {seed}"
         );
     }
+}
+
+/// What Postgres reads the elements of array `value` (a text-form literal, or
+/// binary bytes) of `ty` as, or None if it refuses it.
+async fn server_elements(c: &Client, value: &Value, ty: &str) -> Option<Vec<Option<String>>> {
+    let sql = format!("select x::text from unnest($1::{ty}[]) with ordinality u(x, n) order by n");
+    let res = match value {
+        Value::Text(s) => {
+            let sql = sql.replace("$1", &quote(s));
+            c.query(sql.as_str(), &[]).await
+        }
+        Value::Binary(b) => c.query(sql.as_str(), &[&Raw(b.clone())]).await,
+    };
+    match res {
+        Ok(rows) => Some(rows.iter().map(|r| r.get(0)).collect()),
+        Err(e) if e.as_db_error().is_some() => None,
+        Err(e) => panic!("{sql}: {e}"),
+    }
+}
+
+enum Value {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// Bytes sent as a binary parameter of whatever type the server wants.
+#[derive(Debug)]
+struct Raw(Vec<u8>);
+
+impl ToSql for Raw {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// An array literal of some spellings of `ty`: elements quoted or not, with
+/// whitespace, sometimes a NULL or something malformed.
+fn array_spelling(rng: &mut StdRng, ty: KeyType) -> String {
+    let ws = [" ", "\t", "", "", ""];
+    let w = |rng: &mut StdRng| ws[rng.gen_range(0..ws.len())];
+    let n = rng.gen_range(0..4);
+    let mut items = Vec::new();
+    for _ in 0..n {
+        let s = spellings(rng, ty).swap_remove(0);
+        let item = match rng.gen_range(0..10) {
+            0 => "NULL".to_string(),
+            1 => "\"NULL\"".to_string(),
+            2..=4 => s,
+            _ => format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")),
+        };
+        items.push(format!("{}{item}{}", w(rng), w(rng)));
+    }
+    let tail = ["", "", "", " ", ",", "}", "x"][rng.gen_range(0..7)];
+    format!("{}{{{}}}{tail}", w(rng), items.join(","))
+}
+
+/// A binary array of random values of `ty` (element type `oid`), sometimes
+/// with a NULL element, a wrong element type or stray bytes.
+fn binary_array(rng: &mut StdRng, ty: KeyType, oid: u32) -> Vec<u8> {
+    let n = rng.gen_range(0..4);
+    let element = if rng.gen_range(0..10) == 0 { 25 } else { oid };
+    let mut b = Vec::new();
+    for v in [1, 0, element as i32, n, rng.gen_range(-1..3)] {
+        b.extend_from_slice(&v.to_be_bytes());
+    }
+    for _ in 0..n {
+        let v: Vec<u8> = match ty {
+            KeyType::Int2 => rng.gen::<i16>().to_be_bytes().to_vec(),
+            KeyType::Int4 => rng.gen::<i32>().to_be_bytes().to_vec(),
+            KeyType::Int8 => rng.gen::<i64>().to_be_bytes().to_vec(),
+            KeyType::Bool => vec![rng.gen_range(0..3)],
+            KeyType::Uuid => rng.gen::<[u8; 16]>().to_vec(),
+            KeyType::Text => spellings(rng, ty).swap_remove(0).into_bytes(),
+        };
+        if rng.gen_range(0..12) == 0 {
+            b.extend_from_slice(&(-1i32).to_be_bytes());
+        } else {
+            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            b.extend_from_slice(&v);
+        }
+    }
+    if rng.gen_range(0..15) == 0 {
+        b.push(0);
+    }
+    b
+}
+
+#[tokio::test]
+async fn arrays_render_element_by_element_as_postgres_reads_them() {
+    let c = direct("postgres").await;
+    let seed: u64 = rand::thread_rng().gen();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let oids = [21, 23, 20, 25, 2950, 16];
+    let mut agreed = 0;
+    for _ in 0..120 {
+        for ((ty, name), oid) in TYPES.into_iter().zip(oids) {
+            for binary in [false, true] {
+                let (value, ours) = if binary {
+                    let b = binary_array(&mut rng, ty, oid);
+                    let ours = array_from_binary(ty, &b, 64);
+                    (Value::Binary(b), ours)
+                } else {
+                    let s = array_spelling(&mut rng, ty);
+                    let ours = array_from_text(ty, s.as_bytes(), 64);
+                    (Value::Text(s), ours)
+                };
+                let shown = match &value {
+                    Value::Text(s) => format!("{s:?}"),
+                    Value::Binary(b) => format!("{b:?}"),
+                };
+                let theirs = server_elements(&c, &value, name).await;
+                match (&ours, &theirs) {
+                    (Ok(o), Some(t)) => {
+                        let t: Vec<Option<&str>> = t.iter().map(Option::as_deref).collect();
+                        let o: Vec<Option<&str>> = o.iter().map(|s| Some(s.as_str())).collect();
+                        assert_eq!(o, t, "seed {seed}: {name}[] {shown}");
+                        agreed += 1;
+                    }
+                    (Ok(o), None) => {
+                        panic!("seed {seed}: {name}[] {shown}: rendered {o:?}, Postgres refuses it")
+                    }
+                    (Err(Refusal::Null), t) => assert!(
+                        t.as_ref().is_none_or(|t| t.contains(&None)),
+                        "seed {seed}: {name}[] {shown}: no NULL in {t:?}"
+                    ),
+                    (Err(_), _) => {}
+                }
+            }
+        }
+    }
+    assert!(agreed > 300, "only {agreed} arrays compared");
 }

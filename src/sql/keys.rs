@@ -1,7 +1,7 @@
 //! Key lookups: statements whose result depends only on the rows of their one
 //! table that have given values in some columns (`WHERE id = $1`, `WHERE a = $1
-//! AND b = 'x'`, `WHERE id IN (1, 2)`, whatever else the WHERE clause, the
-//! select list or the grouping does with those rows).
+//! AND b = 'x'`, `WHERE id IN (1, 2)`, `WHERE id = ANY($1)`, whatever else the
+//! WHERE clause, the select list or the grouping does with those rows).
 //!
 //! Such a result changes only when a row with one of those values is written
 //! (inserted with it, deleted with it, or updated from or to it), so it can be
@@ -27,6 +27,12 @@ pub enum KeyValue {
         quoted: bool,
         cast: Option<KeyType>,
     },
+    /// An array parameter of `= ANY($1)` (`$1::int8[]`: `cast` is the element
+    /// type); its elements are the values.
+    ParamArray { number: u32, cast: Option<KeyType> },
+    /// An array literal of `= ANY('{1,2}')` (`'{1,2}'::int8[]`), in Postgres's
+    /// array text form.
+    LiteralArray { text: String, cast: Option<KeyType> },
 }
 
 /// A column of the key and the values the statement asks for (several for IN).
@@ -118,8 +124,10 @@ pub fn single_use_params(
         .into_iter()
         .filter(|c| {
             c.values.iter().all(|v| match v {
-                KeyValue::Param { number, .. } => uses(*number) == 1,
-                KeyValue::Literal { .. } => true,
+                KeyValue::Param { number, .. } | KeyValue::ParamArray { number, .. } => {
+                    uses(*number) == 1
+                }
+                KeyValue::Literal { .. } | KeyValue::LiteralArray { .. } => true,
             })
         })
         .collect();
@@ -142,7 +150,8 @@ fn conjuncts(clause: Option<&Node>) -> Vec<&Node> {
     }
 }
 
-/// `column = value`, `value = column` or `column IN (values)`.
+/// `column = value`, `value = column`, `column IN (values)` or `column =
+/// ANY(array)`.
 fn equality(e: &AExpr, qualifier: &str) -> Option<(String, Vec<KeyValue>)> {
     let op = match e.name.as_slice() {
         [n] => string(n)?,
@@ -168,7 +177,57 @@ fn equality(e: &AExpr, qualifier: &str) -> Option<(String, Vec<KeyValue>)> {
         let values: Option<Vec<KeyValue>> = list.items.iter().map(value).collect();
         return Some((c, values?));
     }
+    // `<> ANY` is refused above, and `= ALL` is another kind.
+    if e.kind == AExprKind::AexprOpAny as i32 {
+        return Some((column(l, qualifier)?, any_values(r)?));
+    }
     None
+}
+
+/// The right side of `= ANY(...)`: an array parameter, an array literal
+/// (either possibly cast to an array of a key type), or `ARRAY[values]`.
+/// Postgres types an uncast `$1` or `'{..}'` here as an array of the column's
+/// type, as it does a scalar one; `ARRAY[...]` takes the common type of its
+/// elements, which for the key types either is the type each element is
+/// rendered as, or makes the statement fail (`ARRAY[$1, 2]` against an int8
+/// column makes `$1` an int4: a binary int8 is refused by both).
+fn any_values(n: &Node) -> Option<Vec<KeyValue>> {
+    match &n.node {
+        Some(NodeEnum::ParamRef(p)) => Some(vec![KeyValue::ParamArray {
+            number: u32::try_from(p.number).ok()?,
+            cast: None,
+        }]),
+        Some(NodeEnum::AConst(c)) => match c.val.as_ref()? {
+            a_const::Val::Sval(s) => Some(vec![KeyValue::LiteralArray {
+                text: s.sval.clone(),
+                cast: None,
+            }]),
+            _ => None,
+        },
+        Some(NodeEnum::TypeCast(t)) => {
+            let ty = array_cast_type(t.type_name.as_ref()?)?;
+            match &t.arg.as_deref()?.node {
+                Some(NodeEnum::ParamRef(p)) => Some(vec![KeyValue::ParamArray {
+                    number: u32::try_from(p.number).ok()?,
+                    cast: Some(ty),
+                }]),
+                Some(NodeEnum::AConst(c)) => match c.val.as_ref()? {
+                    a_const::Val::Sval(s) => Some(vec![KeyValue::LiteralArray {
+                        text: s.sval.clone(),
+                        cast: Some(ty),
+                    }]),
+                    _ => None,
+                },
+                // `ARRAY[..]::int8[]` coerces its elements explicitly (a
+                // numeric is rounded): not worth proving.
+                _ => None,
+            }
+        }
+        Some(NodeEnum::AArrayExpr(a)) if !a.elements.is_empty() => {
+            a.elements.iter().map(value).collect()
+        }
+        _ => None,
+    }
 }
 
 fn string(n: &Node) -> Option<&str> {
@@ -237,7 +296,23 @@ fn value(n: &Node) -> Option<KeyValue> {
 
 /// The key type a cast names; only built-in names, no typmods or arrays.
 fn cast_type(t: &TypeName) -> Option<KeyType> {
-    if !t.array_bounds.is_empty() || !t.typmods.is_empty() || t.setof {
+    if !t.array_bounds.is_empty() {
+        return None;
+    }
+    type_name(t)
+}
+
+/// The element type of a cast to an array of a key type (`int8[]`; Postgres
+/// reads `int8[][]` and `int8[3]` as the same type).
+fn array_cast_type(t: &TypeName) -> Option<KeyType> {
+    if t.array_bounds.is_empty() {
+        return None;
+    }
+    type_name(t)
+}
+
+fn type_name(t: &TypeName) -> Option<KeyType> {
+    if !t.typmods.is_empty() || t.setof || t.pct_type {
         return None;
     }
     let name = match t.names.as_slice() {
@@ -313,6 +388,42 @@ mod tests {
     }
 
     #[test]
+    fn any_of_an_array_is_a_key() {
+        let l = lookup("select * from t where id = any($1)").expect("key");
+        assert_eq!(
+            l.columns[0].values,
+            vec![KeyValue::ParamArray {
+                number: 1,
+                cast: None
+            }]
+        );
+        let l = lookup("select * from t where t.id = some($2::bigint[])").expect("key");
+        assert_eq!(
+            l.columns[0].values,
+            vec![KeyValue::ParamArray {
+                number: 2,
+                cast: Some(KeyType::Int8)
+            }]
+        );
+        let l = lookup("select * from t where id = any('{1,2}'::int[][]) and x > 1").expect("key");
+        assert_eq!(
+            l.columns[0].values,
+            vec![KeyValue::LiteralArray {
+                text: "{1,2}".into(),
+                cast: Some(KeyType::Int4)
+            }]
+        );
+        let l = lookup("select * from t where id = any('{1,2}')").expect("key");
+        assert!(matches!(
+            &l.columns[0].values[..],
+            [KeyValue::LiteralArray { cast: None, .. }]
+        ));
+        let l = lookup("select * from t where id = any(array[1, $2, '3'])").expect("key");
+        assert_eq!(l.columns[0].values.len(), 3);
+        assert_eq!(l.columns[0].values[1], param(2));
+    }
+
+    #[test]
     fn everything_else_is_table_level() {
         for (sql, why) in [
             ("select * from t", TableLevel::NoKeyEquality),
@@ -346,7 +457,43 @@ mod tests {
                 TableLevel::NoKeyEquality,
             ),
             (
-                "select * from t where id = any($1)",
+                "select * from t where id <> any($1)",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where id = all($1)",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where id = any($1::int)",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where id = any($1::numeric[])",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where id = any(array[array[1]])",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where id = any(array[1, 2]::int8[])",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where id = any(array[1, other])",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where id = any(other_ids)",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where $1 = any(ids)",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where id = any(select 1)",
                 TableLevel::NoKeyEquality,
             ),
             (

@@ -62,7 +62,12 @@ pub fn plan(
     let resolved = db.resolve(sql_hash, &decision);
     let resolved = resolved.as_ref().as_ref().map_err(|why| *why)?;
     let keyed = resolved.key.as_ref().and_then(|k| {
-        let keys = key_deps::key_slots(&db.name, k, params)?;
+        let keys = key_deps::key_slots(&db.name, k, params)
+            .inspect_err(|why| {
+                metrics::counter!("pgtier_key_fallbacks_total", "reason" => why.label())
+                    .increment(1);
+            })
+            .ok()?;
         let mut slots: Vec<u32> = resolved
             .slots
             .iter()
