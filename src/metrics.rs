@@ -188,7 +188,7 @@ fn describe() {
     );
     describe_counter!(
         "pgtier_key_fallbacks_total",
-        "Reads of a key-level shape left table-level by their values, by reason (null, too_many, unreadable)"
+        "Reads of a key-level shape left table-level, by reason (null, too_many, unreadable, encoding, column_type, collation)"
     );
     describe_counter!(
         "pgtier_invalidation_notifications_total",

@@ -5,7 +5,8 @@
 //! Postgres prints for the value it reads (`::text`), which is what a write
 //! reports; and a spelling Postgres refuses must not be rendered at all.
 //! Arrays (`= ANY(...)`) likewise, element by element, in text and binary
-//! form.
+//! form; and text keys written as SQL literals (`'...'`, `E'...'` with every
+//! escape, `U&'...'`), as pgtier's parser reads them against the server.
 
 mod common;
 
@@ -14,6 +15,7 @@ use rand::{Rng, SeedableRng};
 
 use bytes::BytesMut;
 use common::direct;
+use pgtier::sql::keys::KeyValue;
 use pgtier::sql::keyvalue::{
     array_from_binary, array_from_text, from_binary, from_text, KeyType, Refusal,
 };
@@ -343,4 +345,87 @@ async fn arrays_render_element_by_element_as_postgres_reads_them() {
         }
     }
     assert!(agreed > 300, "only {agreed} arrays compared");
+}
+
+/// `s` as an `E''` literal, each character spelled at random: as itself, or
+/// as one of the escapes Postgres reads (`\\`, `\'`, `\n`, `\xHH`, octal,
+/// `\uXXXX`, `\UXXXXXXXX`, the UTF-8 bytes one by one).
+fn e_literal(rng: &mut StdRng, s: &str) -> String {
+    let mut out = String::from("E'");
+    for ch in s.chars() {
+        let cp = ch as u32;
+        let mut utf8 = [0u8; 4];
+        let bytes = ch.encode_utf8(&mut utf8).as_bytes();
+        match (ch, rng.gen_range(0..6)) {
+            ('\'', 0) => out.push_str("''"),
+            ('\'', _) => out.push_str("\\'"),
+            ('\\', _) => out.push_str("\\\\"),
+            ('\n', 0) => out.push_str("\\n"),
+            ('\t', 0) => out.push_str("\\t"),
+            (_, 1) => bytes
+                .iter()
+                .for_each(|b| out.push_str(&format!("\\x{b:02x}"))),
+            (_, 2) => bytes
+                .iter()
+                .for_each(|b| out.push_str(&format!("\\{b:03o}"))),
+            (_, 3) if cp <= 0xffff => out.push_str(&format!("\\u{cp:04x}")),
+            (_, 4) => out.push_str(&format!("\\U{cp:08X}")),
+            _ => out.push(ch),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// `s` as a `U&''` literal, non-ASCII characters escaped.
+fn unicode_literal(s: &str) -> String {
+    let mut out = String::from("U&'");
+    for ch in s.chars() {
+        match ch {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_ascii() => out.push(c),
+            c => out.push_str(&format!("\\+{:06X}", c as u32)),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+#[tokio::test]
+async fn text_literals_render_as_postgres_reads_them() {
+    let c = direct("postgres").await;
+    let seed: u64 = rand::thread_rng().gen();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pool = [
+        'a', 'Z', ' ', '\'', '"', '\\', '\n', '\t', 'é', '€', '😀', '0', '{', ',', '%', '\u{7f}',
+    ];
+    let mut agreed = 0;
+    for _ in 0..400 {
+        let s: String = (0..rng.gen_range(0..10))
+            .map(|_| pool[rng.gen_range(0..pool.len())])
+            .collect();
+        let plain = format!("'{}'", s.replace('\'', "''"));
+        for lit in [plain, e_literal(&mut rng, &s), unicode_literal(&s)] {
+            let sql = format!("select 1 from t where name = {lit}");
+            let lookup = pgtier::sql::analyze(&sql).keys;
+            let ours = match lookup.as_ref().map(|l| &l.columns[0].values[..]) {
+                Ok(
+                    [KeyValue::Literal {
+                        text, quoted: true, ..
+                    }],
+                ) => from_text(KeyType::Text, text.as_bytes()),
+                other => panic!("seed {seed}: {sql}: not a text key: {other:?}"),
+            };
+            let theirs: String = c
+                .query_one(format!("select ({lit})::text").as_str(), &[])
+                .await
+                .unwrap_or_else(|e| panic!("seed {seed}: {lit}: {e}"))
+                .get(0);
+            assert_eq!(ours.as_deref(), Some(theirs.as_str()), "seed {seed}: {lit}");
+            assert_eq!(theirs, s, "seed {seed}: {lit} spells {s:?}");
+            agreed += 1;
+        }
+    }
+    assert!(agreed >= 1200);
 }

@@ -149,9 +149,15 @@ pub fn plan(
     let mut columns = Vec::with_capacity(lookup.columns.len());
     for c in &lookup.columns {
         let (_, ty, deterministic) = r.columns.iter().find(|(n, _, _)| *n == c.column)?;
-        let ty = KeyType::from_oid(*ty)?;
-        // Text keys wait for the session's encoding to be part of the plan.
-        if ty == KeyType::Text || !deterministic {
+        // `char(n)` (pads and trims), `name`, `citext`, domains: not key types.
+        let Some(ty) = KeyType::from_oid(*ty) else {
+            fallback("column_type");
+            return None;
+        };
+        // Under a nondeterministic collation `=` matches other spellings
+        // ('A' = 'a' case-insensitively), which a write reports as themselves.
+        if !deterministic {
+            fallback("collation");
             return None;
         }
         columns.push((c.column.clone(), ty));
@@ -169,6 +175,11 @@ pub fn plan(
         columns,
         values: lookup.columns.iter().map(|c| c.values.clone()).collect(),
     })
+}
+
+/// Count a read of a key-level shape left table-level, by why.
+fn fallback(reason: &'static str) {
+    metrics::counter!("pgtier_key_fallbacks_total", "reason" => reason).increment(1);
 }
 
 /// The request's parameters, to read key values from.
@@ -268,8 +279,18 @@ fn render(
 }
 
 /// The key slots a read depends on, given its request's values; refused when
-/// a value cannot be rendered (the read then stays table-level).
-pub fn key_slots(database: &str, plan: &KeyPlan, params: &dyn Params) -> Result<Vec<u32>, Refusal> {
+/// a value cannot be rendered (the read then stays table-level). `utf8`: the
+/// session's client and server encodings are both UTF-8, so a text key's
+/// bytes as the request gives them are the bytes a write reports.
+pub fn key_slots(
+    database: &str,
+    plan: &KeyPlan,
+    params: &dyn Params,
+    utf8: bool,
+) -> Result<Vec<u32>, Refusal> {
+    if !utf8 && plan.columns.iter().any(|(_, ty)| *ty == KeyType::Text) {
+        return Err(Refusal::Encoding);
+    }
     let mut per_column: Vec<Vec<String>> = Vec::with_capacity(plan.columns.len());
     for ((_, ty), values) in plan.columns.iter().zip(&plan.values) {
         let mut rendered = Vec::with_capacity(values.len());
@@ -356,7 +377,7 @@ mod tests {
             Args(vec![(true, Some(7i32.to_be_bytes().to_vec()), 0)]),
             Args(vec![(true, Some(7i64.to_be_bytes().to_vec()), 20)]),
         ] {
-            assert_eq!(key_slots("db", &plan, &args), Ok(vec![write]));
+            assert_eq!(key_slots("db", &plan, &args, true), Ok(vec![write]));
         }
         let lit = |text: &str, quoted| KeyValue::Literal {
             text: text.into(),
@@ -365,7 +386,7 @@ mod tests {
         };
         for v in [lit("7", false), lit("007", true)] {
             let plan = plan_of(vec![vec![v]], vec![("id", KeyType::Int4)]);
-            assert_eq!(key_slots("db", &plan, &NoParams), Ok(vec![write]));
+            assert_eq!(key_slots("db", &plan, &NoParams, true), Ok(vec![write]));
         }
     }
 
@@ -379,10 +400,10 @@ mod tests {
             Args(vec![(true, Some(vec![0, 7]), 0)]),
             Args(vec![]),
         ] {
-            assert!(key_slots("db", &plan, &args).is_err());
+            assert!(key_slots("db", &plan, &args, true).is_err());
         }
         assert_eq!(
-            key_slots("db", &plan, &Args(vec![(false, None, 0)])),
+            key_slots("db", &plan, &Args(vec![(false, None, 0)]), true),
             Err(Refusal::Null)
         );
     }
@@ -422,7 +443,7 @@ mod tests {
                 1016,
             )]),
         ] {
-            let mut got = key_slots("db", &plan, &args);
+            let mut got = key_slots("db", &plan, &args, true);
             if let Ok(s) = &mut got {
                 s.sort_unstable();
             }
@@ -458,20 +479,53 @@ mod tests {
                 Refusal::Unreadable,
             ),
         ] {
-            assert_eq!(key_slots("db", &plan, &Args(args)), Err(why));
+            assert_eq!(key_slots("db", &plan, &Args(args), true), Err(why));
         }
         let lit = KeyValue::LiteralArray {
             text: "{ 7 , \"9\"}".into(),
             cast: Some(KeyType::Int4),
         };
         let plan = plan_of(vec![vec![lit]], vec![("id", KeyType::Int8)]);
-        assert_eq!(key_slots("db", &plan, &NoParams).map(|s| s.len()), Ok(2));
+        assert_eq!(
+            key_slots("db", &plan, &NoParams, true).map(|s| s.len()),
+            Ok(2)
+        );
         let lit = KeyValue::LiteralArray {
             text: "{7}".into(),
             cast: Some(KeyType::Uuid),
         };
         let plan = plan_of(vec![vec![lit]], vec![("id", KeyType::Int8)]);
-        assert_eq!(key_slots("db", &plan, &NoParams), Err(Refusal::Unreadable));
+        assert_eq!(
+            key_slots("db", &plan, &NoParams, true),
+            Err(Refusal::Unreadable)
+        );
+    }
+
+    #[test]
+    fn text_keys_only_in_utf8_sessions() {
+        let plan = plan_of(vec![vec![p(1)]], vec![("name", KeyType::Text)]);
+        let write = Generations::key_slot("db", "public", "t", &["name"], &["é 'x'"]);
+        for args in [
+            Args(vec![(false, Some("é 'x'".as_bytes().to_vec()), 0)]),
+            Args(vec![(true, Some("é 'x'".as_bytes().to_vec()), 1043)]),
+        ] {
+            assert_eq!(key_slots("db", &plan, &args, true), Ok(vec![write]));
+            assert_eq!(key_slots("db", &plan, &args, false), Err(Refusal::Encoding));
+        }
+        for args in [
+            Args(vec![(false, Some(vec![0xe9]), 0)]),
+            Args(vec![(false, Some(b"a\0".to_vec()), 0)]),
+            Args(vec![(false, Some(b"7".to_vec()), 23)]),
+            Args(vec![(false, Some(b"abc".to_vec()), 1042)]),
+        ] {
+            assert_eq!(
+                key_slots("db", &plan, &args, true),
+                Err(Refusal::Unreadable)
+            );
+        }
+        let int = plan_of(vec![vec![p(1)]], vec![("id", KeyType::Int4)]);
+        let seven = Args(vec![(false, Some(b"7".to_vec()), 0)]);
+        assert!(key_slots("db", &int, &seven, false).is_ok(), "not text");
     }
 
     #[test]
@@ -485,7 +539,7 @@ mod tests {
             (false, Some(b"2".to_vec()), 0),
             (false, Some(b"yes".to_vec()), 0),
         ]);
-        let slots = key_slots("db", &plan, &args).expect("keyed");
+        let slots = key_slots("db", &plan, &args, true).expect("keyed");
         assert_eq!(slots.len(), 2);
         assert!(slots.contains(&Generations::key_slot(
             "db",

@@ -376,6 +376,23 @@ mod tests {
                 cast: Some(KeyType::Int8)
             }
         );
+        let l =
+            lookup("select * from t where name = E'O\\'Brien' and t.v = $1::varchar").expect("key");
+        assert_eq!(
+            l.columns[0].values,
+            vec![KeyValue::Literal {
+                text: "O'Brien".into(),
+                quoted: true,
+                cast: None
+            }]
+        );
+        assert_eq!(
+            l.columns[1].values,
+            vec![KeyValue::Param {
+                number: 1,
+                cast: Some(KeyType::Text)
+            }]
+        );
         let l = lookup("select * from t where t.id = '007'::int4").expect("key");
         assert!(matches!(
             &l.columns[0].values[0],
@@ -454,6 +471,22 @@ mod tests {
             ),
             (
                 "select * from t where id = lower($1)",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where name = $1 collate \"C\"",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where name collate \"C\" = $1",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where name = $1::varchar(3)",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from t where name = 'x'::name",
                 TableLevel::NoKeyEquality,
             ),
             (

@@ -16,7 +16,8 @@ pub enum KeyType {
     Int2,
     Int4,
     Int8,
-    /// `text` and `varchar` (deterministic collation; the caller checks it).
+    /// `text` and `varchar` (deterministic collation, so `=` compares bytes;
+    /// the caller checks it, and that the session is UTF-8 throughout).
     Text,
     Uuid,
     Bool,
@@ -109,6 +110,9 @@ pub enum Refusal {
     /// A spelling, type or array form pgtier cannot render exactly as
     /// Postgres would read it (an empty or multi-dimensional array too).
     Unreadable,
+    /// A text key in a session whose client or server encoding is not UTF-8
+    /// (Postgres converts what pgtier sees; the write reports server bytes).
+    Encoding,
 }
 
 impl Refusal {
@@ -117,6 +121,7 @@ impl Refusal {
             Refusal::Null => "null",
             Refusal::TooMany => "too_many",
             Refusal::Unreadable => "unreadable",
+            Refusal::Encoding => "encoding",
         }
     }
 }
