@@ -223,6 +223,27 @@ async fn text_keys_in_every_spelling_stay_cached_and_are_never_stale() {
         .await
         .expect("insert");
     eventually("fresh", || read(&c, "fresh"), &["f"]).await;
+
+    // A text array (`= ANY($1)`, binary text[]), keyed by its elements.
+    let any = "select v from users where name = any($1) order by v";
+    let names = || async {
+        let names: Vec<&str> = vec!["fresh", "quo\"te", "absent"];
+        c.query(any, &[&names])
+            .await
+            .expect("any")
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<String>>()
+    };
+    assert_eq!(names().await, ["f", "new-quo\"te"]);
+    c.batch_execute("update users set v = 'z4' where name = 'zed'")
+        .await
+        .expect("write");
+    assert!(hit(&p, names).await.0, "text array survives another key");
+    d.execute("insert into users values ('absent', 'here')", &[])
+        .await
+        .expect("insert");
+    eventually("any", names, &["f", "here", "new-quo\"te"]).await;
 }
 
 #[tokio::test]

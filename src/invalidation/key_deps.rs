@@ -115,8 +115,9 @@ pub struct KeyPlan {
     pub values: Vec<Vec<KeyValue>>,
 }
 
-/// The key plan of a resolved read of table `oid`, if its lookup can be keyed;
-/// a column set not yet live is requested and the read stays table-level.
+/// The key plan of a resolved read (`refs`: the relations it names, `tables`:
+/// the tables it reads), if its lookup can be keyed; a column set not yet
+/// live is requested and the read stays table-level.
 pub fn plan(
     database: &str,
     catalog: &Catalog,
@@ -125,22 +126,43 @@ pub fn plan(
     refs: &[TableRef],
     tables: &[u32],
 ) -> Option<KeyPlan> {
-    let [oid] = tables else {
-        return None;
-    };
     // The statement must name the table itself: through a view, its columns
     // are the view's (renamed, grouped, computed), not the table's.
-    let [named] = refs else {
+    let [oid] = catalog.named(&lookup.table)[..] else {
         return None;
     };
-    if catalog.named(named) != [*oid] {
+    if !tables.contains(&oid) {
         return None;
     }
     // An `=` of the user's may be the one the statement's `=` means.
     if catalog.routines.key_equality() {
         return None;
     }
-    let r = catalog.get(*oid)?;
+    let r = catalog.get(oid)?;
+    let table_slot = Generations::slot(database, &r.schema, &r.name);
+    // The read keeps every dependency but the table's own slot: no other
+    // reference may read the table (another spelling of its name, a view over
+    // it), and no other dependency may share its slot (a collision would drop
+    // it with the table's).
+    let mut others = vec![Generations::routines_slot(database)];
+    for t in refs {
+        if t.schema.is_none() {
+            others.push(Generations::name_slot(database, &t.name));
+        }
+        if *t == lookup.table {
+            continue;
+        }
+        let (slots, oids) = catalog.reference_deps(database, t)?;
+        if oids.contains(&oid) {
+            fallback("read_again");
+            return None;
+        }
+        others.extend(slots);
+    }
+    if others.contains(&table_slot) {
+        fallback("slot_shared");
+        return None;
+    }
     // Plain tables only: writes to a partition or an inheritance child would
     // change the parent's rows under another table's triggers.
     if r.kind != b'r' || !r.parents.is_empty() || !r.children.is_empty() {
@@ -163,12 +185,12 @@ pub fn plan(
         columns.push((c.column.clone(), ty));
     }
     let cols: ColumnSet = columns.iter().map(|(n, _)| n.clone()).collect();
-    if !state.is_live(*oid, &cols) {
-        state.request(*oid, cols);
+    if !state.is_live(oid, &cols) {
+        state.request(oid, cols);
         return None;
     }
     Some(KeyPlan {
-        table_slot: Generations::slot(database, &r.schema, &r.name),
+        table_slot,
         whole_slot: Generations::whole_slot(database, &r.schema, &r.name),
         schema: r.schema.clone(),
         table: r.name.clone(),

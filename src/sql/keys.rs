@@ -5,15 +5,19 @@
 //!
 //! Such a result changes only when a row with one of those values is written
 //! (inserted with it, deleted with it, or updated from or to it), so it can be
-//! invalidated per key instead of per table. Anything else (ranges, scans,
-//! joins, subqueries, set operations, an OR at the top) stays table-level.
-//! Decided once per statement text, from the parse tree.
+//! invalidated per key instead of per table. In a join, one table's rows may
+//! be fixed so (`FROM a JOIN b ON .. WHERE a.id = $1`): that table is keyed,
+//! the others stay table-level (see `keyfrom`). Anything else (ranges, scans,
+//! subqueries, set operations, an OR at the top) stays table-level. Decided
+//! once per statement text, from the parse tree.
 
 use pg_query::protobuf::{a_const, AExpr, AExprKind, BoolExprType, SelectStmt, SetOperation};
 use pg_query::protobuf::{Node, TypeName};
 use pg_query::NodeEnum;
 
+use super::keyfrom::{from_tables, NotTables};
 use super::keyvalue::KeyType;
+use super::table_ref::TableRef;
 
 /// Where a key value comes from in the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +49,10 @@ pub struct KeyColumn {
 /// A statement that reads its table's rows by key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyLookup {
+    /// The table whose rows the key selects, as named in FROM.
+    pub table: TableRef,
+    /// The statement joins other tables to it (which stay table-level).
+    pub joined: bool,
     /// Key columns, sorted by name: the column set of the tag.
     pub columns: Vec<KeyColumn>,
 }
@@ -52,8 +60,12 @@ pub struct KeyLookup {
 /// Why a read is invalidated per table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableLevel {
-    /// Not one plain table in FROM (a join, a subquery, a function, none).
+    /// Not tables in FROM (a subquery, a function, none), or a subquery
+    /// elsewhere that reads a table.
     NotOneTable,
+    /// A join that renames its tables (an alias on the join) or names one
+    /// table twice.
+    JoinShape,
     /// UNION, INTERSECT or EXCEPT.
     SetOperation,
     /// No equality of a column to a value the request fixes, at the top of
@@ -65,48 +77,54 @@ impl TableLevel {
     pub fn label(self) -> &'static str {
         match self {
             TableLevel::NotOneTable => "not_one_table",
+            TableLevel::JoinShape => "join_shape",
             TableLevel::SetOperation => "set_operation",
             TableLevel::NoKeyEquality => "no_key_equality",
         }
     }
 }
 
-/// The key lookup a SELECT makes, if it makes one. The caller has checked that
-/// the statement names exactly one relation and no CTE (so no subquery reads
-/// another table, or the same one again).
-pub fn key_lookup(select: &SelectStmt) -> Result<KeyLookup, TableLevel> {
+/// The key lookup a SELECT makes, if it makes one. `references`: how many
+/// relation references the whole statement has (the caller has checked it has
+/// no CTE); unless they are all FROM's, a subquery reads a table.
+pub fn key_lookup(select: &SelectStmt, references: usize) -> Result<KeyLookup, TableLevel> {
     if select.op != SetOperation::SetopNone as i32 {
         return Err(TableLevel::SetOperation);
     }
-    let [from] = select.from_clause.as_slice() else {
+    let tables = from_tables(&select.from_clause).map_err(|e| match e {
+        NotTables::Other => TableLevel::NotOneTable,
+        NotTables::JoinShape => TableLevel::JoinShape,
+    })?;
+    if tables.len() != references {
         return Err(TableLevel::NotOneTable);
-    };
-    let Some(NodeEnum::RangeVar(table)) = &from.node else {
-        return Err(TableLevel::NotOneTable);
-    };
-    // A column may be written bare, or qualified by the alias or table name.
-    let qualifier = table
-        .alias
-        .as_ref()
-        .map_or(table.relname.as_str(), |a| a.aliasname.as_str());
-    let mut columns: Vec<KeyColumn> = Vec::new();
-    for conjunct in conjuncts(select.where_clause.as_deref()) {
-        let Some(NodeEnum::AExpr(e)) = &conjunct.node else {
-            continue;
-        };
-        let Some((column, values)) = equality(e, qualifier) else {
-            continue;
-        };
-        // `a = $1 AND a = $2`: either value fixes the rows; keep the first.
-        if !columns.iter().any(|c| c.column == column) {
-            columns.push(KeyColumn { column, values });
+    }
+    let joined = tables.len() > 1;
+    // The first table (in FROM order) that the WHERE clause fixes by key.
+    for t in tables {
+        let mut columns: Vec<KeyColumn> = Vec::new();
+        for conjunct in conjuncts(select.where_clause.as_deref()) {
+            let Some(NodeEnum::AExpr(e)) = &conjunct.node else {
+                continue;
+            };
+            // Bare columns only when there is no other table to own them.
+            let Some((column, values)) = equality(e, t.qualifier, !joined) else {
+                continue;
+            };
+            // `a = $1 AND a = $2`: either value fixes the rows; keep the first.
+            if !columns.iter().any(|c| c.column == column) {
+                columns.push(KeyColumn { column, values });
+            }
+        }
+        if !columns.is_empty() {
+            columns.sort_by(|a, b| a.column.cmp(&b.column));
+            return Ok(KeyLookup {
+                table: t.table,
+                joined,
+                columns,
+            });
         }
     }
-    if columns.is_empty() {
-        return Err(TableLevel::NoKeyEquality);
-    }
-    columns.sort_by(|a, b| a.column.cmp(&b.column));
-    Ok(KeyLookup { columns })
+    Err(TableLevel::NoKeyEquality)
 }
 
 /// The lookup without the key columns whose value is a parameter the statement
@@ -134,7 +152,7 @@ pub fn single_use_params(
     if columns.is_empty() {
         return Err(TableLevel::NoKeyEquality);
     }
-    Ok(KeyLookup { columns })
+    Ok(KeyLookup { columns, ..lookup })
 }
 
 /// The top-level AND terms of a WHERE clause.
@@ -152,7 +170,7 @@ fn conjuncts(clause: Option<&Node>) -> Vec<&Node> {
 
 /// `column = value`, `value = column`, `column IN (values)` or `column =
 /// ANY(array)`.
-fn equality(e: &AExpr, qualifier: &str) -> Option<(String, Vec<KeyValue>)> {
+fn equality(e: &AExpr, qualifier: &str, bare: bool) -> Option<(String, Vec<KeyValue>)> {
     let op = match e.name.as_slice() {
         [n] => string(n)?,
         [schema, n] if string(schema)? == "pg_catalog" => string(n)?,
@@ -163,14 +181,14 @@ fn equality(e: &AExpr, qualifier: &str) -> Option<(String, Vec<KeyValue>)> {
     }
     let (l, r) = (e.lexpr.as_deref()?, e.rexpr.as_deref()?);
     if e.kind == AExprKind::AexprOp as i32 {
-        if let (Some(c), Some(v)) = (column(l, qualifier), value(r)) {
+        if let (Some(c), Some(v)) = (column(l, qualifier, bare), value(r)) {
             return Some((c, vec![v]));
         }
-        let (c, v) = (column(r, qualifier)?, value(l)?);
+        let (c, v) = (column(r, qualifier, bare)?, value(l)?);
         return Some((c, vec![v]));
     }
     if e.kind == AExprKind::AexprIn as i32 {
-        let c = column(l, qualifier)?;
+        let c = column(l, qualifier, bare)?;
         let Some(NodeEnum::List(list)) = &r.node else {
             return None;
         };
@@ -179,7 +197,7 @@ fn equality(e: &AExpr, qualifier: &str) -> Option<(String, Vec<KeyValue>)> {
     }
     // `<> ANY` is refused above, and `= ALL` is another kind.
     if e.kind == AExprKind::AexprOpAny as i32 {
-        return Some((column(l, qualifier)?, any_values(r)?));
+        return Some((column(l, qualifier, bare)?, any_values(r)?));
     }
     None
 }
@@ -237,13 +255,13 @@ fn string(n: &Node) -> Option<&str> {
     }
 }
 
-/// A reference to a column of the statement's table.
-fn column(n: &Node, qualifier: &str) -> Option<String> {
+/// A reference to a column of the table qualified as `qualifier` (or bare).
+fn column(n: &Node, qualifier: &str, bare: bool) -> Option<String> {
     let Some(NodeEnum::ColumnRef(c)) = &n.node else {
         return None;
     };
     match c.fields.as_slice() {
-        [col] => string(col).map(str::to_string),
+        [col] if bare => string(col).map(str::to_string),
         [q, col] if string(q)? == qualifier => string(col).map(str::to_string),
         _ => None,
     }
@@ -336,12 +354,7 @@ mod tests {
     use super::*;
 
     fn lookup(sql: &str) -> Result<KeyLookup, TableLevel> {
-        let parsed = pg_query::parse(sql, 0).expect("parses");
-        let stmt = parsed.protobuf.stmts[0].stmt.as_ref().expect("stmt");
-        let Some(NodeEnum::SelectStmt(s)) = &stmt.node else {
-            panic!("not a select");
-        };
-        key_lookup(s)
+        crate::sql::analyze(sql).keys
     }
 
     fn param(number: u32) -> KeyValue {
@@ -402,6 +415,54 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_joined_table_fixed_by_its_own_columns_is_keyed() {
+        let table = |name: &str| TableRef {
+            schema: None,
+            name: name.into(),
+        };
+        for (sql, keyed, col) in [
+            (
+                "select * from a join b on b.id = a.b_id where a.id = $1",
+                "a",
+                "id",
+            ),
+            (
+                "select * from a x left join b on b.id = x.b_id where x.id = $1",
+                "a",
+                "id",
+            ),
+            (
+                "select * from b right join a on b.id = a.b_id where b.k > 1 and a.id = any($1)",
+                "a",
+                "id",
+            ),
+            ("select * from a, b where b.n = 7 and a.n = b.n", "b", "n"),
+            (
+                "select * from a natural join b where b.id = $1 and a.id = $2",
+                "a",
+                "id",
+            ),
+            (
+                "select * from a full join s.b using (id) where b.k = 'x'",
+                "b",
+                "k",
+            ),
+        ] {
+            let l = lookup(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+            assert!(l.joined, "{sql}");
+            assert_eq!(l.table.name, keyed, "{sql}");
+            assert_eq!(cols(&l), [col], "{sql}");
+        }
+        let l = lookup("select * from public.a where id = 1").expect("key");
+        assert!(!l.joined);
+        assert_eq!(l.table.schema.as_deref(), Some("public"));
+        assert_eq!(
+            lookup("select * from t where id = 1").map(|l| l.table),
+            Ok(table("t"))
+        );
     }
 
     #[test]
@@ -530,12 +591,40 @@ mod tests {
                 TableLevel::NoKeyEquality,
             ),
             (
-                "select * from t, u where t.id = $1",
+                "select * from t join u using (id) where id = $1",
+                TableLevel::NoKeyEquality,
+            ),
+            (
+                "select * from (t join u on t.x = u.y) j where t.id = $1",
+                TableLevel::JoinShape,
+            ),
+            (
+                "select * from t join u using (id) as j where t.id = $1",
+                TableLevel::JoinShape,
+            ),
+            (
+                "select * from t join t u on t.x = u.y where t.id = $1",
+                TableLevel::JoinShape,
+            ),
+            (
+                "select * from t x join u x on true where x.id = $1",
+                TableLevel::JoinShape,
+            ),
+            (
+                "select * from t join generate_series(1, 3) g on true where t.id = $1",
                 TableLevel::NotOneTable,
             ),
             (
-                "select * from t join u using (id) where id = $1",
+                "select * from t join (select * from u) s on true where t.id = $1",
                 TableLevel::NotOneTable,
+            ),
+            (
+                "select * from t join u on u.x in (select y from v) where t.id = $1",
+                TableLevel::NotOneTable,
+            ),
+            (
+                "select * from t join u on u.x = t.x where t.id = u.id",
+                TableLevel::NoKeyEquality,
             ),
             ("select 1 where 1 = $1", TableLevel::NotOneTable),
             (
