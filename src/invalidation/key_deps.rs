@@ -3,9 +3,10 @@
 //! Every table has two generation slots: its table slot, bumped by every write
 //! (which reads that scan the table depend on), and its *whole* slot, bumped
 //! only by what changes the table as a whole (TRUNCATE, DDL, a write too large
-//! to report keys, its announcing switched off). A read of one table by key
+//! to report keys, its announcing switched off). A read of a table by key
 //! depends on the whole slot and on one slot per key it asks for, derived from
-//! (database, table, column set, values); a write that reports its keys bumps
+//! (database, table, column set, values), instead of the table slot (in a
+//! join, the other tables keep theirs); a write that reports its keys bumps
 //! the table slot and those key slots, so reads of other keys stay cached.
 //!
 //! A column set is used only once this instance has registered it with the
