@@ -114,11 +114,31 @@ async fn a_join_is_keyed_on_its_fixed_table_and_table_level_on_the_other() {
         .await
         .expect("write");
     assert!(hit(&p, &c, JOIN, 1).await, "a write to a.id 9 left a.id 1");
-    // Any write to b reaches it, even to a row it did not join.
+    // Any write to b reaches it, even to a row it did not join; also once
+    // b's own writes report keys (b read by key elsewhere).
     c.batch_execute("update b set name = name where id = 5")
         .await
         .expect("write");
     assert!(!hit(&p, &c, JOIN, 1).await, "b is table-level");
+    let by_b = "select name from b where id = $1";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        rows(&c, by_b, 1).await;
+        c.batch_execute("update b set name = name where id = 5")
+            .await
+            .expect("write");
+        if hit(&p, &c, by_b, 1).await {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never keyed:\n{}", p.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rows(&c, JOIN, 1).await;
+    assert!(hit(&p, &c, JOIN, 1).await);
+    c.batch_execute("update b set name = name where id = 5")
+        .await
+        .expect("write");
+    assert!(!hit(&p, &c, JOIN, 1).await, "b's keyed writes reach it");
     d.execute("update b set name = 'B2' where id = 2", &[])
         .await
         .expect("write");
