@@ -275,7 +275,10 @@ fn render(
                 && column == KeyType::Bool
                 && text != "true"
                 && text != "false";
-            if !ty.compares_with(column) || bare_non_bool {
+            // A number made text prints as its type does: `1e3::text` is
+            // '1000', `.5::text` '0.5'.
+            let number_as_text = !quoted && ty == KeyType::Text;
+            if !ty.compares_with(column) || bare_non_bool || number_as_text {
                 return Err(unreadable);
             }
             out.push(keyvalue::from_text(ty, text.as_bytes()).ok_or(unreadable)?);
@@ -544,6 +547,19 @@ mod tests {
             assert_eq!(
                 key_slots("db", &plan, &args, true),
                 Err(Refusal::Unreadable)
+            );
+        }
+        for text in ["1e3", ".5", "7", "true"] {
+            let lit = KeyValue::Literal {
+                text: text.into(),
+                quoted: false,
+                cast: Some(KeyType::Text),
+            };
+            let plan = plan_of(vec![vec![lit]], vec![("name", KeyType::Text)]);
+            assert_eq!(
+                key_slots("db", &plan, &NoParams, true),
+                Err(Refusal::Unreadable),
+                "{text}::text"
             );
         }
         let int = plan_of(vec![vec![p(1)]], vec![("id", KeyType::Int4)]);
