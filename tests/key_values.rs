@@ -6,7 +6,9 @@
 //! reports; and a spelling Postgres refuses must not be rendered at all.
 //! Arrays (`= ANY(...)`) likewise, element by element, in text and binary
 //! form; and text keys written as SQL literals (`'...'`, `E'...'` with every
-//! escape, `U&'...'`), as pgtier's parser reads them against the server.
+//! escape, `U&'...'`), as pgtier's parser reads them against the server. Last,
+//! the whole path of a literal (parsed, typed by the column or a cast,
+//! rendered, hashed to its key slot) against what the server compares.
 
 mod common;
 
@@ -15,6 +17,8 @@ use rand::{Rng, SeedableRng};
 
 use bytes::BytesMut;
 use common::direct;
+use pgtier::invalidation::key_deps::{key_slots, KeyPlan, NoParams};
+use pgtier::invalidation::Generations;
 use pgtier::sql::keys::KeyValue;
 use pgtier::sql::keyvalue::{
     array_from_binary, array_from_text, from_binary, from_text, KeyType, Refusal,
@@ -428,4 +432,108 @@ async fn text_literals_render_as_postgres_reads_them() {
         }
     }
     assert!(agreed >= 1200);
+}
+
+/// `column = <literal>` for literals quoted or not, cast or not (to every key
+/// type, numeric and varchar): whenever pgtier keys the read, the key is the
+/// value the server's `=` matches (`key::T = literal` holds), so a write of
+/// that row bumps the slot the read depends on.
+#[tokio::test]
+async fn literal_comparisons_key_the_value_postgres_matches() {
+    let c = direct("postgres").await;
+    let seed: u64 = rand::thread_rng().gen();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let casts = [
+        "",
+        "::int2",
+        "::int4",
+        "::int8",
+        "::text",
+        "::varchar",
+        "::uuid",
+        "::bool",
+        "::numeric",
+    ];
+    let mut keyed = 0;
+    for _ in 0..12 {
+        for (ty, name) in TYPES {
+            let mut raw = spellings(&mut rng, ty);
+            raw.extend(["1e3", ".5", "7.0", "007", "true", "1"].map(String::from));
+            for s in raw {
+                let quoted = format!("'{}'", s.replace('\'', "''"));
+                let bare = s.trim();
+                let bare_ok = !bare.is_empty()
+                    && bare
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ".+-".contains(ch));
+                for cast in casts {
+                    let mut forms = vec![format!("{quoted}{cast}")];
+                    if bare_ok {
+                        forms.push(format!("{bare}{cast}"));
+                    }
+                    for lit in forms {
+                        let sql = format!("select 1 from t where c = {lit}");
+                        let Ok(lookup) = pgtier::sql::analyze(&sql).keys else {
+                            continue;
+                        };
+                        let plan = KeyPlan {
+                            table_slot: 0,
+                            whole_slot: 0,
+                            schema: "s".into(),
+                            table: "t".into(),
+                            columns: vec![("c".into(), ty)],
+                            values: vec![lookup.columns[0].values.clone()],
+                        };
+                        let Ok(ours) = key_slots("db", &plan, &NoParams, true) else {
+                            continue;
+                        };
+                        // A literal the server refuses fails the statement
+                        // (pgtier's parser knows newer spellings: `0x1F`).
+                        if c.query_one(format!("select {lit}").as_str(), &[])
+                            .await
+                            .is_err()
+                        {
+                            continue;
+                        }
+                        // The value the server matches: the literal as the
+                        // column's type, if `=` then holds.
+                        let check = format!(
+                            "select k, k::{name} = {lit} from (select ({lit})::{name}::text as k) x"
+                        );
+                        let row = match c.query_one(check.as_str(), &[]).await {
+                            Ok(row) => row,
+                            Err(e) => {
+                                // An integer out of the column's range: no
+                                // row ever matches, whatever its key.
+                                let range = match ty {
+                                    KeyType::Int2 => "-32768 and 32767",
+                                    KeyType::Int4 => "-2147483648 and 2147483647",
+                                    _ => {
+                                        panic!("seed {seed}: {name} = {lit} keyed, the server: {e}")
+                                    }
+                                };
+                                let out = format!("select ({lit})::numeric not between {range}");
+                                let row = c.query_one(out.as_str(), &[]).await.expect("range");
+                                assert!(row.get::<_, bool>(0), "seed {seed}: {name} = {lit}: {e}");
+                                continue;
+                            }
+                        };
+                        let (k, equal): (String, bool) = (row.get(0), row.get(1));
+                        assert!(
+                            equal,
+                            "seed {seed}: {name} = {lit}: keyed, matches no {k:?}"
+                        );
+                        let slot = Generations::key_slot("db", "s", "t", &["c"], &[k.as_str()]);
+                        assert_eq!(
+                            ours,
+                            [slot],
+                            "seed {seed}: {name} = {lit}: key is not {k:?}"
+                        );
+                        keyed += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(keyed > 150, "only {keyed} literals keyed");
 }
