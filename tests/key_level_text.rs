@@ -9,10 +9,11 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::wire::{extended_query, query, Until, Wire};
-use common::{direct, fresh_db, Pgtier};
+use common::{direct, fresh_db, pgtier_bin, run_bounded, Pgtier};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 const READ: &str = "select v from users where name = $1";
@@ -127,7 +128,16 @@ async fn setup(name: &str) -> (String, Pgtier, Client, Client) {
         .await
         .expect("insert");
     }
-    let p = Pgtier::cached(&db, "[cache]\ndefault_ttl = \"10m\"\n", &["--key-level"]).await;
+    let (st, hash, err) = run_bounded(
+        Command::new(pgtier_bin()).args(["hash-password", "--password", "ops-pw"]),
+        Duration::from_secs(30),
+    );
+    assert!(st.success(), "{err}");
+    let toml = format!(
+        "[cache]\ndefault_ttl = \"10m\"\n[[admin.users]]\nname = \"ops\"\npassword = \"{}\"\n",
+        hash.trim()
+    );
+    let p = Pgtier::cached(&db, &toml, &["--key-level"]).await;
     let c = p.connect(&db).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -244,6 +254,25 @@ async fn text_keys_in_every_spelling_stay_cached_and_are_never_stale() {
         .await
         .expect("insert");
     eventually("any", names, &["f", "here", "new-quo\"te"]).await;
+
+    // SHOW CACHES calls the shape a key lookup of `name`.
+    let s = format!(
+        "host=127.0.0.1 port={} user=ops password=ops-pw dbname=pgtier connect_timeout=10",
+        p.port
+    );
+    let (ops, conn) = tokio_postgres::connect(&s, tokio_postgres::NoTls)
+        .await
+        .expect("admin");
+    tokio::spawn(conn);
+    let caches = ops.simple_query("SHOW CACHES").await.expect("show caches");
+    let how: Vec<String> = caches
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) if r.get(1) == Some(READ) => r.get(10).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(how, ["key (name)"]);
 }
 
 #[tokio::test]
