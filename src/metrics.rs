@@ -187,6 +187,10 @@ fn describe() {
         "Table invalidations applied, by database"
     );
     describe_counter!(
+        "pgtier_key_fallbacks_total",
+        "Reads of a key-level shape left table-level, by reason (null, too_many, unreadable, encoding, column_type, collation, read_again, slot_shared)"
+    );
+    describe_counter!(
         "pgtier_invalidation_notifications_total",
         "Notifications received on the invalidation channel, by database"
     );

@@ -208,7 +208,11 @@ impl Cache {
                 match &analysis.keys {
                     Ok(k) => {
                         let cols: Vec<&str> = k.columns.iter().map(|c| c.column.as_str()).collect();
-                        format!("key ({})", cols.join(", "))
+                        // In a join, whose key: the other tables are table-level.
+                        match k.joined {
+                            true => format!("key ({}: {})", k.table, cols.join(", ")),
+                            false => format!("key ({})", cols.join(", ")),
+                        }
                     }
                     Err(why) => format!("table ({})", why.label()),
                 }

@@ -304,6 +304,15 @@ impl Catalog {
             .collect()
     }
 
+    /// The slots and table oids a resolved statement's reference `t` made it
+    /// depend on (None if it does not resolve).
+    pub fn reference_deps(&self, database: &str, t: &TableRef) -> Option<(Vec<u32>, Vec<u32>)> {
+        let (mut slots, mut oids) = (Vec::new(), Vec::new());
+        self.resolve_table(database, t, &mut slots, &mut oids)
+            .ok()?;
+        Some((slots, oids))
+    }
+
     fn resolve_table(
         &self,
         database: &str,

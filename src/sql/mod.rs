@@ -8,8 +8,10 @@
 
 mod builtins;
 mod clock;
+mod keyfrom;
 pub mod keys;
 pub mod keyvalue;
+mod table_ref;
 
 use std::collections::HashSet;
 
@@ -21,22 +23,7 @@ pub use builtins::is_safe_builtin;
 use builtins::{builtin_volatile, catalog_lookup_type};
 pub use clock::is_time_literal;
 use clock::{fixed_by_request, TIME_TYPES};
-
-/// A table named in a statement, as written (schema optional).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TableRef {
-    pub schema: Option<String>,
-    pub name: String,
-}
-
-impl std::fmt::Display for TableRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.schema {
-            Some(s) => write!(f, "{s}.{}", self.name),
-            None => f.write_str(&self.name),
-        }
-    }
-}
+pub use table_ref::TableRef;
 
 /// Why a statement is not cached. Also the `reason` label of bypass metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,13 +210,13 @@ pub fn analyze(sql: &str) -> Analysis {
             } else {
                 Err(NotCacheable::NotASelect)
             };
-            // One relation named in the whole statement, no CTE: no subquery
-            // reads another table, or this one again.
+            // No CTE, and (checked by key_lookup) every relation reference in
+            // FROM: no subquery reads another table, or a keyed one again.
             // (`facts.tables` has every reference, `Read::tables` each once.)
-            let one_table = out.read.is_ok() && facts.tables.len() == 1 && facts.ctes.is_empty();
-            if let (true, Some(pg_query::NodeEnum::SelectStmt(select))) = (one_table, &stmt.node) {
+            let keyable = out.read.is_ok() && facts.ctes.is_empty();
+            if let (true, Some(pg_query::NodeEnum::SelectStmt(select))) = (keyable, &stmt.node) {
                 let uses = param_uses(&tree);
-                out.keys = keys::key_lookup(select).and_then(|l| {
+                out.keys = keys::key_lookup(select, facts.tables.len()).and_then(|l| {
                     keys::single_use_params(l, |n| uses.iter().filter(|u| **u == n).count())
                 });
             }

@@ -261,6 +261,8 @@ fn key_lookups_only_for_reads_of_one_table() {
         "select $1::float8 from t where id = $1",
         "select * from t where id = $1 and x = $1",
         "select * from t where id in ($1, $1)",
+        "select * from t where id = any($1) and x = $1",
+        "select * from t where id = any($1) and id = any($1)",
     ] {
         assert!(analyze(sql).keys.is_err(), "{sql}");
     }

@@ -41,8 +41,10 @@ SELECT DISTINCT proname::text FROM pg_proc WHERE pronamespace = 'pg_catalog'::re
 const OPERATORS: &str = "
 SELECT o.oprname::text, coalesce(p.provolatile = 'i', false),
        md5(concat_ws('|', o.oid, o.oprcode, o.oprleft, o.oprright, n.nspname)),
-       -- An = on a key type (int2/4/8, uuid, bool): key lookups may mean it.
-       o.oprname = '=' AND (o.oprleft IN (16, 20, 21, 23, 2950) OR o.oprright IN (16, 20, 21, 23, 2950))
+       -- An = on a key type (int2/4/8, uuid, bool, text, varchar): key
+       -- lookups may mean it.
+       o.oprname = '=' AND (o.oprleft IN (16, 20, 21, 23, 2950, 25, 1043)
+                            OR o.oprright IN (16, 20, 21, 23, 2950, 25, 1043))
 FROM pg_operator o JOIN pg_namespace n ON n.oid = o.oprnamespace
 LEFT JOIN pg_proc p ON p.oid = o.oprcode
 WHERE n.nspname <> 'pg_catalog'

@@ -51,7 +51,8 @@ impl Params for BindParams<'_> {
 
 /// Plan storing the result of a statement (`sql_hash`: hash of its text) under
 /// `key`, or say why it cannot be stored. A read by key depends on the keys
-/// `params` give it, not on its whole table (see `invalidation::key_deps`).
+/// `params` give it, not on its whole table (see `invalidation::key_deps`;
+/// `utf8`: the session may use text keys).
 pub fn plan(
     cache: &Cache,
     db: &DbState,
@@ -59,12 +60,18 @@ pub fn plan(
     sql_hash: u128,
     key: Key,
     params: &dyn Params,
+    utf8: bool,
 ) -> Result<FillPlan, BypassReason> {
     let policy = decision.verdict.as_ref().map_err(|b| b.reason())?.clone();
     let resolved = db.resolve(sql_hash, &decision);
     let resolved = resolved.as_ref().as_ref().map_err(|why| *why)?;
     let keyed = resolved.key.as_ref().and_then(|k| {
-        let keys = key_deps::key_slots(&db.name, k, params)?;
+        let keys = key_deps::key_slots(&db.name, k, params, utf8)
+            .inspect_err(|why| {
+                metrics::counter!("pgtier_key_fallbacks_total", "reason" => why.label())
+                    .increment(1);
+            })
+            .ok()?;
         let mut slots: Vec<u32> = resolved
             .slots
             .iter()

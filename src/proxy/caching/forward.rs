@@ -212,7 +212,7 @@ impl SessionCache {
             bind: b,
             types: statement.param_types(),
         };
-        let plan = match fill::plan(cache, db, decision, sql_hash, key, &params) {
+        let plan = match fill::plan(cache, db, decision, sql_hash, key, &params, self.utf8) {
             Ok(plan) => plan,
             Err(why) => {
                 metrics::bypass(why);

@@ -295,7 +295,8 @@ impl SessionCache {
                 bind: &p.bind,
                 types,
             };
-            let Ok(plan) = fill::plan(cache, db, decision, sql_hash, p.key, &params) else {
+            let Ok(plan) = fill::plan(cache, db, decision, sql_hash, p.key, &params, self.utf8)
+            else {
                 return false;
             };
             let Some(k2) = plan.l2key else {

@@ -129,7 +129,7 @@ impl SessionCache {
             metrics::bypass(why);
             return Miss::Bypass;
         }
-        let plan = match fill::plan(cache, db, decision.clone(), hash, key, &NoParams) {
+        let plan = match fill::plan(cache, db, decision.clone(), hash, key, &NoParams, self.utf8) {
             Ok(plan) => plan,
             Err(why) => {
                 metrics::bypass(why);
@@ -187,7 +187,7 @@ impl SessionCache {
         };
         let hash = text_hash(sql);
         let decision = cache.decide_hashed(hash, sql);
-        let plan = fill::plan(cache, db, decision, hash, key, &NoParams).ok()?;
+        let plan = fill::plan(cache, db, decision, hash, key, &NoParams, self.utf8).ok()?;
         let request = self.current_request;
         let tag = self
             .captures

@@ -41,6 +41,9 @@ pub struct SessionCache {
     pub announce_all: bool,
     /// Set once the session did something pgtier cannot model; no caching after.
     pub tainted: Option<BypassReason>,
+    /// The client and server encodings are both UTF-8: text keys are the
+    /// bytes the request carries (`invalidation::key_deps::key_slots`).
+    pub(super) utf8: bool,
     pub(super) settings: Settings,
     pub statements: Statements,
     pub(super) captures: Captures,
@@ -70,6 +73,7 @@ impl SessionCache {
             fencing: false,
             announce_all: false,
             tainted: None,
+            utf8: false,
             settings: Settings::new(database, user, startup_params),
             statements: Statements::default(),
             captures: Captures::default(),
@@ -84,6 +88,12 @@ impl SessionCache {
     /// effect).
     pub fn reseed(&mut self, server_params: &[(String, String)]) {
         self.seed = self.settings.seed(server_params);
+        let is_utf8 = |name: &str| {
+            server_params
+                .iter()
+                .any(|(k, v)| k == name && v.eq_ignore_ascii_case("UTF8"))
+        };
+        self.utf8 = is_utf8("client_encoding") && is_utf8("server_encoding");
         if let Some(why) = parser_mismatch(server_params) {
             // Statements may already have been read differently by the server
             // than by pgtier (a hidden SET, a hidden table): never trust the
