@@ -451,11 +451,11 @@ async fn functions_follow_the_sets_and_go_with_their_tables() {
     );
 
     // Triggers left calling another function (an older pgtier's generic
-    // one, say) are pointed back at the generated one.
+    // one) are pointed back at the generated one.
     c.batch_execute(&format!(
-        "CREATE FUNCTION pgtier.elsewhere() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+        "CREATE FUNCTION pgtier.notify_keys() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
          CREATE OR REPLACE TRIGGER pgtier_keys_ins AFTER INSERT ON t REFERENCING NEW TABLE AS n
-           FOR EACH STATEMENT EXECUTE FUNCTION pgtier.elsewhere({});
+           FOR EACH STATEMENT EXECUTE FUNCTION pgtier.notify_keys({});
          ALTER TABLE t ENABLE ALWAYS TRIGGER pgtier_keys_ins;",
         keyed_calls_args(&c, oid).await
     ))
@@ -488,6 +488,18 @@ async fn functions_follow_the_sets_and_go_with_their_tables() {
     let names: Vec<String> = functions(&c).await.into_iter().map(|f| f.0).collect();
     assert!(!names.contains(&format!("notify_keys_{gone}")), "{names:?}");
     assert_eq!(names.len(), 2);
+    let generic: bool = c
+        .query_one(
+            "SELECT to_regprocedure('pgtier.notify_keys()') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !generic,
+        "the generic function goes once no trigger calls it"
+    );
     let rows: i64 = c
         .query_one(
             "SELECT count(*) FROM pgtier.keys WHERE relid = $1::int8::oid",
