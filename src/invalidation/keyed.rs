@@ -442,15 +442,15 @@ async fn generated_function(
 }
 
 /// Drop what registration left of tables that no longer exist: their
-/// functions (those this role may drop and no trigger calls) and registry rows;
-/// also older versions' generic `pgtier.notify_keys()` once no trigger calls it
-/// (an older pgtier that needs it creates it again).
+/// functions (those this role may drop and no trigger calls) and registry rows.
+/// Older versions' generic `pgtier.notify_keys()` stays: an older pgtier may be
+/// creating a trigger that calls it right now, uncommitted and so unseen here.
 async fn drop_orphans(client: &Client) -> Result<(), tokio_postgres::Error> {
     let orphans = client
         .query(
             "SELECT p.oid::regprocedure::text FROM pg_proc p
              WHERE p.pronamespace = 'pgtier'::regnamespace
-               AND p.proname ~ '^notify_keys(_[0-9]{1,10})?$'
+               AND p.proname ~ '^notify_keys_[0-9]{1,10}$'
                AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid::text = substr(p.proname, 13))
                AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)
                AND pg_has_role(p.proowner, 'USAGE')",
