@@ -1,7 +1,8 @@
 //! The key-reporting trigger function of one table, generated from its column
 //! sets: `pgtier.notify_keys_<table oid>()`, with static SQL that plpgsql
 //! plans once per backend (a generic function building its queries with
-//! `EXECUTE` planned them on every write, about 0.3 ms a statement).
+//! `EXECUTE` planned them on every write: about 0.2 ms of CPU a statement,
+//! against 25 µs now, both over an empty trigger).
 //!
 //! - Named by the table's oid: renames need nothing, any table name fits, and
 //!   no two tables share one.
