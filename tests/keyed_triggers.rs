@@ -210,7 +210,7 @@ async fn inserts_updates_and_deletes_report_their_keys() {
     assert_eq!(
         got,
         vec![
-            r#"k["public","acct",[[["id"], [["40"]]]]]"#.to_string(),
+            r#"k["public","acct",[[["id"],[["40"]]]]]"#.to_string(),
             table_level("public", "acct")
         ]
     );

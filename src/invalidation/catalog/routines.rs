@@ -22,6 +22,9 @@ use crate::sql::{is_safe_builtin, Read};
 /// Functions outside pg_catalog: whether each is immutable (an aggregate counts
 /// as immutable only if its support functions are), and a digest of its
 /// definition (a replaced body must invalidate what was cached with the old one).
+/// pgtier's own trigger functions are left out: no statement can call them,
+/// and the key-reporting ones are generated per table as reads register key
+/// columns (each would otherwise invalidate the whole database).
 const FUNCTIONS: &str = "
 SELECT n.nspname::text, p.proname::text,
        p.provolatile = 'i' AND NOT EXISTS (
@@ -33,6 +36,7 @@ SELECT n.nspname::text, p.proname::text,
                      p.probin, p.prosqlbody, p.proconfig, p.prosecdef, p.proisstrict))
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname <> 'pg_catalog'
+  AND NOT (n.nspname = 'pgtier' AND p.prorettype IN ('trigger'::regtype, 'event_trigger'::regtype))
 ORDER BY p.oid";
 
 const BUILTIN_NAMES: &str = "
