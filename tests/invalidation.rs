@@ -459,3 +459,31 @@ async fn a_table_that_gains_a_child_is_not_served_stale() {
         .unwrap();
     until(&c, q, "3").await;
 }
+
+/// Found in review: every new table changed the routines fingerprint (its
+/// row type's array type), so any CREATE TABLE flushed the whole database.
+#[tokio::test]
+async fn creating_a_table_leaves_other_tables_cached() {
+    let db = fresh_db("pgtier_create_keeps").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table a(id int primary key, v int); insert into a values (1, 1)")
+        .await
+        .unwrap();
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let c = p.connect(&db).await;
+    let q = "select v from a where id = 1";
+    warm(&p, &c, q, "1").await;
+    d.batch_execute("create table b(id int primary key, v int); insert into b values (1, 2)")
+        .await
+        .unwrap();
+    // b cached means the catalog was read again after the CREATE.
+    warm(&p, &c, "select v from b where id = 1", "2").await;
+    let before = p.metrics().await.hits();
+    assert_eq!(first(&c, q).await, "1");
+    assert_eq!(
+        p.metrics().await.hits() - before,
+        1.0,
+        "a new table flushed a's entry"
+    );
+}
+

@@ -70,6 +70,11 @@ SELECT true,
        md5(concat_ws('|', 't', t.oid, t.typinput, t.typoutput, t.typreceive, t.typsend))
 FROM pg_type t
 WHERE t.oid >= 16384 AND t.typtype = 'b'
+  -- Every CREATE TABLE makes an array type of its row type; reading one
+  -- changes nothing, and counting it would flush the database at each new
+  -- table. Arrays of user-defined base types read through the element's
+  -- functions, which are listed under the element type.
+  AND NOT (t.typelem <> 0 AND t.typinput = 'pg_catalog.array_in'::regproc)
 ORDER BY 3";
 
 /// Settings made with ALTER ROLE / ALTER DATABASE ... SET: they change what a
