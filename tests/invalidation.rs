@@ -486,4 +486,3 @@ async fn creating_a_table_leaves_other_tables_cached() {
         "a new table flushed a's entry"
     );
 }
-
