@@ -171,6 +171,7 @@ impl Config {
                 "must be 1 to 63 characters",
             ));
         }
+        self.validate_source()?;
         for (key, d) in [
             (
                 "invalidation.check_interval",
@@ -194,6 +195,35 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("'{}': {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    /// What the logical source cannot do (yet) is refused by name rather than
+    /// silently left out.
+    fn validate_source(&self) -> Result<(), ConfigError> {
+        if self.invalidation.source != Source::Logical {
+            return Ok(());
+        }
+        let p = &self.invalidation.publication;
+        if p.is_empty() || p.len() > 63 {
+            return Err(invalid(
+                "invalidation.publication",
+                "must be 1 to 63 characters",
+            ));
+        }
+        if self.invalidation.key_level {
+            return Err(invalid(
+                "invalidation.key_level",
+                "needs invalidation.source = \"notify\" (the logical source invalidates per table)",
+            ));
+        }
+        if !self.l2.nodes().is_empty() {
+            return Err(invalid(
+                "l2.redis_url",
+                "the shared L2 needs invalidation.source = \"notify\" for now: instances \
+                 on logical streams do not keep their L2 versions in step yet",
+            ));
+        }
         Ok(())
     }
 

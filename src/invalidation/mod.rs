@@ -27,6 +27,7 @@ pub mod generations;
 pub mod key_deps;
 pub mod keyed;
 pub mod listener;
+pub mod logical;
 pub mod payload;
 pub mod triggers;
 mod watch_policy;
