@@ -375,7 +375,10 @@ impl Listener {
     async fn after_ddl(&self, client: &Client) -> anyhow::Result<()> {
         self.reload_catalog(client).await?;
         if self.settings.logical.is_some() {
-            if self.settings.auto_install && self.missing_triggers() && self.install_missing(client).await? > 0 {
+            if self.settings.auto_install
+                && self.missing_triggers()
+                && self.install_missing(client).await? > 0
+            {
                 self.reload_catalog(client).await?;
             }
             self.watch_covered(None);

@@ -160,7 +160,8 @@ impl ReplConn {
 
     async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> anyhow::Result<()> {
         let need = || {
-            password.ok_or_else(|| anyhow!("the server asks for a password; the control URL has none"))
+            password
+                .ok_or_else(|| anyhow!("the server asks for a password; the control URL has none"))
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -191,14 +192,17 @@ impl ReplConn {
                             self.flush().await?;
                         }
                         10 => {
-                            let offers_scram = body
-                                .split(|b| *b == 0)
-                                .any(|mech| mech == b"SCRAM-SHA-256");
+                            let offers_scram =
+                                body.split(|b| *b == 0).any(|mech| mech == b"SCRAM-SHA-256");
                             if !offers_scram {
                                 bail!("the server offers no SASL mechanism pgtier supports");
                             }
                             let s = ScramSha256::new(need()?, ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.out)?;
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                s.message(),
+                                &mut self.out,
+                            )?;
                             scram = Some(s);
                             self.flush().await?;
                         }
@@ -348,10 +352,7 @@ mod tests {
         row.extend(2i32.to_be_bytes());
         row.extend(b"ab");
         row.extend((-1i32).to_be_bytes());
-        assert_eq!(
-            data_row(&row).unwrap(),
-            vec![Some("ab".to_string()), None]
-        );
+        assert_eq!(data_row(&row).unwrap(), vec![Some("ab".to_string()), None]);
         assert!(data_row(&row[..5]).is_err());
         assert_eq!(
             error_text(b"SERROR\0C42704\0Mno such slot\0\0"),

@@ -27,7 +27,10 @@ pub enum Frame<'a> {
 pub enum Change<'a> {
     Begin,
     /// A transaction committed; `end` is the WAL position after its commit record.
-    Commit { end: u64, time_micros: i64 },
+    Commit {
+        end: u64,
+        time_micros: i64,
+    },
     /// The name (and column list) of a relation id used by later changes.
     Relation {
         oid: u32,
@@ -37,8 +40,12 @@ pub enum Change<'a> {
         columns: &'a [u8],
     },
     /// INSERT, UPDATE or DELETE of rows of this relation.
-    Write { oid: u32 },
-    Truncate { oids: Vec<u32> },
+    Write {
+        oid: u32,
+    },
+    Truncate {
+        oids: Vec<u32>,
+    },
     Message {
         transactional: bool,
         prefix: &'a [u8],
@@ -194,7 +201,13 @@ mod tests {
         k.extend(77u64.to_be_bytes());
         k.extend(0u64.to_be_bytes());
         k.push(1);
-        assert_eq!(frame(&k), Ok(Frame::Keepalive { end: 77, reply: true }));
+        assert_eq!(
+            frame(&k),
+            Ok(Frame::Keepalive {
+                end: 77,
+                reply: true
+            })
+        );
         assert!(frame(&k[..10]).is_err());
         assert!(frame(b"x").is_err());
         assert!(frame(b"").is_err());

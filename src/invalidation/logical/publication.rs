@@ -56,7 +56,10 @@ pub async fn sync(
 ) -> Result<Report, tokio_postgres::Error> {
     let mut report = Report::default();
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .is_some();
     if !exists {
@@ -100,11 +103,17 @@ pub async fn sync(
 /// Drop the publication (uninstall); whether it existed.
 pub async fn drop(client: &Client, publication: &str) -> Result<bool, tokio_postgres::Error> {
     let existed = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .is_some();
     client
-        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", ident(publication)))
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            ident(publication)
+        ))
         .await?;
     Ok(existed)
 }
@@ -124,7 +133,10 @@ WHERE p.pubname = $1 AND p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtr
 /// Whether the publication exists.
 pub async fn exists(client: &Client, publication: &str) -> Result<bool, tokio_postgres::Error> {
     Ok(client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .is_some())
 }

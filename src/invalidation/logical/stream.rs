@@ -73,7 +73,8 @@ impl Feed {
     pub async fn run(self, mut conn: ReplConn) -> anyhow::Result<()> {
         let name = self.db.name.clone();
         let bytes = counter!("pgtier_logical_bytes_total", "database" => name.clone());
-        let invalidations = counter!("pgtier_invalidations_total", "database" => name.clone(), "level" => "table");
+        let invalidations =
+            counter!("pgtier_invalidations_total", "database" => name.clone(), "level" => "table");
         let commits = counter!("pgtier_logical_transactions_total", "database" => name.clone());
         let lag = histogram!("pgtier_logical_lag_seconds", "database" => name.clone());
         let lag_last = gauge!("pgtier_logical_lag_last_seconds", "database" => name);
@@ -175,9 +176,9 @@ impl Feed {
                     let tables = touched
                         .iter()
                         .map(|oid| {
-                            rels.get(oid)
-                                .map(|r| r.name.clone())
-                                .ok_or_else(|| anyhow!("a change to relation {oid}, never described"))
+                            rels.get(oid).map(|r| r.name.clone()).ok_or_else(|| {
+                                anyhow!("a change to relation {oid}, never described")
+                            })
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;
                     if !tables.is_empty() {

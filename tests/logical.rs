@@ -1,0 +1,380 @@
+//! Issue 15: `invalidation.source = "logical"`. On a throwaway cluster with
+//! `wal_level = logical`, pgtier takes writes from a temporary pgoutput slot:
+//! writes made through it and straight to Postgres invalidate (INSERT, UPDATE,
+//! DELETE, TRUNCATE, partitions), a session reads its own writes at once (the
+//! fence is a logical message), losing the stream bypasses the cache until a
+//! new one runs, and nothing but a publication is installed in the database.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::sql::{first, until, warm};
+use common::{connect_str, pgtier_bin, run_bounded, Pgtier};
+use tokio_postgres::Client;
+
+const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
+
+/// pgtier's control role authenticates with SCRAM, on both its ordinary and
+/// its replication connections; the application's role is another one.
+const HBA: &str = "\
+local all all trust
+host all postgres 127.0.0.1/32 trust
+host all ctl 127.0.0.1/32 scram-sha-256
+host replication ctl 127.0.0.1/32 scram-sha-256
+host all app 127.0.0.1/32 scram-sha-256
+";
+
+const SETUP: &str = "\
+SET password_encryption = 'scram-sha-256';
+CREATE ROLE ctl LOGIN REPLICATION PASSWORD 'ctl-secret';
+CREATE ROLE app LOGIN PASSWORD 'app-secret';
+CREATE DATABASE lg OWNER ctl;";
+
+/// A cluster with `wal_level = logical` (it takes a restart) and database `lg`
+/// owned by the control role.
+fn cluster() -> Cluster {
+    let mut c = Cluster::start(HBA, "ALTER SYSTEM SET wal_level = logical");
+    c.stop(false);
+    c.pg_ctl_start();
+    let (st, _, err) = run_bounded(
+        Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &c.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", "postgres", "-v", "ON_ERROR_STOP=1"])
+            .args(SETUP.lines().flat_map(|l| ["-c", l])),
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "setup failed: {err}");
+    c
+}
+
+fn control_url(port: u16) -> String {
+    format!("postgres://ctl:ctl-secret@127.0.0.1:{port}/lg")
+}
+
+/// The tables, created by the control role (it must own what it publishes).
+async fn schema(port: u16) -> Client {
+    let ctl = connect_str(&format!(
+        "host=127.0.0.1 port={port} user=ctl password=ctl-secret dbname=lg"
+    ))
+    .await;
+    ctl.batch_execute(
+        "create table t(id int primary key, v int);
+         insert into t values (1, 1), (2, 2);
+         create table parted(id int, v int, primary key (id)) partition by range (id);
+         create table parted_a partition of parted for values from (0) to (100);
+         create table parted_b partition of parted for values from (100) to (200);
+         insert into parted values (1, 1), (150, 2);
+         create table nopk(v int);
+         insert into nopk values (5);
+         grant all on all tables in schema public to app;",
+    )
+    .await
+    .unwrap();
+    ctl
+}
+
+fn setup_command(port: u16, args: &[&str]) -> String {
+    let url = control_url(port);
+    let (st, out, err) = run_bounded(
+        Command::new(pgtier_bin()).args(args).args([
+            "--invalidation-source",
+            "logical",
+            "--control-url",
+            &url,
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "{args:?} failed: {out} {err}");
+    out
+}
+
+async fn metric(p: &Pgtier, name: &str) -> f64 {
+    p.metrics().await.get(name, &[("database", "lg")])
+}
+
+#[tokio::test]
+async fn writes_anywhere_invalidate_through_the_stream() {
+    let cluster = cluster();
+    let port = cluster.port;
+    let ctl = schema(port).await;
+    let out = setup_command(port, &["install-triggers"]);
+    assert!(out.contains("publication \"pgtier\" created"), "{out}");
+    assert!(
+        out.contains("public.nopk"),
+        "a table without identity is named: {out}"
+    );
+    let p = Pgtier::start_with(
+        port,
+        TTL,
+        &[
+            "--control-url",
+            &control_url(port),
+            "--invalidation-source",
+            "logical",
+        ],
+    );
+    p.wait_listener("lg").await;
+    let direct = connect_str(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=lg"
+    ))
+    .await;
+    let app = connect_str(&format!(
+        "host=127.0.0.1 port={} user=app password=app-secret dbname=lg connect_timeout=10",
+        p.port
+    ))
+    .await;
+
+    // Nothing of pgtier's in the database but the publication.
+    for (what, sql) in [
+        (
+            "triggers",
+            "select count(*) from pg_trigger where not tgisinternal",
+        ),
+        ("event triggers", "select count(*) from pg_event_trigger"),
+        (
+            "functions",
+            "select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+             where n.nspname not in ('pg_catalog', 'information_schema')",
+        ),
+        (
+            "schema",
+            "select count(*) from pg_namespace where nspname = 'pgtier'",
+        ),
+    ] {
+        assert_eq!(first(&direct, sql).await, "0", "{what} installed");
+    }
+    assert_eq!(
+        first(&direct, "select string_agg(tablename, ',' order by tablename) from pg_publication_tables where pubname = 'pgtier'").await,
+        "parted_a,parted_b,t"
+    );
+    // The slot is temporary: Postgres drops it with the connection.
+    assert_eq!(
+        first(
+            &direct,
+            "select count(*) from pg_replication_slots where temporary and slot_type = 'logical'"
+        )
+        .await,
+        "1"
+    );
+
+    // Writes straight to Postgres.
+    let q = "select sum(v) from t";
+    warm(&p, &app, q, "3").await;
+    direct
+        .batch_execute("insert into t values (3, 10)")
+        .await
+        .unwrap();
+    until(&app, q, "13").await;
+    warm(&p, &app, q, "13").await;
+    direct
+        .batch_execute("update t set v = v + 100 where id = 1")
+        .await
+        .unwrap();
+    until(&app, q, "113").await;
+    warm(&p, &app, q, "113").await;
+    direct
+        .batch_execute("delete from t where id = 3")
+        .await
+        .unwrap();
+    until(&app, q, "103").await;
+    warm(&p, &app, q, "103").await;
+    direct.batch_execute("truncate t").await.unwrap();
+    until(&app, q, "NULL").await;
+
+    // Writes through pgtier: the session's next read sees them at once (its
+    // ReadyForQuery waited for the fence to come through the stream).
+    warm(&p, &app, q, "NULL").await;
+    for (i, sql) in [
+        "insert into t values (1, 7)",
+        "update t set v = 8 where id = 1",
+        "insert into t values (2, 1)",
+        "delete from t where id = 2",
+    ]
+    .iter()
+    .enumerate()
+    {
+        app.batch_execute(sql).await.unwrap();
+        let want = ["7", "8", "9", "8"][i];
+        assert_eq!(first(&app, q).await, want, "after {sql}");
+        warm(&p, &app, q, want).await;
+    }
+    app.batch_execute("truncate t").await.unwrap();
+    assert_eq!(first(&app, q).await, "NULL", "after truncate");
+    assert_eq!(
+        p.metrics().await.get("pgtier_fence_timeouts_total", &[]),
+        0.0,
+        "fences come back through the stream"
+    );
+
+    // A partitioned table: writes to a partition and through the parent.
+    let pq = "select sum(v) from parted";
+    warm(&p, &app, pq, "3").await;
+    direct
+        .batch_execute("insert into parted_b values (160, 10)")
+        .await
+        .unwrap();
+    until(&app, pq, "13").await;
+    warm(&p, &app, pq, "13").await;
+    direct
+        .batch_execute("update parted set v = v + 100 where id = 1")
+        .await
+        .unwrap();
+    until(&app, pq, "113").await;
+    warm(&p, &app, "select v from parted_a where id = 1", "101").await;
+    direct.batch_execute("truncate parted").await.unwrap();
+    until(&app, "select v from parted_a where id = 1", "<no rows>").await;
+
+    // A table left out of the publication is never cached, and its writers
+    // are not broken by it.
+    let before = p.metrics().await.bypasses("no_trigger");
+    assert_eq!(first(&app, "select sum(v) from nopk").await, "5");
+    assert_eq!(first(&app, "select sum(v) from nopk").await, "5");
+    assert_eq!(p.metrics().await.bypasses("no_trigger") - before, 2.0);
+    app.batch_execute("update nopk set v = 6").await.unwrap();
+    assert_eq!(first(&app, "select sum(v) from nopk").await, "6");
+    drop(ctl);
+}
+
+#[tokio::test]
+async fn losing_the_stream_bypasses_until_a_new_one_runs() {
+    let cluster = cluster();
+    let port = cluster.port;
+    let _ctl = schema(port).await;
+    let p = Pgtier::start_with(
+        port,
+        TTL,
+        &[
+            "--control-url",
+            &control_url(port),
+            "--invalidation-source",
+            "logical",
+            "--auto-install-triggers",
+        ],
+    );
+    p.wait_listener("lg").await;
+    let direct = connect_str(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=lg"
+    ))
+    .await;
+    let app = connect_str(&format!(
+        "host=127.0.0.1 port={} user=app password=app-secret dbname=lg connect_timeout=10",
+        p.port
+    ))
+    .await;
+    let q = "select sum(v) from t";
+    warm(&p, &app, q, "3").await;
+    let reconnects = metric(&p, "pgtier_listener_reconnects_total").await;
+    let walsender = "select pid from pg_stat_replication where application_name = 'pgtier-logical'";
+    let old = first(&direct, walsender).await;
+    // The stream dies; a write made meanwhile must never be hidden by an
+    // entry filled before it.
+    direct
+        .batch_execute(&format!(
+            "select pg_terminate_backend(pid) from pg_stat_replication where application_name = 'pgtier-logical';
+             insert into t values (3, 10);"
+        ))
+        .await
+        .unwrap();
+    until(&app, q, "13").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = first(&direct, walsender).await;
+        if now != old
+            && now != "<no rows>"
+            && metric(&p, "pgtier_listener_reconnects_total").await > reconnects
+            && metric(&p, "pgtier_listener_connected").await == 1.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream never came back:\n{}",
+            p.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        p.logs().contains("logical replication stream lost"),
+        "the loss is logged"
+    );
+    // The new stream invalidates as the old one did.
+    warm(&p, &app, q, "13").await;
+    direct
+        .batch_execute("update t set v = 0 where id = 3")
+        .await
+        .unwrap();
+    until(&app, q, "3").await;
+    // Only the running stream's slot exists (the old one went with its
+    // connection).
+    assert_eq!(
+        first(&direct, "select count(*) from pg_replication_slots").await,
+        "1"
+    );
+    // A table created later is published (auto_install) and cached.
+    _ctl.batch_execute("create table later(id int primary key, v int); insert into later values (1, 4); grant select on later to app")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first(
+        &direct,
+        "select count(*) from pg_publication_tables where tablename = 'later'",
+    )
+    .await
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "later never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lq = "select sum(v) from later";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = p.metrics().await.hits();
+        assert_eq!(first(&app, lq).await, "4");
+        assert_eq!(first(&app, lq).await, "4");
+        if p.metrics().await.hits() > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "later is never cached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    direct
+        .batch_execute("insert into later values (2, 1)")
+        .await
+        .unwrap();
+    until(&app, lq, "5").await;
+}
+
+#[test]
+fn uninstall_drops_the_publication() {
+    let cluster = cluster();
+    let port = cluster.port;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(schema(port));
+    let out = setup_command(port, &["install-triggers"]);
+    assert!(out.contains("3 table(s) added"), "{out}");
+    let out = setup_command(port, &["install-triggers"]);
+    assert!(
+        out.contains("exists; 0 table(s) added"),
+        "idempotent: {out}"
+    );
+    let out = setup_command(port, &["uninstall-triggers"]);
+    assert!(out.contains("dropped"), "{out}");
+    let n = rt.block_on(async {
+        let c = connect_str(&format!(
+            "host=127.0.0.1 port={port} user=postgres dbname=lg"
+        ))
+        .await;
+        first(&c, "select count(*) from pg_publication").await
+    });
+    assert_eq!(n, "0");
+}
