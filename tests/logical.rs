@@ -279,10 +279,10 @@ async fn losing_the_stream_bypasses_until_a_new_one_runs() {
     // The stream dies; a write made meanwhile must never be hidden by an
     // entry filled before it.
     direct
-        .batch_execute(&format!(
+        .batch_execute(
             "select pg_terminate_backend(pid) from pg_stat_replication where application_name = 'pgtier-logical';
              insert into t values (3, 10);"
-        ))
+        )
         .await
         .unwrap();
     until(&app, q, "13").await;
