@@ -193,9 +193,14 @@ impl Listener {
                     .take()
                     .ok_or_else(|| anyhow::anyhow!("no DDL channel"))?,
             };
-            let name = self.db.name.clone();
+            let db = self.db.clone();
             guard.0.push(tokio::spawn(async move {
-                if let Err(e) = feed.run(conn).await {
+                let name = db.name.clone();
+                let r = feed.run(conn).await;
+                // At once, not when the listener loop next looks (it may be
+                // reading the catalog): writes may be going unseen already.
+                db.go_down();
+                if let Err(e) = r {
                     tracing::warn!(database = %name, error = format!("{e:#}"), "logical replication stream lost");
                 }
             }));
