@@ -378,3 +378,99 @@ fn uninstall_drops_the_publication() {
     });
     assert_eq!(n, "0");
 }
+
+fn l2_hits(m: &common::Metrics) -> f64 {
+    m.get(
+        "pgtier_cache_lookups_total",
+        &[("tier", "l2"), ("outcome", "hit")],
+    )
+}
+
+/// Instances on their own streams agree on L2 versions: each accepts the
+/// epochs the others put into the stream, and decodes the same commits in
+/// the same order.
+#[tokio::test]
+async fn instances_share_l2_through_their_streams() {
+    let redis = common::redis::RedisServer::start();
+    let url = redis.url();
+    let cluster = cluster();
+    let port = cluster.port;
+    let _ctl = schema(port).await;
+    let control = control_url(port);
+    let start = |extra: &[&str]| {
+        let mut args = vec![
+            "--control-url",
+            &control,
+            "--invalidation-source",
+            "logical",
+            "--auto-install-triggers",
+            "--redis",
+            &url,
+        ];
+        args.extend_from_slice(extra);
+        Pgtier::start_with(port, TTL, &args)
+    };
+    let a = start(&[]);
+    a.wait_listener("lg").await;
+    // B keeps nothing in L1: its cached reads come from Redis.
+    let b = start(&["--l1-max-bytes", "0"]);
+    b.wait_listener("lg").await;
+    let direct = connect_str(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=lg"
+    ))
+    .await;
+    let ca = a.connect("lg").await;
+    let cb = b.connect("lg").await;
+    let q = "select v from t where id = 2";
+    // Until both have accepted the same epoch (B's, sent last), a value A
+    // stores is under a key B does not compute: retry, bounded.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let stored = a
+            .metrics()
+            .await
+            .get("pgtier_l2_writes_total", &[("result", "stored")]);
+        assert_eq!(first(&ca, q).await, "2");
+        let t = Instant::now();
+        while a
+            .metrics()
+            .await
+            .get("pgtier_l2_writes_total", &[("result", "stored")])
+            <= stored
+            && t.elapsed() < Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = l2_hits(&b.metrics().await);
+        assert_eq!(first(&cb, q).await, "2");
+        if l2_hits(&b.metrics().await) > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never reads A's result from Redis:\n{}",
+            b.logs()
+        );
+        // A new write gives a new key for A to fill.
+        direct
+            .batch_execute("update t set v = v where id = 2")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A write invalidates both views, B's (Redis only) included.
+    direct
+        .batch_execute("update t set v = 20 where id = 2")
+        .await
+        .unwrap();
+    until(&ca, q, "20").await;
+    until(&cb, q, "20").await;
+    assert_eq!(
+        b.metrics().await.get(
+            "pgtier_control_notifications_rejected_total",
+            &[("kind", "epoch")]
+        ),
+        0.0,
+        "B accepted every epoch after its own"
+    );
+}

@@ -132,8 +132,7 @@ fn the_logical_source_refuses_what_it_cannot_do() {
     let mut l2 = c.clone();
     l2.l2.redis_url = Some("redis://127.0.0.1:6379".into());
     l2.l2.signing_key = Some("ab".repeat(32));
-    let e = l2.validate().unwrap_err().to_string();
-    assert!(e.contains("l2.redis_url"), "{e}");
+    l2.validate().unwrap();
     let mut p = c;
     p.invalidation.publication = String::new();
     let e = p.validate().unwrap_err().to_string();

@@ -217,13 +217,6 @@ impl Config {
                 "needs invalidation.source = \"notify\" (the logical source invalidates per table)",
             ));
         }
-        if !self.l2.nodes().is_empty() {
-            return Err(invalid(
-                "l2.redis_url",
-                "the shared L2 needs invalidation.source = \"notify\" for now: instances \
-                 on logical streams do not keep their L2 versions in step yet",
-            ));
-        }
         Ok(())
     }
 

@@ -189,6 +189,7 @@ impl Listener {
                 cache: self.cache.clone(),
                 prefix: s.channel.clone(),
                 instance: s.instance,
+                signer: s.signer.clone(),
                 ddl: feed_ddl
                     .take()
                     .ok_or_else(|| anyhow::anyhow!("no DDL channel"))?,
@@ -227,9 +228,9 @@ impl Listener {
         self.db.come_up();
         // Put every instance's L2 versions back in step (ours included: L2 is
         // used for this database once our own epoch notification comes back).
-        if let Some(signer) = s.signer.as_ref().filter(|_| s.logical.is_none()) {
-            // A transaction id taken after LISTEN: every epoch sent before it
-            // carries a smaller one (see `epoch`).
+        if let Some(signer) = &s.signer {
+            // A transaction id taken after LISTEN (or after the stream started):
+            // every epoch sent before it carries a smaller one (see `epoch`).
             let counter: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
             let counter = counter as u64;
             self.db.epoch_floor.open(counter);
@@ -240,9 +241,14 @@ impl Listener {
                 counter,
                 super::Invalidation::random(),
             );
-            client
-                .batch_execute(&format!("NOTIFY {channel}, '{}'", Payload::epoch(&e)))
-                .await?;
+            if s.logical.is_some() {
+                // Every stream sees it at the same place among the writes.
+                self.announce(&work, &Payload::epoch(&e)).await?;
+            } else {
+                client
+                    .batch_execute(&format!("NOTIFY {channel}, '{}'", Payload::epoch(&e)))
+                    .await?;
+            }
         }
         connected.set(1.0);
         tracing::info!(database = %self.db.name, target = %self.target.display, "invalidation listener connected");

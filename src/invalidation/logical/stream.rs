@@ -3,7 +3,9 @@
 //! transaction invalidates the tables it changed when its Commit arrives, in
 //! commit order; pgtier's own announcements (DDL found by a catalog scan, role
 //! changes, read-your-writes fences) are logical messages in the same stream,
-//! so they take effect at their place in it.
+//! so they take effect at their place in it. So do L2 epochs: every instance's
+//! stream decodes the same commits in the same order, so instances that
+//! accepted the same epoch derive the same L2 versions.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +20,8 @@ use super::conn::ReplConn;
 use super::pgoutput::{self, Change, Frame};
 use crate::cache::Cache;
 use crate::invalidation::payload::{Payload, QualifiedName};
-use crate::invalidation::DbState;
+use crate::invalidation::{epoch, DbState};
+use crate::signing::Signer;
 
 /// How often the slot hears how far we are (besides answering keepalives):
 /// a temporary slot still holds WAL back while we are connected.
@@ -57,6 +60,8 @@ pub struct Feed {
     /// Prefix of pgtier's logical messages (the NOTIFY channel's name).
     pub prefix: String,
     pub instance: u64,
+    /// Checks epochs (L2), as the NOTIFY applier does.
+    pub signer: Option<Signer>,
     /// Told when the catalog must be read again (DDL announced, a relation
     /// that changed shape); closing it tells the listener the stream is gone.
     pub ddl: mpsc::UnboundedSender<()>,
@@ -230,8 +235,17 @@ impl Feed {
             }
             Some(Payload::Write(t) | Payload::Unwatch(t)) => self.db.invalidate(&t),
             Some(Payload::Keys(table, _)) => self.db.invalidate(&[table]),
-            // L2 is refused with this source (see config validation).
-            Some(Payload::Epoch(_)) => {}
+            Some(Payload::Epoch(e)) => {
+                let genuine = self
+                    .signer
+                    .as_ref()
+                    .is_some_and(|s| epoch::verify(s, &self.db.name, &self.prefix, &e));
+                if genuine && self.db.epoch_floor.advance(e.counter) {
+                    self.db.set_l2_epoch(e.epoch, e.counter);
+                } else {
+                    counter!("pgtier_control_notifications_rejected_total", "database" => self.db.name.clone(), "kind" => "epoch").increment(1);
+                }
+            }
             Some(Payload::All) | None => {
                 self.db.invalidate_all();
                 self.cache.clear_descriptions();
