@@ -211,10 +211,12 @@ impl Config {
                 "must be 1 to 63 characters",
             ));
         }
-        if self.invalidation.key_level {
+        if self.invalidation.key_level && !self.l2.nodes().is_empty() {
             return Err(invalid(
                 "invalidation.key_level",
-                "needs invalidation.source = \"notify\" (the logical source invalidates per table)",
+                "with the L2 needs invalidation.source = \"notify\": on logical streams each \
+                 instance chooses key or table invalidation by its own reads, so instances' L2 \
+                 versions would not agree",
             ));
         }
         Ok(())

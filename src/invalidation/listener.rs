@@ -304,6 +304,15 @@ impl Listener {
                     // Every published table is streamed: watching is only
                     // knowing it is covered.
                     self.watch_covered(Some(self.db.take_watch_requests()));
+                    // The stream carries every changed row: a column set is
+                    // live at once (`logical::keys` falls back to the table
+                    // where a write's rows do not say its old keys).
+                    let catalog = self.db.catalog.load();
+                    for (oid, cols) in self.db.keys.take_requests() {
+                        if catalog.get(oid).is_some_and(|r| r.has_trigger) {
+                            self.db.keys.mark_live(oid, cols);
+                        }
+                    }
                 }
                 _ = self.db.watch_wanted.notified(), if s.logical.is_none() => {
                     let mut wanted = self.db.take_watch_requests();

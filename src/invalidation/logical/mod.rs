@@ -11,6 +11,7 @@
 //! prefix, so they are applied in commit order with the writes.
 
 pub mod conn;
+pub mod keys;
 pub mod pgoutput;
 pub mod publication;
 pub mod stream;

@@ -2,7 +2,8 @@
 //! (XLogData, keepalive), the standby status update we answer with, and the
 //! `pgoutput` messages inside XLogData (protocol version 1 with `messages`).
 //! Only what invalidation needs is kept: which relation a change touched,
-//! where transactions end, and logical messages. Row contents are skipped.
+//! where transactions end, logical messages, and (for key-level invalidation,
+//! only when asked) the column values of a changed row.
 
 use bytes::{BufMut, BytesMut};
 
@@ -39,9 +40,12 @@ pub enum Change<'a> {
         /// The raw column definitions: compared to notice a changed table.
         columns: &'a [u8],
     },
-    /// INSERT, UPDATE or DELETE of rows of this relation.
+    /// INSERT (`I`), UPDATE (`U`) or DELETE (`D`) of a row of this relation;
+    /// `rest` holds its tuples (see `tuples`).
     Write {
         oid: u32,
+        kind: u8,
+        rest: &'a [u8],
     },
     Truncate {
         oids: Vec<u32>,
@@ -130,8 +134,10 @@ pub fn change(data: &[u8]) -> Result<Change<'_>, Malformed> {
                 columns: r.0,
             }
         }
-        b'I' | b'U' | b'D' => Change::Write {
+        kind @ (b'I' | b'U' | b'D') => Change::Write {
             oid: r.u32("relation oid")?,
+            kind,
+            rest: r.0,
         },
         b'T' => {
             let n = r.u32("truncate count")? as usize;
@@ -158,6 +164,74 @@ pub fn change(data: &[u8]) -> Result<Change<'_>, Malformed> {
         }
         _ => Change::Other,
     })
+}
+
+/// One column of a row as the stream sends it.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Value<'a> {
+    Null,
+    /// An unchanged TOASTed value, not sent.
+    Unchanged,
+    /// The type's text output.
+    Text(&'a [u8]),
+}
+
+fn tuple<'a>(r: &mut Reader<'a>) -> Result<Vec<Value<'a>>, Malformed> {
+    let n = u16::from_be_bytes([r.u8("tuple columns")?, r.u8("tuple columns")?]) as usize;
+    let mut out = Vec::with_capacity(n.min(1600));
+    for _ in 0..n {
+        out.push(match r.u8("column kind")? {
+            b'n' => Value::Null,
+            b'u' => Value::Unchanged,
+            b't' => {
+                let len = r.u32("column length")? as usize;
+                Value::Text(r.take(len, "column value")?)
+            }
+            _ => return Err(Malformed("column kind")),
+        });
+    }
+    Ok(out)
+}
+
+/// A row's columns, if the message has that row.
+pub type Row<'a> = Option<Vec<Value<'a>>>;
+
+/// The old and new rows of a Write: `old` is the replica identity's columns
+/// (`K`, the others null) or the whole row (`O`, `REPLICA IDENTITY FULL`),
+/// present on UPDATE only when the identity changed or is FULL.
+pub fn tuples(kind: u8, rest: &[u8]) -> Result<(Row<'_>, Row<'_>), Malformed> {
+    let mut r = Reader(rest);
+    let mut old = None;
+    let mut new = None;
+    while !r.0.is_empty() {
+        match r.u8("tuple kind")? {
+            b'K' | b'O' if kind != b'I' && old.is_none() && new.is_none() => {
+                old = Some(tuple(&mut r)?)
+            }
+            b'N' if kind != b'D' && new.is_none() => new = Some(tuple(&mut r)?),
+            _ => return Err(Malformed("tuple kind")),
+        }
+    }
+    Ok((old, new))
+}
+
+/// The columns of a Relation message's `columns`, in order: name, and whether
+/// it is part of the replica identity.
+pub fn column_names(columns: &[u8]) -> Result<Vec<(String, bool)>, Malformed> {
+    let mut r = Reader(columns);
+    r.u8("replica identity")?;
+    let n = u16::from_be_bytes([r.u8("columns")?, r.u8("columns")?]) as usize;
+    let mut out = Vec::with_capacity(n.min(1600));
+    for _ in 0..n {
+        let key = r.u8("column flags")? & 1 == 1;
+        out.push((
+            String::from_utf8_lossy(r.cstr("column name")?).into_owned(),
+            key,
+        ));
+        r.u32("column type")?;
+        r.u32("column typmod")?;
+    }
+    Ok(out)
 }
 
 /// A standby status update: everything up to `lsn` is received, flushed and
@@ -231,7 +305,33 @@ mod tests {
         let mut ins = vec![b'I'];
         ins.extend(16384u32.to_be_bytes());
         ins.extend(b"N\0\x01n");
-        assert_eq!(change(&ins), Ok(Change::Write { oid: 16384 }));
+        let Ok(Change::Write { oid, kind, rest }) = change(&ins) else {
+            panic!("not a write");
+        };
+        assert_eq!((oid, kind), (16384, b'I'));
+        assert_eq!(tuples(kind, rest), Ok((None, Some(vec![Value::Null]))));
+        // An UPDATE whose key moved: the old key, then the new row.
+        let mut upd = vec![b'K', 0, 2, b't', 0, 0, 0, 1, b'7', b'n', b'N', 0, 2];
+        upd.extend([b't', 0, 0, 0, 2, b'1', b'2', b'u']);
+        assert_eq!(
+            tuples(b'U', &upd),
+            Ok((
+                Some(vec![Value::Text(b"7"), Value::Null]),
+                Some(vec![Value::Text(b"12"), Value::Unchanged])
+            ))
+        );
+        assert!(tuples(b'D', &upd).is_err(), "a DELETE has no new row");
+        assert!(tuples(b'U', &upd[..upd.len() - 1]).is_err(), "truncated");
+        let mut cols = vec![b'd', 0, 2];
+        cols.extend(b"\x01id\0");
+        cols.extend([0, 0, 0, 23, 0xff, 0xff, 0xff, 0xff]);
+        cols.extend(b"\x00v\0");
+        cols.extend([0, 0, 0, 23, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            column_names(&cols),
+            Ok(vec![("id".to_string(), true), ("v".to_string(), false)])
+        );
+        assert!(column_names(&cols[..cols.len() - 1]).is_err());
         let mut tr = vec![b'T'];
         tr.extend(2u32.to_be_bytes());
         tr.push(0);

@@ -8,6 +8,7 @@
 //! accepted the same epoch derive the same L2 versions.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,9 +18,10 @@ use metrics::{counter, gauge, histogram};
 use tokio::sync::mpsc;
 
 use super::conn::ReplConn;
+use super::keys::{self, Keys};
 use super::pgoutput::{self, Change, Frame};
 use crate::cache::Cache;
-use crate::invalidation::payload::{Payload, QualifiedName};
+use crate::invalidation::payload::{KeySet, Payload, QualifiedName};
 use crate::invalidation::{epoch, DbState};
 use crate::signing::Signer;
 
@@ -70,8 +72,19 @@ pub struct Feed {
 /// A relation as the stream last described it.
 struct Rel {
     name: QualifiedName,
-    columns: u64,
+    /// A hash of its column definitions, to notice a change.
+    hash: u64,
+    /// Names, and whether each is part of the replica identity.
+    columns: Vec<(String, bool)>,
 }
+
+/// More key tuples than this for one table in one transaction, and the
+/// transaction invalidates the table (the key-reporting triggers' bound).
+const MAX_KEYS: usize = 1000;
+
+/// Per table with live column sets that reported keys in this transaction:
+/// the key tuples per column set, and how many.
+type Keyed = Vec<(u32, Vec<KeySet>, usize)>;
 
 impl Feed {
     /// Run until the stream fails; the error says why.
@@ -80,6 +93,8 @@ impl Feed {
         let bytes = counter!("pgtier_logical_bytes_total", "database" => name.clone());
         let invalidations =
             counter!("pgtier_invalidations_total", "database" => name.clone(), "level" => "table");
+        let key_invalidations =
+            counter!("pgtier_invalidations_total", "database" => name.clone(), "level" => "key");
         let commits = counter!("pgtier_logical_transactions_total", "database" => name.clone());
         let lag = histogram!("pgtier_logical_lag_seconds", "database" => name.clone());
         let lag_last = gauge!("pgtier_logical_lag_last_seconds", "database" => name);
@@ -87,6 +102,7 @@ impl Feed {
         // What the transaction being received changed, and the messages it
         // carries: applied together at its Commit.
         let mut touched: Vec<u32> = Vec::new();
+        let mut keyed: Keyed = Vec::new();
         let mut messages: Vec<Vec<u8>> = Vec::new();
         let mut in_txn = false;
         // Everything before this WAL position has been applied.
@@ -125,6 +141,7 @@ impl Feed {
                 Change::Begin => {
                     in_txn = true;
                     touched.clear();
+                    keyed.clear();
                     messages.clear();
                 }
                 Change::Relation {
@@ -138,22 +155,38 @@ impl Feed {
                             String::from_utf8_lossy(schema).into_owned(),
                             String::from_utf8_lossy(name).into_owned(),
                         ),
-                        columns: xxhash_rust::xxh3::xxh3_64(columns),
+                        hash: xxhash_rust::xxh3::xxh3_64(columns),
+                        columns: pgoutput::column_names(columns)?,
                     };
                     // Sent again after the relation changed (or its cache
                     // entry was reset): a rename or new columns are DDL the
                     // catalog must see before the periodic rescan.
                     let changed = rels
                         .get(&oid)
-                        .is_some_and(|r| r.name != rel.name || r.columns != rel.columns);
+                        .is_some_and(|r| r.name != rel.name || r.hash != rel.hash);
                     rels.insert(oid, rel);
                     if changed && self.ddl.send(()).is_err() {
                         return Ok(());
                     }
                 }
-                Change::Write { oid } => {
-                    if !touched.contains(&oid) {
-                        touched.push(oid);
+                Change::Write { oid, kind, rest } => {
+                    if touched.contains(&oid) {
+                        continue;
+                    }
+                    let sets = if self.db.keys.enabled.load(Ordering::Relaxed) {
+                        self.db.keys.sets(oid)
+                    } else {
+                        Vec::new()
+                    };
+                    let found = match rels.get(&oid) {
+                        Some(rel) if !sets.is_empty() => {
+                            keys::of_write(kind, rest, &rel.columns, &sets)?
+                        }
+                        _ => Keys::Table,
+                    };
+                    match found {
+                        Keys::Sets(found) => add_keys(&mut keyed, &mut touched, oid, found),
+                        Keys::Table => touched.push(oid),
                     }
                 }
                 Change::Truncate { oids } => {
@@ -190,6 +223,16 @@ impl Feed {
                         self.db.invalidate(&tables);
                         invalidations.increment(tables.len() as u64);
                     }
+                    for (oid, sets, n) in keyed.drain(..) {
+                        if touched.contains(&oid) {
+                            continue;
+                        }
+                        let rel = rels.get(&oid).ok_or_else(|| {
+                            anyhow!("a change to relation {oid}, never described")
+                        })?;
+                        self.db.invalidate_keys(&rel.name, &sets);
+                        key_invalidations.increment(n as u64);
+                    }
                     for m in messages.drain(..) {
                         self.message(&m)?;
                     }
@@ -208,7 +251,39 @@ impl Feed {
             }
         }
     }
+}
 
+/// Add one write's keys to its transaction's; a table over the bound is
+/// invalidated whole instead.
+fn add_keys(keyed: &mut Keyed, touched: &mut Vec<u32>, oid: u32, found: Vec<KeySet>) {
+    let at = match keyed.iter().position(|(o, _, _)| *o == oid) {
+        Some(i) => i,
+        None => {
+            keyed.push((oid, Vec::new(), 0));
+            keyed.len() - 1
+        }
+    };
+    let (_, sets, n) = &mut keyed[at];
+    for (cols, tuples) in found {
+        let i = match sets.iter().position(|(c, _)| *c == cols) {
+            Some(i) => i,
+            None => {
+                sets.push((cols, Vec::new()));
+                sets.len() - 1
+            }
+        };
+        // A key written twice is bumped twice: harmless, and cheaper than
+        // looking for it.
+        *n += tuples.len();
+        sets[i].1.extend(tuples);
+    }
+    if *n > MAX_KEYS {
+        keyed.swap_remove(at);
+        touched.push(oid);
+    }
+}
+
+impl Feed {
     /// One of pgtier's own messages (the NOTIFY payloads, minus those that
     /// only the trigger path uses).
     fn message(&self, content: &[u8]) -> anyhow::Result<()> {
