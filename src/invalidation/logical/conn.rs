@@ -21,9 +21,9 @@ use crate::config::control::ControlTarget;
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// The largest message accepted from the server (a pgoutput message carries
-/// at most one row; rows are up to 1 GB per column, but a relation or commit is
-/// tiny, and a message of ours is a few bytes).
+/// The largest message accepted from the server: the protocol's own limit. A
+/// pgoutput message carries one row, which may be that large; it is held in
+/// memory while it is decoded (only its relation, and key columns, are used).
 const MAX_MESSAGE: usize = 1 << 30;
 
 pub struct ReplConn {
@@ -129,7 +129,12 @@ impl ReplConn {
             .with_time(Duration::from_secs(5))
             .with_interval(Duration::from_secs(2))
             .with_retries(3);
-        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&ka);
+        let sock = socket2::SockRef::from(&tcp);
+        let _ = sock.set_tcp_keepalive(&ka);
+        // Keepalives stop while our own status updates go unacknowledged: a
+        // peer gone with data in flight must fail the stream as soon.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(15)));
         // As tokio-postgres decides for the control connections: the URL's
         // own sslmode wins over the upstream's mode.
         let ssl = match c.get_ssl_mode() {
