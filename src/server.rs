@@ -194,6 +194,14 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
             schemas: inv.schemas.clone(),
             tables: inv.tables.clone(),
         },
+        logical: match inv.source {
+            crate::config::Source::Notify => None,
+            crate::config::Source::Logical => Some(crate::invalidation::logical::Settings::new(
+                &inv.publication,
+                config.upstream.tls,
+                config.upstream.tls_ca_file.as_deref(),
+            )?),
+        },
     };
     targets
         .into_iter()

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use super::{split_host_port, ByteSize, Config, ConfigError, Dur, TlsMode, WatchMode};
+use super::{split_host_port, ByteSize, Config, ConfigError, Dur, Source, TlsMode, WatchMode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -106,6 +106,9 @@ pub struct Options {
     /// Invalidate reads by key instead of by table (invalidation.key_level).
     #[arg(long, env = "PGTIER_KEY_LEVEL", global = true)]
     pub key_level: bool,
+    /// notify | logical: where writes are learnt of (invalidation.source).
+    #[arg(long, env = "PGTIER_INVALIDATION_SOURCE", global = true)]
+    pub invalidation_source: Option<Source>,
     /// Maximum client connections (server.max_client_connections).
     #[arg(long, env = "PGTIER_MAX_CLIENT_CONNECTIONS", global = true)]
     pub max_client_connections: Option<usize>,
@@ -192,6 +195,9 @@ impl Options {
         }
         if self.key_level {
             c.invalidation.key_level = true;
+        }
+        if let Some(v) = self.invalidation_source {
+            c.invalidation.source = v;
         }
         if let Some(v) = self.max_client_connections {
             c.server.max_client_connections = v;

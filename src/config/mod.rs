@@ -104,6 +104,36 @@ pub struct InvalidationConfig {
     pub min_hits_per_write: f64,
     /// Key-level invalidation of reads by key (see config/pgtier.toml).
     pub key_level: bool,
+    /// Where writes are learnt of: `notify` (triggers + LISTEN/NOTIFY) or
+    /// `logical` (a logical replication stream; nothing installed in the
+    /// database but a publication).
+    pub source: Source,
+    /// The publication the logical source streams (created by `pgtier
+    /// install-triggers`).
+    pub publication: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    #[default]
+    Notify,
+    Logical,
+}
+
+impl std::str::FromStr for Source {
+    type Err = UnknownChoice;
+    fn from_str(s: &str) -> Result<Self, UnknownChoice> {
+        match s {
+            "notify" => Ok(Source::Notify),
+            "logical" => Ok(Source::Logical),
+            _ => Err(UnknownChoice {
+                given: s.to_string(),
+                what: "invalidation source",
+                choices: "notify or logical",
+            }),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -145,6 +175,8 @@ impl Default for InvalidationConfig {
             unwatch_on_write: true,
             min_hits_per_write: 5.0,
             key_level: false,
+            source: Source::Notify,
+            publication: "pgtier".into(),
         }
     }
 }

@@ -117,3 +117,28 @@ fn the_example_config_documents_the_defaults() {
     }
     assert_eq!(got, want);
 }
+
+#[test]
+fn the_logical_source_refuses_what_it_cannot_do() {
+    let c = Config::from_toml("[invalidation]\nsource = \"logical\"\n").unwrap();
+    assert_eq!(c.invalidation.source, Source::Logical);
+    c.validate().unwrap();
+    let e = Config::from_toml("[invalidation]\nsource = \"wal\"\n").unwrap_err();
+    assert!(e.to_string().contains("wal"), "{e}");
+    let mut l2 = c.clone();
+    l2.l2.redis_url = Some("redis://127.0.0.1:6379".into());
+    l2.l2.signing_key = Some("ab".repeat(32));
+    l2.validate().unwrap();
+    let mut k = c.clone();
+    k.invalidation.key_level = true;
+    k.validate().unwrap();
+    k.l2 = l2.l2.clone();
+    let e = k.validate().unwrap_err().to_string();
+    assert!(e.contains("invalidation.key_level"), "{e}");
+    let mut p = c;
+    p.invalidation.publication = String::new();
+    let e = p.validate().unwrap_err().to_string();
+    assert!(e.contains("invalidation.publication"), "{e}");
+    assert_eq!("logical".parse::<Source>().ok(), Some(Source::Logical));
+    assert!("wal".parse::<Source>().is_err());
+}

@@ -178,6 +178,7 @@ impl Config {
                 "must be a number of at least 0",
             ));
         }
+        self.validate_source()?;
         for (key, d) in [
             (
                 "invalidation.check_interval",
@@ -201,6 +202,30 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("'{}': {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    /// What the logical source cannot do (yet) is refused by name rather than
+    /// silently left out.
+    fn validate_source(&self) -> Result<(), ConfigError> {
+        if self.invalidation.source != Source::Logical {
+            return Ok(());
+        }
+        let p = &self.invalidation.publication;
+        if p.is_empty() || p.len() > 63 {
+            return Err(invalid(
+                "invalidation.publication",
+                "must be 1 to 63 characters",
+            ));
+        }
+        if self.invalidation.key_level && !self.l2.nodes().is_empty() {
+            return Err(invalid(
+                "invalidation.key_level",
+                "with the L2 needs invalidation.source = \"notify\": on logical streams each \
+                 instance chooses key or table invalidation by its own reads, so instances' L2 \
+                 versions would not agree",
+            ));
+        }
         Ok(())
     }
 

@@ -3,8 +3,9 @@
 use anyhow::{Context as _, Result};
 
 use super::control;
+use super::logical::publication;
 use super::triggers::{self, Scope};
-use crate::config::Config;
+use crate::config::{Config, Source};
 
 fn targets(config: &Config) -> Result<Vec<control::ControlTarget>> {
     let mut targets = config.control_targets()?;
@@ -48,6 +49,9 @@ where
 }
 
 pub fn install(config: &Config, scope: Scope) -> Result<()> {
+    if config.invalidation.source == Source::Logical {
+        return install_publication(config, scope);
+    }
     each_database(config, |t, client| {
         let scope = scope.clone();
         let channel = config.invalidation.channel.clone();
@@ -70,7 +74,56 @@ pub fn install(config: &Config, scope: Scope) -> Result<()> {
     })
 }
 
+/// The logical source installs nothing but the publication.
+fn install_publication(config: &Config, scope: Scope) -> Result<()> {
+    each_database(config, |t, client| {
+        let scope = scope.clone();
+        let name = config.invalidation.publication.clone();
+        async move {
+            let r = publication::sync(&client, &name, &scope, &Default::default())
+                .await
+                .with_context(|| format!("setting up publication \"{name}\" in {}", t.display))?;
+            println!(
+                "{}: publication \"{name}\" {}; {} table(s) added",
+                t.display,
+                if r.created { "created" } else { "exists" },
+                r.added
+            );
+            if !r.no_identity.is_empty() {
+                println!(
+                    "  left out (no primary key or replica identity; UPDATE/DELETE would fail if published): {}",
+                    r.no_identity.join(", ")
+                );
+            }
+            if !r.refused.is_empty() {
+                println!(
+                    "  {} table(s) not added: the role must own them",
+                    r.refused.len()
+                );
+            }
+            Ok(())
+        }
+    })
+}
+
 pub fn uninstall(config: &Config) -> Result<()> {
+    if config.invalidation.source == Source::Logical {
+        let name = config.invalidation.publication.clone();
+        return each_database(config, |t, client| {
+            let name = name.clone();
+            async move {
+                let existed = publication::drop(&client, &name)
+                    .await
+                    .with_context(|| format!("dropping publication \"{name}\" in {}", t.display))?;
+                println!(
+                    "{}: publication \"{name}\" {}",
+                    t.display,
+                    if existed { "dropped" } else { "did not exist" }
+                );
+                Ok(())
+            }
+        });
+    }
     each_database(config, |t, client| async move {
         let n = triggers::uninstall(&client)
             .await

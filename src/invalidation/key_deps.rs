@@ -74,6 +74,11 @@ impl KeyState {
         self.version.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The live column sets of `oid`.
+    pub fn sets(&self, oid: u32) -> Vec<ColumnSet> {
+        self.live.load().get(&oid).cloned().unwrap_or_default()
+    }
+
     /// Whether any column set of `oid` is live (its writes report keys).
     pub fn keyed(&self, oid: u32) -> bool {
         self.live.load().contains_key(&oid)

@@ -24,6 +24,7 @@ use super::control::{self, ControlTarget};
 use super::epoch;
 use super::fingerprint::{self, Tracked};
 use super::keyed;
+use super::logical::{self, conn::ReplConn, publication, stream};
 use super::payload::Payload;
 use super::triggers::{self, Scope};
 use super::watch_policy::Holdoff;
@@ -56,6 +57,9 @@ pub struct Settings {
     /// The L2 signing key: signs and checks epoch notifications. None: no L2,
     /// and no epoch is sent or accepted.
     pub signer: Option<Signer>,
+    /// `invalidation.source = "logical"`: writes come from a replication
+    /// stream instead of triggers and NOTIFY.
+    pub logical: Option<logical::Settings>,
 }
 
 /// How long a lost listener keeps retrying every 100 ms before backing off.
@@ -126,26 +130,39 @@ impl Listener {
         // Only the slow follow-up of DDL goes on to the loop.
         let (ddl_tx, mut ddl_rx) = mpsc::unbounded_channel::<()>();
         let (unwatch_tx, mut unwatch_rx) = mpsc::unbounded_channel::<Vec<u32>>();
-        let applier = Applier::new(
-            self.db.clone(),
-            self.cache.clone(),
-            self.settings.channel.clone(),
-            self.settings.instance,
-            self.settings.signer.clone(),
-            self.settings.min_hits_per_write,
-            unwatch_tx,
-        );
-        let applier = tokio::spawn(applier.run(rx, ddl_tx));
-        let (client, driver) =
-            control::connect(&self.target, &self.tls, self.ssl, Some(tx)).await?;
+        let mut tasks = Vec::new();
+        // With the logical source, the stream's feed reports DDL (and ends the
+        // session by dropping `ddl_tx`); nothing is ever unwatched.
+        let (mut feed_ddl, mut _no_unwatch) = (None, None);
+        let listen = if self.settings.logical.is_none() {
+            let applier = Applier::new(
+                self.db.clone(),
+                self.cache.clone(),
+                self.settings.channel.clone(),
+                self.settings.instance,
+                self.settings.signer.clone(),
+                self.settings.min_hits_per_write,
+                unwatch_tx,
+            );
+            tasks.push(tokio::spawn(applier.run(rx, ddl_tx)));
+            Some(tx)
+        } else {
+            feed_ddl = Some(ddl_tx);
+            _no_unwatch = Some(unwatch_tx);
+            None
+        };
+        let (client, driver) = control::connect(&self.target, &self.tls, self.ssl, listen).await?;
         // Postgres delivers notifications only while the listening backend is
         // idle: catalog scans and table watching run on a second connection so
         // they never hold a notification back.
         let (work, work_driver) = control::connect(&self.target, &self.tls, self.ssl, None).await?;
-        let _guard = AbortOnDrop(vec![driver, work_driver, applier]);
+        tasks.extend([driver, work_driver]);
+        let mut guard = AbortOnDrop(tasks);
         let s = &self.settings;
         let channel = format!("\"{}\"", s.channel.replace('"', "\"\""));
-        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        if s.logical.is_none() {
+            client.batch_execute(&format!("LISTEN {channel}")).await?;
+        }
         if let Ok(mut t) = self.tracked.lock() {
             t.refused.clear();
             t.global = None;
@@ -155,6 +172,40 @@ impl Listener {
             if n > 0 {
                 tracing::info!(database = %self.db.name, tables = n, "installed invalidation triggers");
             }
+        }
+        if let Some(l) = &s.logical {
+            if !publication::exists(&work, &l.publication).await? {
+                anyhow::bail!(
+                    "publication \"{}\" does not exist: run `pgtier install-triggers --invalidation-source logical` \
+                     (or set invalidation.auto_install)",
+                    l.publication
+                );
+            }
+            // Every transaction committing after this is streamed: entries
+            // filled from the new epoch on cannot miss one.
+            let mut conn = ReplConn::connect(&self.target, &l.tls, l.ssl).await?;
+            stream::start(&mut conn, &l.publication).await?;
+            let feed = stream::Feed {
+                db: self.db.clone(),
+                cache: self.cache.clone(),
+                prefix: s.channel.clone(),
+                instance: s.instance,
+                signer: s.signer.clone(),
+                ddl: feed_ddl
+                    .take()
+                    .ok_or_else(|| anyhow::anyhow!("no DDL channel"))?,
+            };
+            let db = self.db.clone();
+            guard.0.push(tokio::spawn(async move {
+                let name = db.name.clone();
+                let r = feed.run(conn).await;
+                // At once, not when the listener loop next looks (it may be
+                // reading the catalog): writes may be going unseen already.
+                db.go_down();
+                if let Err(e) = r {
+                    tracing::warn!(database = %name, error = format!("{e:#}"), "logical replication stream lost");
+                }
+            }));
         }
         self.reload_catalog(&work).await?;
         self.poll_global(&work).await?;
@@ -169,7 +220,9 @@ impl Listener {
         if let Ok(mut w) = self.eagerly_watched.lock() {
             w.clear();
         }
-        if s.eager_watch {
+        if s.logical.is_some() {
+            self.watch_covered(None);
+        } else if s.eager_watch {
             self.watch_all(&work).await?;
         }
         // Entries filled before now may have missed notifications: a new epoch.
@@ -177,8 +230,8 @@ impl Listener {
         // Put every instance's L2 versions back in step (ours included: L2 is
         // used for this database once our own epoch notification comes back).
         if let Some(signer) = &s.signer {
-            // A transaction id taken after LISTEN: every epoch sent before it
-            // carries a smaller one (see `epoch`).
+            // A transaction id taken after LISTEN (or after the stream started):
+            // every epoch sent before it carries a smaller one (see `epoch`).
             let counter: i64 = client.query_one("SELECT txid_current()", &[]).await?.get(0);
             let counter = counter as u64;
             self.db.epoch_floor.open(counter);
@@ -189,9 +242,14 @@ impl Listener {
                 counter,
                 super::Invalidation::random(),
             );
-            client
-                .batch_execute(&format!("NOTIFY {channel}, '{}'", Payload::epoch(&e)))
-                .await?;
+            if s.logical.is_some() {
+                // Every stream sees it at the same place among the writes.
+                self.announce(&work, &Payload::epoch(&e)).await?;
+            } else {
+                client
+                    .batch_execute(&format!("NOTIFY {channel}, '{}'", Payload::epoch(&e)))
+                    .await?;
+            }
         }
         connected.set(1.0);
         tracing::info!(database = %self.db.name, target = %self.target.display, "invalidation listener connected");
@@ -243,7 +301,21 @@ impl Listener {
                         Err(_) => anyhow::bail!("health check timed out"),
                     }
                 }
-                _ = self.db.watch_wanted.notified() => {
+                _ = self.db.watch_wanted.notified(), if s.logical.is_some() => {
+                    // Every published table is streamed: watching is only
+                    // knowing it is covered.
+                    self.watch_covered(Some(self.db.take_watch_requests()));
+                    // The stream carries every changed row: a column set is
+                    // live at once (`logical::keys` falls back to the table
+                    // where a write's rows do not say its old keys).
+                    let catalog = self.db.catalog.load();
+                    for (oid, cols) in self.db.keys.take_requests() {
+                        if catalog.get(oid).is_some_and(|r| r.has_trigger) {
+                            self.db.keys.mark_live(oid, cols);
+                        }
+                    }
+                }
+                _ = self.db.watch_wanted.notified(), if s.logical.is_none() => {
                     let mut wanted = self.db.take_watch_requests();
                     wanted.retain(|o| !in_flight.contains(o) && holdoff.may_watch(*o));
                     // Each table's watch waits on its own writers, side by side
@@ -323,6 +395,16 @@ impl Listener {
     /// The catalog side of DDL: re-read it, put triggers on new tables, watch them.
     async fn after_ddl(&self, client: &Client) -> anyhow::Result<()> {
         self.reload_catalog(client).await?;
+        if self.settings.logical.is_some() {
+            if self.settings.auto_install
+                && self.missing_triggers()
+                && self.install_missing(client).await? > 0
+            {
+                self.reload_catalog(client).await?;
+            }
+            self.watch_covered(None);
+            return Ok(());
+        }
         if self.settings.auto_install && self.missing_triggers() {
             self.install_missing(client).await?;
             self.reload_catalog(client).await?;
@@ -359,6 +441,29 @@ impl Listener {
             }
         }
         Ok(())
+    }
+
+    /// Logical source: mark these tables (or every one) watched where the
+    /// stream covers them. Nothing to wait for: the stream reports every
+    /// change of a published table committed since it started.
+    fn watch_covered(&self, only: Option<Vec<u32>>) {
+        let catalog = self.db.catalog.load();
+        let oids: Vec<u32> = match only {
+            Some(o) => o
+                .into_iter()
+                .filter(|o| catalog.get(*o).is_some_and(|r| r.has_trigger))
+                .collect(),
+            None => catalog
+                .relations
+                .iter()
+                .filter(|r| r.has_trigger)
+                .map(|r| r.oid)
+                .collect(),
+        };
+        if !oids.is_empty() {
+            let ticket = self.db.watch_ticket();
+            self.db.mark_watched(&oids, ticket);
+        }
     }
 
     /// Switch announcing off for tables written in quick succession (see
@@ -398,9 +503,21 @@ impl Listener {
         })
     }
 
-    /// Install triggers where they are missing; returns how many tables got them.
+    /// Install triggers where they are missing (with the logical source: add
+    /// tables to the publication); returns how many tables got them.
     async fn install_missing(&self, client: &Client) -> anyhow::Result<usize> {
         let s = &self.settings;
+        if let Some(l) = &s.logical {
+            let skip = match self.tracked.lock() {
+                Ok(t) => t.refused.iter().copied().collect(),
+                Err(_) => anyhow::bail!("poisoned"),
+            };
+            let r = publication::sync(client, &l.publication, &s.scope, &skip).await?;
+            if let Ok(mut t) = self.tracked.lock() {
+                t.refused.extend(r.refused);
+            }
+            return Ok(r.added);
+        }
         let r = triggers::install(client, &s.channel, &s.scope, true).await?;
         if let Ok(mut t) = self.tracked.lock() {
             t.refused.extend(r.refused);
@@ -410,6 +527,16 @@ impl Listener {
 
     /// Tell every pgtier (this one included) through the channel.
     async fn announce(&self, client: &Client, payload: &str) -> anyhow::Result<()> {
+        if self.settings.logical.is_some() {
+            // Into the stream, where every change is applied in commit order.
+            client
+                .execute(
+                    "SELECT pg_logical_emit_message(true, $1, $2)",
+                    &[&self.settings.channel, &payload],
+                )
+                .await?;
+            return Ok(());
+        }
         client
             .execute(
                 "SELECT pg_notify($1, $2)",
@@ -459,7 +586,10 @@ impl Listener {
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
         let read = async {
-            let catalog = Catalog::load(client, version).await?;
+            let mut catalog = Catalog::load(client, version).await?;
+            if let Some(l) = &self.settings.logical {
+                publication::mark_covered(client, &l.publication, &mut catalog).await?;
+            }
             let fp = fingerprint::relations(client).await?;
             Ok::<_, tokio_postgres::Error>((catalog, fp))
         }

@@ -28,6 +28,7 @@ pub mod hits;
 pub mod key_deps;
 pub mod keyed;
 pub mod listener;
+pub mod logical;
 pub mod payload;
 pub mod triggers;
 mod watch_policy;

@@ -585,12 +585,24 @@ impl Session {
         let inv = &self.proxy.invalidation;
         let (seq, nonce, done) = db.new_fence();
         let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
+        let logical =
+            self.proxy.config.load().invalidation.source == crate::config::Source::Logical;
         let channel = inv.channel.replace('"', "\"\"");
-        let mut sql = format!("NOTIFY \"{channel}\", '{payload}'");
+        let mut sql = if logical {
+            // Into the replication stream, after this session's commit.
+            crate::invalidation::logical::emit_sql(&inv.channel, &payload)
+        } else {
+            format!("NOTIFY \"{channel}\", '{payload}'")
+        };
         if std::mem::take(&mut self.caching.announce_all) {
             // Ahead of the fence, so the client hears of its commit only after
             // every entry of this database is gone.
-            sql = format!("NOTIFY \"{channel}\", '*'; {sql}");
+            let all = if logical {
+                crate::invalidation::logical::emit_sql(&inv.channel, "*")
+            } else {
+                format!("NOTIFY \"{channel}\", '*'")
+            };
+            sql = format!("{all}; {sql}");
         }
         let mut buf = BytesMut::new();
         crate::protocol::frontend::Query {
