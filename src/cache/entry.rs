@@ -1,5 +1,6 @@
 //! A cached result: the encoded backend messages, ready to be written as they are.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +28,10 @@ pub struct Entry {
     /// filling query was sent: the entry is valid while they are all unchanged.
     pub epoch: u64,
     pub deps: Box<[(u32, u64)]>,
+    /// Hits served from it, counted up to the warming threshold only (past it
+    /// the hit path just reads it): an entry that reached it is warmed after
+    /// its invalidation (`invalidation::warm`).
+    pub hits: AtomicU32,
 }
 
 impl Entry {
@@ -48,7 +53,17 @@ impl Entry {
             shape,
             epoch,
             deps,
+            hits: AtomicU32::new(0),
         }
+    }
+
+    /// Count a hit toward the warming threshold `after` (0: warming off); true
+    /// for the one hit that makes the entry hot.
+    #[inline]
+    pub fn hit(&self, after: u32) -> bool {
+        after != 0
+            && self.hits.load(Ordering::Relaxed) < after
+            && self.hits.fetch_add(1, Ordering::Relaxed) + 1 == after
     }
 
     pub fn payload_len(&self) -> usize {

@@ -100,6 +100,7 @@ impl Applier {
                             return;
                         }
                     }
+                    self.db.warm_tables(&self.cache, &t);
                 }
                 Some(Payload::Keys(table, sets)) => {
                     // A table whose reads are cached by key stays watched however
@@ -107,6 +108,7 @@ impl Applier {
                     self.db.invalidate_keys(&table, &sets);
                     let keys: usize = sets.iter().map(|(_, t)| t.len()).sum();
                     self.key_invalidations.increment(keys as u64);
+                    self.db.warm_keys(&self.cache, &table, &sets);
                 }
                 Some(Payload::Unwatch(t)) => {
                     self.db.unwatch(&t);

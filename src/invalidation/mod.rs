@@ -29,6 +29,7 @@ pub mod keyed;
 pub mod listener;
 pub mod payload;
 pub mod triggers;
+pub mod warm;
 mod watch_policy;
 
 use std::collections::{HashMap, HashSet};
@@ -98,12 +99,14 @@ pub struct DbState {
     l2_versions: Box<[AtomicU64]>,
     /// Key-level invalidation: which column sets writes report.
     pub keys: key_deps::KeyState,
+    /// Hot entries to refresh after their invalidation, and the sessions
+    /// that may run the refreshes.
+    pub warm: warm::Warm,
 }
 
 impl DbState {
     fn new(name: String, gens: Arc<Generations>) -> DbState {
         DbState {
-            name,
             live: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             catalog: ArcSwap::from_pointee(Catalog::default()),
@@ -119,6 +122,8 @@ impl DbState {
             epoch_floor: epoch::Floor::default(),
             l2_versions: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             keys: key_deps::KeyState::default(),
+            warm: warm::Warm::new(&name),
+            name,
         }
     }
 

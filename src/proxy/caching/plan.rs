@@ -237,6 +237,9 @@ impl SessionCache {
                             }
                             reply.push(e.rows.clone());
                             self.timing.hit(e.shape);
+                            let defined = p.sql.zip(p.types);
+                            let (key, args) = (p.key, p.bind.args);
+                            self.count_extended_hit(cache, db, &e, key, p.statement, defined, args);
                             executes += 1;
                         }
                         None => missing = true,

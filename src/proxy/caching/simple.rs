@@ -68,6 +68,7 @@ impl SessionCache {
                     let now = Instant::now();
                     if now < e.fresh_until {
                         hot.l1_hit.increment(1);
+                        self.count_simple_hit(cache, db, &e, key, sql);
                         return Outcome::answer(self.reply_simple(&e));
                     }
                     if now < e.stale_until {
