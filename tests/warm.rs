@@ -188,7 +188,10 @@ async fn with_the_switch_off_nothing_is_warmed() {
         .await
         .expect("write");
     wait_invalidations(&p, n + 1.0).await;
-    assert_eq!(read_hit(&p, &c, 1, false).await, (false, Some("new".into())));
+    assert_eq!(
+        read_hit(&p, &c, 1, false).await,
+        (false, Some("new".into()))
+    );
     let m = p.metrics().await;
     assert_eq!(m.get("pgtier_warm_refreshes_total", &[]), 0.0);
 }
@@ -252,7 +255,10 @@ async fn a_session_in_a_transaction_or_busy_is_not_used() {
     wait_warm(&p, "dropped", 1.0).await;
     c.batch_execute("commit").await.expect("commit");
     assert_eq!(warm(&p, "filled").await, 0.0);
-    assert_eq!(read_hit(&p, &c, 1, false).await, (false, Some("one".into())));
+    assert_eq!(
+        read_hit(&p, &c, 1, false).await,
+        (false, Some("one".into()))
+    );
     // Mid-request: a long statement in flight.
     make_hot(&p, &c, 1, false).await;
     let busy = async {
@@ -284,7 +290,10 @@ async fn a_session_in_a_transaction_or_busy_is_not_used() {
     });
     done.expect("long statement");
     assert_eq!(warm(&p, "filled").await, 0.0, "a busy session was used");
-    assert_eq!(read_hit(&p, &c, 1, false).await, (false, Some("two".into())));
+    assert_eq!(
+        read_hit(&p, &c, 1, false).await,
+        (false, Some("two".into()))
+    );
 }
 
 #[tokio::test]

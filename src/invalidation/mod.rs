@@ -258,6 +258,21 @@ impl DbState {
         }
     }
 
+    /// A write to these tables was applied: warm the hot entries it killed.
+    pub fn warm_tables(&self, cache: &crate::cache::Cache, tables: &[payload::QualifiedName]) {
+        self.warm.tables(cache, &|e, d| self.valid(e, d), tables);
+    }
+
+    /// A write that reported keys was applied: warm the hot entries it killed.
+    pub fn warm_keys(
+        &self,
+        cache: &crate::cache::Cache,
+        table: &payload::QualifiedName,
+        sets: &[payload::KeySet],
+    ) {
+        self.warm.keys(cache, &|e, d| self.valid(e, d), table, sets);
+    }
+
     /// A function, operator, cast or role setting changed (or DDL that names no
     /// relation happened): every result may differ now.
     pub fn invalidate_routines(&self) {

@@ -31,7 +31,6 @@ use futures_util::task::AtomicWaker;
 
 use super::generations::Generations;
 use super::payload::{KeySet, QualifiedName};
-use super::DbState;
 use crate::cache::{Cache, Claim, FillLease, Key};
 
 /// Recipes kept per database.
@@ -49,7 +48,11 @@ pub enum Recipe {
     /// types (raw OIDs) and the Bind arguments (parameter formats and values,
     /// result formats) as sent. Replayed as an unnamed statement, never under
     /// a client's statement name.
-    Extended { sql: Bytes, types: Bytes, args: Bytes },
+    Extended {
+        sql: Bytes,
+        types: Bytes,
+        args: Bytes,
+    },
 }
 
 struct Record {
@@ -275,10 +278,15 @@ pub struct Warm {
     in_flight: Arc<AtomicUsize>,
     /// Where the next search for an idle session starts (spreads the work).
     next: AtomicUsize,
+    database: String,
     /// Every entry depends on the database's routines; a change to them is
     /// never warmed, so entries are not indexed under it.
     routines: u32,
 }
+
+/// Whether an entry filled under (epoch, deps) is still current
+/// (`DbState::valid`).
+pub type Valid<'a> = &'a dyn Fn(u64, &[(u32, u64)]) -> bool;
 
 impl Warm {
     pub fn new(database: &str) -> Warm {
@@ -287,6 +295,7 @@ impl Warm {
             sessions: Arc::new(Mutex::new(Vec::new())),
             in_flight: Arc::new(AtomicUsize::new(0)),
             next: AtomicUsize::new(0),
+            database: database.to_string(),
             routines: Generations::routines_slot(database),
         }
     }
@@ -342,7 +351,7 @@ impl Warm {
     }
 
     /// Slots `slots` were just bumped: refresh the hot entries that died.
-    fn dispatch(&self, cache: &Cache, db: &DbState, slots: &[u32]) {
+    fn dispatch(&self, cache: &Cache, valid: Valid<'_>, slots: &[u32]) {
         let after = cache.warm_after();
         if after == 0 {
             return;
@@ -367,7 +376,7 @@ impl Warm {
         for key in keys {
             let hot = match cache.l1.get(&key) {
                 // Refilled already (or untouched: another table sharing a slot).
-                Some(e) if db.valid(e.epoch, &e.deps) => continue,
+                Some(e) if valid(e.epoch, &e.deps) => continue,
                 Some(e) => e.hits.load(Ordering::Relaxed) >= after,
                 None => false,
             };
@@ -443,43 +452,64 @@ impl Warm {
     }
 }
 
-impl DbState {
+impl Warm {
     /// A write to these tables was applied: warm the hot entries it killed.
-    pub fn warm_tables(&self, cache: &Cache, tables: &[QualifiedName]) {
+    pub fn tables(&self, cache: &Cache, valid: Valid<'_>, tables: &[QualifiedName]) {
         if cache.warm_after() == 0 {
             return;
         }
+        let db = &self.database;
         let slots: Vec<u32> = tables
             .iter()
             .flat_map(|(schema, table)| {
                 [
-                    Generations::slot(&self.name, schema, table),
-                    Generations::whole_slot(&self.name, schema, table),
-                    Generations::name_slot(&self.name, table),
+                    Generations::slot(db, schema, table),
+                    Generations::whole_slot(db, schema, table),
+                    Generations::name_slot(db, table),
                 ]
             })
             .collect();
-        self.warm.dispatch(cache, self, &slots);
+        self.dispatch(cache, valid, &slots);
     }
 
     /// A write that reported its keys was applied: warm the hot entries of
     /// those keys (and the hot reads that scan the table).
-    pub fn warm_keys(&self, cache: &Cache, table: &QualifiedName, sets: &[KeySet]) {
+    pub fn keys(&self, cache: &Cache, valid: Valid<'_>, table: &QualifiedName, sets: &[KeySet]) {
         if cache.warm_after() == 0 {
             return;
         }
-        let (schema, name) = table;
-        let mut slots = vec![Generations::slot(&self.name, schema, name)];
+        let (db, (schema, name)) = (&self.database, table);
+        let mut slots = vec![Generations::slot(db, schema, name)];
         for (cols, tuples) in sets {
             let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
             for t in tuples {
                 let values: Vec<&str> = t.iter().map(String::as_str).collect();
-                slots.push(Generations::key_slot(
-                    &self.name, schema, name, &cols, &values,
-                ));
+                slots.push(Generations::key_slot(db, schema, name, &cols, &values));
             }
         }
-        self.warm.dispatch(cache, self, &slots);
+        self.dispatch(cache, valid, &slots);
+    }
+}
+
+/// A job as the applier would hand it out, for tests of what sessions do
+/// with one.
+#[cfg(test)]
+pub(crate) fn test_job(cache: &Cache, key: Key, seed: u128, recipe: Recipe, after: u32) -> Job {
+    let lease = match cache.claim(key) {
+        Claim::Leader(l) => Some(l),
+        Claim::Follower(_) => None,
+    };
+    Job {
+        key,
+        seed,
+        recipe,
+        lease,
+        ticket: Ticket {
+            in_flight: Arc::new(AtomicUsize::new(1)),
+            start_hits: after - 1,
+            sent: false,
+            done: false,
+        },
     }
 }
 

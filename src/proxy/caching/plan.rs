@@ -237,9 +237,17 @@ impl SessionCache {
                             }
                             reply.push(e.rows.clone());
                             self.timing.hit(e.shape);
-                            let defined = p.sql.zip(p.types);
-                            let (key, args) = (p.key, p.bind.args);
-                            self.count_extended_hit(cache, db, &e, key, p.statement, defined, args);
+                            if e.hit(cache.warm_after()) {
+                                let defined = p.sql.zip(p.types);
+                                self.remember_extended(
+                                    db,
+                                    &e,
+                                    p.key,
+                                    p.statement,
+                                    defined,
+                                    p.bind.args,
+                                );
+                            }
                             executes += 1;
                         }
                         None => missing = true,

@@ -21,9 +21,7 @@ use crate::invalidation::key_deps::NoParams;
 use crate::invalidation::warm::{Job, Recipe};
 use crate::invalidation::DbState;
 use crate::protocol::batch::Batch;
-use crate::protocol::frontend::{
-    self, Bind, Describe, Execute, Frontend, Parse, Query, Target,
-};
+use crate::protocol::frontend::{self, Bind, Describe, Execute, Frontend, Parse, Query, Target};
 use crate::proxy::tracker::{ReplyTag, Tracker};
 use crate::sql::is_time_literal;
 
@@ -45,13 +43,12 @@ impl SessionCache {
         }
     }
 
-    /// Count an extended-protocol hit on `e` (under `key`): a statement named
-    /// `statement`, or defined in the request (`defined`: text and types),
-    /// bound with `args`.
-    #[inline]
-    pub(super) fn count_extended_hit(
+    /// An extended-protocol hit made `e` (under `key`) hot: remember its
+    /// statement, named `statement` or defined in the request (`defined`: text
+    /// and types), bound with `args`.
+    #[cold]
+    pub(super) fn remember_extended(
         &self,
-        cache: &Cache,
         db: &DbState,
         e: &Entry,
         key: Key,
@@ -59,9 +56,6 @@ impl SessionCache {
         defined: Option<(&[u8], &[u8])>,
         args: &[u8],
     ) {
-        if !e.hit(cache.warm_after()) {
-            return;
-        }
         let stored = self
             .statements
             .get(statement)
@@ -150,7 +144,10 @@ impl SessionCache {
                     .open_warm(request, key, plan, false, lease, ticket);
                 // Parse, Bind, Describe (its RowDescription is kept), Execute, Sync.
                 let none = ReplyTag::None;
-                (bytes.clone(), smallvec::smallvec![none, none, tag, tag, none])
+                (
+                    bytes.clone(),
+                    smallvec::smallvec![none, none, tag, tag, none],
+                )
             }
         };
         // A Query, like a Parse of the unnamed statement, replaces the
