@@ -38,6 +38,9 @@ pub const CAPACITY: usize = 10_000;
 /// Warm refreshes running at once per database (each holds a session's
 /// upstream connection and costs Postgres one query).
 pub const MAX_IN_FLIGHT: usize = 4;
+/// Dead entries examined per write: the applier must stay quick (a write to a
+/// table with thousands of hot reads counts the rest as dropped).
+pub const MAX_EXAMINED: usize = 256;
 
 /// How to run a hot entry's statement again, exactly as its readers sent it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,7 +271,20 @@ impl Drop for Ticket {
 }
 
 fn count(result: &'static str) {
-    metrics::counter!("pgtier_warm_refreshes_total", "result" => result).increment(1);
+    count_n(result, 1);
+}
+
+fn count_n(result: &'static str, n: u64) {
+    static COUNTERS: std::sync::OnceLock<[metrics::Counter; 3]> = std::sync::OnceLock::new();
+    let [filled, dropped, failed] = COUNTERS.get_or_init(|| {
+        ["filled", "dropped", "failed"]
+            .map(|r| metrics::counter!("pgtier_warm_refreshes_total", "result" => r))
+    });
+    match result {
+        "filled" => filled.increment(n),
+        "dropped" => dropped.increment(n),
+        _ => failed.increment(n),
+    }
 }
 
 /// The warming state of one database.
@@ -373,6 +389,10 @@ impl Warm {
         }
         keys.sort_unstable();
         keys.dedup();
+        if keys.len() > MAX_EXAMINED {
+            count_n("dropped", (keys.len() - MAX_EXAMINED) as u64);
+            keys.truncate(MAX_EXAMINED);
+        }
         for key in keys {
             let hot = match cache.l1.get(&key) {
                 // Refilled already (or untouched: another table sharing a slot).
