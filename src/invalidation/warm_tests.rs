@@ -171,3 +171,22 @@ fn the_registry_is_bounded_oldest_first() {
     assert!(!reg.records.contains_key(&0) && reg.records.contains_key(&(CAPACITY as u128 + 9)));
     assert_eq!(reg.by_slot[&5].len(), CAPACITY, "the index follows");
 }
+
+#[test]
+fn a_reload_switches_warming_without_dropping_entries() {
+    let (cache, db) = setup();
+    cached(&cache, &db, 1, 8, 0);
+    let mut old = Config::default();
+    old.cache.warm_after_hits = AFTER;
+    let mut off = old.clone();
+    off.cache.warm_hot_keys = false;
+    cache.reconfigure(&old, &off);
+    assert_eq!(cache.warm_after(), 0);
+    assert!(cache.l1.get(&1).is_some(), "entries stay");
+    let mut later = off.clone();
+    later.cache.warm_hot_keys = true;
+    later.cache.warm_after_hits = 7;
+    cache.reconfigure(&off, &later);
+    assert_eq!(cache.warm_after(), 7);
+    assert!(cache.l1.get(&1).is_some());
+}
