@@ -20,7 +20,8 @@
 //!    coalescing of misses.
 //! 4. [`invalidation`]: triggers and LISTEN/NOTIFY, the per-database listener
 //!    (`listener`, with the `applier` of notifications and the watch policy),
-//!    the catalog (which tables a statement depends on), table generations.
+//!    the catalog (which tables a statement depends on), table generations,
+//!    and the warming of hot entries after their invalidation (`warm`).
 //! 5. [`proxy`]: accepting a connection (`accept`: startup, then the admin
 //!    console's handover or a proxied session), what sessions share (`state`),
 //!    one client session against its own upstream connection: authentication
