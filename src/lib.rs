@@ -22,7 +22,8 @@
 //!    (`listener`, with the `applier` of notifications and the watch policy),
 //!    or instead a logical replication stream (`logical`: its own replication
 //!    connection and `pgoutput` decoder), the catalog (which tables a
-//!    statement depends on), table generations.
+//!    statement depends on), table generations, and the warming of hot
+//!    entries after their invalidation (`warm`).
 //! 5. [`proxy`]: accepting a connection (`accept`: startup, then the admin
 //!    console's handover or a proxied session), what sessions share (`state`),
 //!    one client session against its own upstream connection: authentication

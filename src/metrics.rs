@@ -108,6 +108,9 @@ pub fn register_families(databases: &[String], l2: bool) {
         counter!("pgtier_config_reloads_total", "result" => result).increment(0);
     }
     counter!("pgtier_fence_timeouts_total").increment(0);
+    for result in ["filled", "dropped", "failed"] {
+        counter!("pgtier_warm_refreshes_total", "result" => result).increment(0);
+    }
     if l2 {
         for kind in [
             "timeout",
@@ -210,6 +213,10 @@ fn describe() {
     describe_counter!(
         "pgtier_fence_timeouts_total",
         "Read-your-writes fences that timed out"
+    );
+    describe_counter!(
+        "pgtier_warm_refreshes_total",
+        "Hot entries refreshed after their invalidation, by result (filled, dropped, failed)"
     );
     describe_counter!(
         "pgtier_control_notifications_rejected_total",

@@ -1,5 +1,6 @@
 //! A cached result: the encoded backend messages, ready to be written as they are.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,10 @@ pub struct Entry {
     /// Oids of the tables it read, for the per-table hit counts that decide
     /// whether their writes stay announced (shared, not copied, per fill).
     pub tables: Arc<[u32]>,
+    /// Hits served from it, counted up to the warming threshold only (past it
+    /// the hit path just reads it): an entry that reached it is warmed after
+    /// its invalidation (`invalidation::warm`).
+    pub hits: AtomicU32,
 }
 
 impl Entry {
@@ -53,6 +58,7 @@ impl Entry {
             epoch,
             deps,
             tables: Arc::default(),
+            hits: AtomicU32::new(0),
         }
     }
 
@@ -60,6 +66,15 @@ impl Entry {
     pub fn reading(mut self, tables: Arc<[u32]>) -> Entry {
         self.tables = tables;
         self
+    }
+
+    /// Count a hit toward the warming threshold `after` (0: warming off); true
+    /// for the one hit that makes the entry hot.
+    #[inline]
+    pub fn hit(&self, after: u32) -> bool {
+        after != 0
+            && self.hits.load(Ordering::Relaxed) < after
+            && self.hits.fetch_add(1, Ordering::Relaxed) + 1 == after
     }
 
     pub fn payload_len(&self) -> usize {

@@ -96,6 +96,17 @@ pub struct Cache {
     max_entry_bytes: std::sync::atomic::AtomicUsize,
     coalesce_wait: ArcSwap<Duration>,
     system_catalogs: std::sync::atomic::AtomicBool,
+    /// Hits that make an entry hot (warmed after its invalidation); 0: off.
+    warm_after: std::sync::atomic::AtomicU32,
+}
+
+/// `cache.warm_after_hits`, or 0 when `cache.warm_hot_keys` is off.
+fn warm_after(cfg: &Config) -> u32 {
+    if cfg.cache.warm_hot_keys {
+        cfg.cache.warm_after_hits.max(1)
+    } else {
+        0
+    }
 }
 
 const DECISION_CAPACITY: u64 = 100_000;
@@ -117,6 +128,7 @@ impl Cache {
             max_entry_bytes: (cfg.cache.max_entry_bytes.0 as usize).into(),
             coalesce_wait: ArcSwap::from_pointee(cfg.cache.coalesce_wait.0),
             system_catalogs: cfg.cache.system_catalogs.into(),
+            warm_after: warm_after(cfg).into(),
         }
     }
 
@@ -143,9 +155,13 @@ impl Cache {
             .store(Arc::new(cfg.cache.coalesce_wait.0));
         self.system_catalogs
             .store(cfg.cache.system_catalogs, Ordering::Relaxed);
+        self.warm_after.store(warm_after(cfg), Ordering::Relaxed);
         // Entries made under other rules (a table now `cache = false`, a longer
-        // TTL) must not outlive them.
-        if serde_json::to_string(&old.cache).ok() != serde_json::to_string(&cfg.cache).ok() {
+        // TTL) must not outlive them. Warming settings change no entry.
+        let mut new = cfg.cache.clone();
+        new.warm_hot_keys = old.cache.warm_hot_keys;
+        new.warm_after_hits = old.cache.warm_after_hits;
+        if serde_json::to_string(&old.cache).ok() != serde_json::to_string(&new).ok() {
             self.decisions.invalidate_all();
             self.l1.clear();
             self.descs.invalidate_all();
@@ -159,6 +175,12 @@ impl Cache {
     pub fn max_entry_bytes(&self) -> usize {
         self.max_entry_bytes
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hits that make an entry hot, 0 when warming is off.
+    #[inline]
+    pub fn warm_after(&self) -> u32 {
+        self.warm_after.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn coalesce_wait(&self) -> Duration {

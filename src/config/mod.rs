@@ -220,6 +220,11 @@ pub struct CacheConfig {
     pub coalesce_wait: Dur,
     /// Allow caching reads of pg_catalog / information_schema.
     pub system_catalogs: bool,
+    /// Refresh an entry that was hot right after a write invalidates it, on an
+    /// idle session of its own context (see README, "Warming hot keys").
+    pub warm_hot_keys: bool,
+    /// Hits in its life that make an entry hot.
+    pub warm_after_hits: u32,
     pub rules: Vec<RuleConfig>,
 }
 
@@ -231,6 +236,8 @@ impl Default for CacheConfig {
             max_entry_bytes: ByteSize(1 << 20),
             coalesce_wait: Dur(std::time::Duration::from_millis(100)),
             system_catalogs: false,
+            warm_hot_keys: true,
+            warm_after_hits: 10,
             rules: Vec::new(),
         }
     }

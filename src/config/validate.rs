@@ -197,6 +197,9 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        if self.cache.warm_after_hits == 0 {
+            return Err(invalid("cache.warm_after_hits", "must be at least 1"));
+        }
         if self.cache.max_entry_bytes.0 == 0 {
             return Err(invalid("cache.max_entry_bytes", "must be greater than 0"));
         }

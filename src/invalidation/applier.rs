@@ -127,6 +127,7 @@ impl Applier {
                     if !self.weigh(&mut benefit, &t, at) {
                         return;
                     }
+                    self.db.warm_tables(&self.cache, &t);
                 }
                 Some(Payload::Keys(table, sets)) => {
                     // Each write kills only its own keys, so a table read by key
@@ -138,6 +139,7 @@ impl Applier {
                     if !self.weigh(&mut benefit, std::slice::from_ref(&table), at) {
                         return;
                     }
+                    self.db.warm_keys(&self.cache, &table, &sets);
                 }
                 Some(Payload::Unwatch(t)) => {
                     self.db.unwatch(&t);

@@ -31,6 +31,7 @@ pub mod listener;
 pub mod logical;
 pub mod payload;
 pub mod triggers;
+pub mod warm;
 mod watch_policy;
 
 use std::collections::{HashMap, HashSet};
@@ -103,12 +104,14 @@ pub struct DbState {
     pub keys: key_deps::KeyState,
     /// Hits per table, for the announce policy.
     pub hits: hits::TableHits,
+    /// Hot entries to refresh after their invalidation, and the sessions
+    /// that may run the refreshes.
+    pub warm: warm::Warm,
 }
 
 impl DbState {
     fn new(name: String, gens: Arc<Generations>) -> DbState {
         DbState {
-            name,
             live: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             catalog: ArcSwap::from_pointee(Catalog::default()),
@@ -125,6 +128,8 @@ impl DbState {
             l2_versions: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             keys: key_deps::KeyState::default(),
             hits: hits::TableHits::default(),
+            warm: warm::Warm::new(&name),
+            name,
         }
     }
 
@@ -257,6 +262,21 @@ impl DbState {
                 ));
             }
         }
+    }
+
+    /// A write to these tables was applied: warm the hot entries it killed.
+    pub fn warm_tables(&self, cache: &crate::cache::Cache, tables: &[payload::QualifiedName]) {
+        self.warm.tables(cache, &|e, d| self.valid(e, d), tables);
+    }
+
+    /// A write that reported keys was applied: warm the hot entries it killed.
+    pub fn warm_keys(
+        &self,
+        cache: &crate::cache::Cache,
+        table: &payload::QualifiedName,
+        sets: &[payload::KeySet],
+    ) {
+        self.warm.keys(cache, &|e, d| self.valid(e, d), table, sets);
     }
 
     /// A function, operator, cast or role setting changed (or DDL that names no

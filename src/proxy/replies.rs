@@ -300,7 +300,14 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
                     if self.queue.is_empty() {
                         self.skipping = true;
                     }
+                    // A request that is ours through its Sync (a warm refresh):
+                    // the error is nobody else's either. (A replayed Parse's
+                    // error is the client's: its own request fails with it.)
+                    let sync_ours = self.queue.front().is_some_and(|s| s.swallow);
                     match first {
+                        Some(e) if e.swallow && sync_ours => Route::Swallow {
+                            front: (e.expect, e.tag),
+                        },
                         Some(e) if e.swallow => Route::Relay {
                             front: None,
                             done: true,

@@ -24,6 +24,7 @@ use super::tracker::Tracker;
 use super::upstream::ServerConn;
 use super::Proxy;
 use crate::bypass::BypassReason;
+use crate::invalidation::warm::{Job, Seat};
 use crate::metrics;
 use crate::protocol::backend::{self, ErrorResponse, Severity};
 use crate::protocol::codec::peek_header;
@@ -49,6 +50,8 @@ const SERVER_MAX_MESSAGE: usize = 1 << 30;
 /// How long to keep writing the last bytes after one side has gone.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
+mod warm;
+
 /// Why the session loop stopped.
 enum End {
     ClientGone,
@@ -69,6 +72,8 @@ enum Event {
     Server(io::Result<usize>),
     ClientWrite(io::Error),
     ServerWrite(io::Error),
+    /// A warm refresh was left for this idle session.
+    Warm(Job),
 }
 
 /// An outstanding read-your-writes fence: the client's output is held until the
@@ -109,6 +114,8 @@ pub struct Session {
     pub hello: ServerHello,
     pub track: Tracker,
     pub caching: SessionCache,
+    /// Its place among the sessions that carry warm refreshes.
+    warm: Option<Seat>,
 }
 
 impl Session {
@@ -128,6 +135,7 @@ impl Session {
         let user = startup.user().unwrap_or_default().to_string();
         let database = startup.database().unwrap_or_default().to_string();
         let db = proxy.invalidation.db(&database);
+        let warm = db.as_ref().map(|d| d.warm.join());
         let mut caching = SessionCache::new(&database, &user, &startup.params, db);
         caching.set_defaults(hello.defaults.clone());
         caching.reseed(&hello.params);
@@ -152,6 +160,7 @@ impl Session {
             startup,
             track: Tracker::new(&hello),
             hello,
+            warm,
         }
     }
 
@@ -234,6 +243,10 @@ impl Session {
                 }
                 Event::Client(Ok(_)) => self.process_client().await,
                 Event::Server(Ok(_)) => self.process_server(),
+                Event::Warm(job) => {
+                    self.run_warm(job);
+                    Ok(())
+                }
                 Event::Client(Err(e)) | Event::ClientWrite(e) => {
                     self.sout.push_static(frontend::TERMINATE_BYTES);
                     let _ = self.final_flush(false).await;
@@ -338,6 +351,9 @@ impl Session {
         if self.terminate_due() {
             return Poll::Ready(Event::Finished);
         }
+        if let Some(job) = self.poll_warm(cx) {
+            return Poll::Ready(Event::Warm(job));
+        }
         Poll::Pending
     }
 
@@ -352,10 +368,10 @@ impl Session {
         self.info
             .requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let settings_changed = self.caching.take_settings_changed();
-        if std::mem::take(&mut self.track.params_changed) || settings_changed {
-            self.caching.reseed(&self.track.server_params);
+        if let Some(w) = &self.warm {
+            w.mailbox.busy();
         }
+        self.reseed_if_changed();
         apply::handle(
             &mut self.caching,
             &self.proxy.cache,
@@ -365,6 +381,14 @@ impl Session {
             &mut self.sout,
         )
         .await;
+    }
+
+    /// Follow setting changes into the key seed before the session next uses it.
+    fn reseed_if_changed(&mut self) {
+        let settings_changed = self.caching.take_settings_changed();
+        if std::mem::take(&mut self.track.params_changed) || settings_changed {
+            self.caching.reseed(&self.track.server_params);
+        }
     }
 
     async fn process_client(&mut self) -> Result<(), End> {

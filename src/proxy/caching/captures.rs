@@ -6,12 +6,14 @@
 //! it), never shifted by the removal of another.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 
 use bytes::{Bytes, BytesMut};
 
 use super::fill::FillPlan;
 use crate::bypass::BypassReason;
 use crate::cache::{Cache, Entry, FillLease, Key};
+use crate::invalidation::warm::Ticket;
 use crate::metrics;
 use crate::protocol::backend;
 use crate::proxy::replies::Expect;
@@ -32,6 +34,8 @@ enum Kind {
         simple: bool,
         /// Held until the fill ends; dropping it wakes coalesced waiters.
         _lease: Option<FillLease>,
+        /// A warm refresh's count, told how it ended.
+        warm: Option<Ticket>,
     },
     Describe {
         key: Key,
@@ -88,6 +92,28 @@ impl Captures {
             plan,
             simple,
             _lease: lease,
+            warm: None,
+        };
+        ReplyTag::Fill(self.push(request, kind))
+    }
+
+    /// Capture the result of a warm refresh in `request` (see `open_fill`).
+    pub fn open_warm(
+        &mut self,
+        request: u64,
+        key: Key,
+        plan: FillPlan,
+        simple: bool,
+        lease: Option<FillLease>,
+        mut ticket: Ticket,
+    ) -> ReplyTag {
+        ticket.sent();
+        let kind = Kind::Fill {
+            key,
+            plan,
+            simple,
+            _lease: lease,
+            warm: Some(ticket),
         };
         ReplyTag::Fill(self.push(request, kind))
     }
@@ -167,9 +193,14 @@ impl Captures {
             let stored = committed && c.request == request && c.state == State::Complete;
             match c.kind {
                 Kind::Fill {
-                    key, plan, simple, ..
+                    key,
+                    plan,
+                    simple,
+                    warm,
+                    ..
                 } => {
-                    if stored && (!simple || c.row_desc.is_some()) {
+                    let stored = stored && (!simple || c.row_desc.is_some());
+                    if stored {
                         let ttl = plan.policy.ttl;
                         if let (Some(tier), Some(k2)) = (cache.l2(), plan.l2key) {
                             tier.put(k2, c.row_desc.as_deref(), &c.buf, ttl + plan.policy.swr);
@@ -185,10 +216,16 @@ impl Captures {
                             plan.deps,
                         )
                         .reading(plan.tables);
+                        if let Some(t) = &warm {
+                            entry.hits.store(t.start_hits, Ordering::Relaxed);
+                        }
                         cache.insert(key, entry);
                         metrics::hot().fills.increment(1);
                     } else {
                         metrics::hot().fills_aborted.increment(1);
+                    }
+                    if let Some(t) = warm {
+                        t.finish(stored);
                     }
                 }
                 Kind::Describe { key } => {

@@ -24,6 +24,7 @@
 //! - `captures`: server replies captured and stored when their request commits;
 //! - `settings`: the session settings the key follows;
 //! - `state`: the session's cache state, taints, fences, end of requests;
+//! - `warm`: hits that make entries hot, and warm refreshes run on this session;
 //! - `latency`: latency figures; `action`: the decision types.
 
 mod action;
@@ -36,9 +37,12 @@ mod plan;
 mod settings;
 mod simple;
 mod state;
+mod warm;
 
 pub use action::{Forward, Outcome, Reply};
 pub use state::SessionCache;
 
 #[cfg(test)]
 mod dispatch_tests;
+#[cfg(test)]
+mod warm_tests;

@@ -238,6 +238,17 @@ impl SessionCache {
                             reply.push(e.rows.clone());
                             db.hits.count(&e.tables);
                             self.timing.hit(e.shape);
+                            if e.hit(cache.warm_after()) {
+                                let defined = p.sql.zip(p.types);
+                                self.remember_extended(
+                                    db,
+                                    &e,
+                                    p.key,
+                                    p.statement,
+                                    defined,
+                                    p.bind.args,
+                                );
+                            }
                             executes += 1;
                         }
                         None => missing = true,

@@ -69,6 +69,7 @@ impl SessionCache {
                     if now < e.fresh_until {
                         hot.l1_hit.increment(1);
                         db.hits.count(&e.tables);
+                        self.count_simple_hit(cache, db, &e, key, sql);
                         return Outcome::answer(self.reply_simple(&e));
                     }
                     if now < e.stale_until {
