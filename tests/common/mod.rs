@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod keyed;
 pub mod logical;
 pub mod redis;
 pub mod sql;
