@@ -15,7 +15,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// Hits that make an entry hot in these tests.
 const AFTER: usize = 3;
-const TOML: &str = "[cache]\ndefault_ttl = \"10m\"\nwarm_after_hits = 3\n";
+const TOML: &str = "[cache]\ndefault_ttl = \"10m\"\nwarm_hot_keys = true\nwarm_after_hits = 3\n";
 const READ: &str = "select v from kv where id = $1";
 
 async fn read(c: &Client, id: i32) -> Option<String> {
@@ -219,7 +219,7 @@ async fn an_entry_that_was_not_hot_is_not_refreshed() {
 #[tokio::test]
 async fn a_refresh_racing_a_second_write_never_serves_the_first() {
     // Writes in quick succession would switch the table's announcing off.
-    let toml = "[cache]\ndefault_ttl = \"10m\"\nwarm_after_hits = 3\n\
+    let toml = "[cache]\ndefault_ttl = \"10m\"\nwarm_hot_keys = true\nwarm_after_hits = 3\n\
                 [invalidation]\nunwatch_on_write = false\n";
     let (p, c, d, _db) = setup("pgtier_warm_race", toml, &[]).await;
     for round in 0..10 {

@@ -236,7 +236,7 @@ impl Default for CacheConfig {
             max_entry_bytes: ByteSize(1 << 20),
             coalesce_wait: Dur(std::time::Duration::from_millis(100)),
             system_catalogs: false,
-            warm_hot_keys: true,
+            warm_hot_keys: false,
             warm_after_hits: 10,
             rules: Vec::new(),
         }

@@ -118,8 +118,10 @@ struct HoldoffState {
     until: Instant,
 }
 
-const MIN_HOLDOFF: Duration = Duration::from_millis(10);
-const MAX_HOLDOFF: Duration = Duration::from_secs(10);
+// A table is judged on at least 250 ms of its load: one found not worth
+// announcing is not worth watching again a moment later.
+const MIN_HOLDOFF: Duration = Duration::from_secs(1);
+const MAX_HOLDOFF: Duration = Duration::from_secs(30);
 const SHORT_WATCH: Duration = Duration::from_secs(5);
 
 impl Holdoff {
@@ -166,7 +168,7 @@ mod tests {
         let mut h = Holdoff::default();
         assert!(h.may_watch(1), "never watched: no hold-off");
         let mut last = Duration::ZERO;
-        for _ in 0..12 {
+        for _ in 0..8 {
             h.watched(&[1]);
             h.unwatched(&[1]);
             let t = &h.tables[&1];
