@@ -16,6 +16,7 @@ const AFTER: u32 = 2;
 
 fn setup() -> (Cache, Arc<DbState>) {
     let mut cfg = Config::default();
+    cfg.cache.warm_hot_keys = true;
     cfg.cache.warm_after_hits = AFTER;
     let inv = Invalidation::new(["db".to_string()], "ch");
     let db = inv.db("db").expect("db");
@@ -177,6 +178,7 @@ fn a_reload_switches_warming_without_dropping_entries() {
     let (cache, db) = setup();
     cached(&cache, &db, 1, 8, 0);
     let mut old = Config::default();
+    old.cache.warm_hot_keys = true;
     old.cache.warm_after_hits = AFTER;
     let mut off = old.clone();
     off.cache.warm_hot_keys = false;

@@ -55,7 +55,11 @@ impl Harness {
         let mut session = SessionCache::new("db", "u", &[], Some(db.clone()));
         session.reseed(&[]);
         Harness {
-            cache: Cache::new(&Config::default()),
+            cache: Cache::new(&{
+                let mut cfg = Config::default();
+                cfg.cache.warm_hot_keys = true;
+                cfg
+            }),
             db,
             session,
             track: Tracker::new(&ServerHello::default()),
