@@ -37,6 +37,7 @@ struct Window {
 const WINDOW: Duration = Duration::from_secs(1);
 const SPAN: Duration = Duration::from_millis(250);
 const MIN_WRITES: u32 = 20;
+const PLENTY: u32 = 100;
 
 impl Benefit {
     pub(super) fn new(min_hits_per_write: f64) -> Benefit {
@@ -82,7 +83,10 @@ impl Benefit {
             return false;
         }
         let earned = hits.saturating_sub(w.hits_at_start);
-        let judged = earned == 0 || elapsed >= SPAN;
+        // Plenty of writes are evidence enough: a table written thousands of
+        // times a second is judged within tens of milliseconds, not after
+        // paying SPAN's worth of notifying commits.
+        let judged = earned == 0 || elapsed >= SPAN || w.writes >= PLENTY;
         let poor = (earned as f64) < self.min_hits_per_write * f64::from(w.writes);
         if judged && poor {
             tracing::info!(
@@ -206,8 +210,12 @@ mod tests {
         assert!((0..1000u64).all(|i| !b.not_worth(&t, 100 + 10 * i, 0, ms(i))));
         // Two hits per write: judged once the window has lasted SPAN, not before.
         let mut b = Benefit::new(5.0);
+        let first = (0..1000u64).find(|i| b.not_worth(&t, 2 * i, 0, ms(*i * 10)));
+        assert_eq!(first, Some(SPAN.as_millis() as u64 / 10));
+        // ... or once it has had plenty of writes.
+        let mut b = Benefit::new(5.0);
         let first = (0..1000u64).find(|i| b.not_worth(&t, 2 * i, 0, ms(*i)));
-        assert_eq!(first, Some(SPAN.as_millis() as u64));
+        assert_eq!(first, Some(u64::from(PLENTY) - 1));
         // A new regime (reads became keyed) starts the window over.
         let mut b = Benefit::new(5.0);
         assert!((0..19u64).all(|i| !b.not_worth(&t, 0, 0, ms(i))));
