@@ -264,7 +264,11 @@ impl Listener {
         roles.tick().await;
         let mut watching = futures_util::stream::FuturesUnordered::new();
         let mut in_flight = std::collections::HashSet::new();
-        let mut keying = futures_util::stream::FuturesUnordered::new();
+        // Registrations run as tasks of their own: one holds the table's switch
+        // lock while it waits for writers, and an unwatch awaited by this loop
+        // waits for that lock, so a registration polled only by this loop
+        // would never finish (found with writers running from the start).
+        let mut keying = tokio::task::JoinSet::new();
         let mut keys_in_flight = std::collections::HashSet::new();
         let mut holdoff = Holdoff::default();
         loop {
@@ -334,25 +338,30 @@ impl Listener {
                         if !keys_in_flight.insert((oid, cols.clone())) {
                             continue;
                         }
-                        let channel = &s.channel;
+                        let channel = s.channel.clone();
                         let catalog = self.db.catalog.load_full();
-                        let (target, tls, ssl) = (&self.target, &self.tls, self.ssl);
+                        let (target, tls, ssl) = (self.target.clone(), self.tls.clone(), self.ssl);
                         // On a connection of its own: registering is a
                         // transaction, and statements of other work (watches)
                         // pipelined on a shared connection would land inside
                         // it, or a second registration's COMMIT end it early.
-                        keying.push(async move {
+                        keying.spawn(async move {
                             let r = async {
-                                let (conn, driver) = control::connect(target, tls, ssl, None).await?;
+                                let (conn, driver) = control::connect(&target, &tls, ssl, None).await?;
                                 let _driver = AbortOnDrop(vec![driver]);
-                                keyed::register(&conn, channel, &catalog, oid, &cols, Duration::from_secs(5)).await
+                                keyed::register(&conn, &channel, &catalog, oid, &cols, Duration::from_secs(5)).await
                             }
                             .await;
                             (oid, cols, r)
                         });
                     }
                 }
-                Some((oid, cols, r)) = keying.next(), if !keying.is_empty() => {
+                Some(done) = keying.join_next(), if !keying.is_empty() => {
+                    let Ok((oid, cols, r)) = done else {
+                        // A registration task panicked: let every set be asked for again.
+                        keys_in_flight.clear();
+                        continue;
+                    };
                     keys_in_flight.remove(&(oid, cols.clone()));
                     match r {
                         Ok(true) => {

@@ -150,9 +150,14 @@ impl Holdoff {
     pub(super) fn unwatched(&mut self, oids: &[u32]) {
         let now = Instant::now();
         for o in oids {
-            let Some(t) = self.tables.get_mut(o) else {
-                continue;
-            };
+            // A table watched eagerly at start-up has no entry: its watch
+            // counts as short (it was found not worth announcing), or it would
+            // be watched again at once.
+            let t = self.tables.entry(*o).or_insert(HoldoffState {
+                watched_at: now,
+                wait: Duration::ZERO,
+                until: now,
+            });
             if now.duration_since(t.watched_at) < SHORT_WATCH {
                 t.wait = (t.wait * 2).clamp(MIN_HOLDOFF, MAX_HOLDOFF);
                 t.until = now + t.wait;
@@ -188,9 +193,9 @@ mod tests {
         assert!(t.is_some());
         h.unwatched(&[1]);
         assert!(h.may_watch(1));
-        // Unwatches of tables this instance never watched change nothing.
+        // A table watched without a record (eagerly, at start-up) is held off too.
         h.unwatched(&[2]);
-        assert!(h.may_watch(2));
+        assert!(!h.may_watch(2));
     }
 
     #[test]
