@@ -101,7 +101,15 @@ impl Applier {
             return true;
         }
         let oids = self.db.stop_watching(&poor, false);
-        oids.is_empty() || self.unwatch.send(oids).is_ok()
+        if oids.is_empty() {
+            return true;
+        }
+        tracing::info!(
+            database = %self.db.name,
+            tables = ?poor,
+            "announced writes earn too few hits: switching their announcing off"
+        );
+        self.unwatch.send(oids).is_ok()
     }
 
     pub(super) async fn run(

@@ -89,13 +89,15 @@ impl Benefit {
         let judged = earned == 0 || elapsed >= SPAN || w.writes >= PLENTY;
         let poor = (earned as f64) < self.min_hits_per_write * f64::from(w.writes);
         if judged && poor {
-            tracing::info!(
+            // Debug only: notifications already queued after a switch-off are
+            // judged too; the applier logs the switch-offs that take effect.
+            tracing::debug!(
                 schema = %table.0,
                 table = %table.1,
                 writes = w.writes,
                 hits = earned,
                 over_ms = elapsed.as_millis() as u64,
-                "announced writes earn too few hits: switching the table's announcing off"
+                "announced writes earn too few hits"
             );
             self.tables.remove(table);
             return true;
