@@ -19,6 +19,9 @@
 #            --forwarding    (also measure the same binary with no cache at all, a plain
 #                             proxy in front of the direct copy: what the extra hop costs
 #                             on this machine, the floor of "never slower than no cache")
+#            --logical       (invalidation.source = "logical": everything runs on a throwaway
+#                             cluster with wal_level = logical started by the script, direct
+#                             included, and pgtier streams changes instead of installing triggers)
 #
 # Targets: direct Postgres is a copy of the database without pgtier's triggers
 # (what the application gets with no cache at all); each pgtier build caches
@@ -38,7 +41,8 @@
 # next to the measured figures, and one `summary ...` line per row. The targets
 # are a report: the exit code is 0 unless the benchmark itself failed.
 #
-# Needs the local Postgres on 127.0.0.1:5432 (see README).
+# Needs the local Postgres on 127.0.0.1:5432 (see README), or with --logical the
+# PostgreSQL server binaries (initdb, pg_ctl) and a `postgres` OS user.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -46,7 +50,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 clients=8 threads=2 duration=10 warmup=3 scale=10
 modes="simple extended prepared"
 writes="0 1 5 20"
-bin="" baseline="" pgtier_args="" forwarding=""
+bin="" baseline="" pgtier_args="" forwarding="" logical=""
 db=pgtier_keyed
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -61,6 +65,7 @@ while [ $# -gt 0 ]; do
     --baseline) baseline=$2; shift ;;
     --pgtier-args) pgtier_args=$2; shift ;;
     --forwarding) forwarding=1 ;;
+    --logical) logical=1 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -76,7 +81,10 @@ for w in $writes; do
 done
 [[ "$scale" =~ ^[1-9][0-9]*$ ]] || { echo "--scale must be a positive integer" >&2; exit 2; }
 
-pg_isready -h 127.0.0.1 -p 5432 -q || { echo "Postgres is not running on 127.0.0.1:5432" >&2; exit 1; }
+pgport=5432
+if [ -z "$logical" ]; then
+  pg_isready -h 127.0.0.1 -p 5432 -q || { echo "Postgres is not running on 127.0.0.1:5432" >&2; exit 1; }
+fi
 
 if [ -z "$bin" ]; then
   cargo build --release --quiet --manifest-path "$here/Cargo.toml"
@@ -96,18 +104,37 @@ print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"
 sql() { # database, then psql arguments
   local d=$1
   shift
-  psql -h 127.0.0.1 -U postgres -d "$d" -qAtX "$@"
+  psql -h 127.0.0.1 -p "$pgport" -U postgres -d "$d" -qAtX "$@"
 }
 
 work=$(mktemp -d)
 pids=()
+cluster=""
 cleanup() {
   local rc=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "$cluster" ]; then
+    runuser -u postgres -- "$pgbin/pg_ctl" -D "$cluster/data" -m fast -w stop >/dev/null 2>&1 || true
+    rm -rf "$cluster"
+  fi
   if [ "$rc" = 0 ]; then rm -rf "$work"; else echo "logs kept in $work" >&2; fi
 }
 trap cleanup EXIT
+
+if [ -n "$logical" ]; then
+  # A cluster of the script's own: the shared one is never reconfigured.
+  pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+  [ -x "$pgbin/initdb" ] || { echo "--logical needs PostgreSQL's initdb (postgresql package)" >&2; exit 1; }
+  cluster=$(mktemp -d)
+  chown postgres:postgres "$cluster"
+  read -r pgport <<<"$(free_ports 1)"
+  runuser -u postgres -- "$pgbin/initdb" -D "$cluster/data" -U postgres --auth=trust -E UTF8 >/dev/null
+  runuser -u postgres -- "$pgbin/pg_ctl" -D "$cluster/data" -l "$cluster/postgres.log" -w \
+    -o "-p $pgport -k $cluster -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_connections=200" \
+    start >/dev/null
+  pgtier_args="--invalidation-source logical $pgtier_args"
+fi
 
 # The database: initialised once per scale (re-creating the tables each run
 # would leave autovacuum busy during the measurement), then settled. Direct
@@ -120,7 +147,7 @@ sql postgres -c "select 1 from pg_database where datname='$db'" | grep -q 1 \
 have=$(sql "$db" -c "select count(*) from pgbench_branches" 2>/dev/null || echo 0)
 if [ "$have" != "$scale" ]; then
   echo "initialising $db at scale $scale" >&2
-  pgbench -h 127.0.0.1 -U postgres -i -q -s "$scale" "$db" >"$work/init.log" 2>&1 \
+  pgbench -h 127.0.0.1 -p "$pgport" -U postgres -i -q -s "$scale" "$db" >"$work/init.log" 2>&1 \
     || { cat "$work/init.log" >&2; exit 1; }
 fi
 sql "$db" -c "vacuum analyze" >/dev/null
@@ -132,16 +159,21 @@ for c in "${copies[@]}"; do
   sql postgres -c "set client_min_messages = warning" -c "drop database if exists $c with (force)" \
     -c "create database $c template $db $strategy" >/dev/null
 done
-"$bin" uninstall-triggers --control-url "postgres://postgres@127.0.0.1:5432/$direct_db" >"$work/uninstall.log" 2>&1 \
+"$bin" uninstall-triggers --control-url "postgres://postgres@127.0.0.1:$pgport/$direct_db" >"$work/uninstall.log" 2>&1 \
   || { echo "uninstall-triggers on $direct_db failed:" >&2; cat "$work/uninstall.log" >&2; exit 1; }
+if [ -n "$logical" ]; then
+  # The publication pgtier streams (no triggers on this source).
+  "$bin" install-triggers --invalidation-source logical --control-url "postgres://postgres@127.0.0.1:$pgport/$db" \
+    >"$work/publication.log" 2>&1 || { echo "creating the publication failed:" >&2; cat "$work/publication.log" >&2; exit 1; }
+fi
 sql postgres -c "checkpoint" >/dev/null
 
 start_pgtier() { # binary port admin-port workdir database
   mkdir -p "$4"
   # shellcheck disable=SC2086
-  "$1" --listen "127.0.0.1:$2" --upstream 127.0.0.1:5432 --admin-listen "127.0.0.1:$3" \
+  "$1" --listen "127.0.0.1:$2" --upstream "127.0.0.1:$pgport" --admin-listen "127.0.0.1:$3" \
     --pid-file "$4/pgtier.pid" --upgrade-sock "$4/upgrade.sock" --log-level warn \
-    --control-url "postgres://postgres@127.0.0.1:5432/$5" --auto-install-triggers --watch eager \
+    --control-url "postgres://postgres@127.0.0.1:$pgport/$5" --auto-install-triggers --watch eager \
     --default-ttl 600s $pgtier_args >"$4/pgtier.log" 2>&1 &
   pids+=($!)
   local ok=0
@@ -161,7 +193,7 @@ start_pgtier "$bin" "$port" "$admin" "$work/pgtier" "$db"
 if [ -n "$forwarding" ]; then
   # No control URL: nothing is cached, every statement is forwarded.
   mkdir -p "$work/forward"
-  "$bin" --listen "127.0.0.1:$fwd_port" --upstream 127.0.0.1:5432 --admin-listen "127.0.0.1:$fwd_admin" \
+  "$bin" --listen "127.0.0.1:$fwd_port" --upstream "127.0.0.1:$pgport" --admin-listen "127.0.0.1:$fwd_admin" \
     --pid-file "$work/forward/pgtier.pid" --upgrade-sock "$work/forward/upgrade.sock" --log-level warn \
     >"$work/forward/pgtier.log" 2>&1 &
   pids+=($!)
@@ -244,7 +276,7 @@ echo "key reads (zipfian 1.1 over $n rows) + uniform single-row updates; scale $
   "$clients clients, $threads threads, ${duration}s per run, ${warmup}s warm-up per mode"
 echo "hit = pgtier L1 hit ratio of the reads in that run: (hit+stale)/(hit+stale+miss+bypass), writes excluded"
 for mode in $modes; do
-  tps 5432 "$direct_db" "$mode" "$warmup" 0 >/dev/null
+  tps "$pgport" "$direct_db" "$mode" "$warmup" 0 >/dev/null
   tps "$port" "$db" "$mode" "$warmup" 0 >/dev/null
   [ -n "$baseline" ] && tps "$base_port" "$base_db" "$mode" "$warmup" 0 >/dev/null
   [ -n "$forwarding" ] && tps "$fwd_port" "$direct_db" "$mode" "$warmup" 0 >/dev/null
@@ -256,7 +288,7 @@ for mode in $modes; do
   printf "\n"
   for w in $writes; do
     k=$mode/$w
-    D[$k]=$(tps 5432 "$direct_db" "$mode" "$duration" "$w")
+    D[$k]=$(tps "$pgport" "$direct_db" "$mode" "$duration" "$w")
     r=$(tps_hit "$port" "$admin" "$db" "$mode" "$duration" "$w")
     read -r "P[$k]" "PH[$k]" <<<"$r"
     printf "%8s %10d %10d %7s %7s" "$w" "${D[$k]}" "${P[$k]}" "$(div "${P[$k]}" "${D[$k]}")" "${PH[$k]}"

@@ -13,6 +13,9 @@
 //!         # --key-level: half the reads are by key (`id = $1`, invalidated per
 //!         # key), half read the same row through a range (table-level), on
 //!         # the same tables
+//!     STALE_LOGICAL=1 cargo bench --bench staleness
+//!         # invalidation.source = "logical", on a throwaway cluster with
+//!         # wal_level = logical started here (no triggers: the publication)
 //!
 //! Needs the local Postgres on 127.0.0.1:5432 (see README).
 
@@ -56,9 +59,25 @@ async fn main() {
     // cache and reads would test nothing but Postgres.
     let tables: i32 = env("STALE_TABLES", 100).max(1);
     let (writers, readers) = (4u64, env("STALE_READERS", 64u64));
-    let db = DB;
-    fresh_db(db).await;
-    let d = direct(db).await;
+    let logical = env("STALE_LOGICAL", 0u8) == 1;
+    // With the logical source, a cluster of its own (the shared one is never
+    // reconfigured); its database `lg` is owned by the role pgtier streams as.
+    let cluster = logical.then(common::logical::cluster);
+    let (db, direct_str) = match &cluster {
+        Some(c) => (
+            "lg",
+            format!("host=127.0.0.1 port={} user=postgres dbname=lg", c.port),
+        ),
+        None => {
+            fresh_db(DB).await;
+            (DB, common::direct_str(DB))
+        }
+    };
+    let d = match &cluster {
+        // The tables belong to the role that publishes them.
+        Some(c) => common::logical::schema(c.port).await,
+        None => direct(db).await,
+    };
     let ddl: String = (0..tables)
         .map(|t| {
             format!(
@@ -77,15 +96,30 @@ async fn main() {
         args.push("--key-level");
     }
     // The test harness's pgtier: its listener is connected before this returns.
-    let p = Pgtier::cached(db, &toml, &args).await;
+    let p = match &cluster {
+        Some(c) => {
+            common::logical::setup_command(c.port, &["install-triggers"]);
+            let url = common::logical::control_url(c.port);
+            args.extend(["--control-url", &url, "--invalidation-source", "logical"]);
+            let p = Pgtier::start_with(c.port, &toml, &args);
+            p.wait_listener(db).await;
+            p
+        }
+        None => Pgtier::cached(db, &toml, &args).await,
+    };
     let via = p.conn_str(db);
 
     println!(
         "staleness: {secs}s, {writes_per_sec} writes/s ({writers} writers, direct), \
          {reads_per_sec} reads/s ({readers} readers, via pgtier), {rows} counters in {tables} tables, \
-         bound {bound:?}{}",
+         bound {bound:?}{}{}",
         if key_level {
             ", key-level (half the reads by key, half by range)"
+        } else {
+            ""
+        },
+        if logical {
+            ", invalidation.source = logical"
         } else {
             ""
         }
@@ -95,8 +129,9 @@ async fn main() {
     let mut handles = Vec::new();
     for _ in 0..writers {
         let interval = Duration::from_secs_f64(writers as f64 / writes_per_sec as f64);
+        let direct_str = direct_str.clone();
         handles.push(tokio::spawn(async move {
-            let c = direct(db).await;
+            let c = connect_str(&direct_str).await;
             let mut sts = Vec::new();
             for t in 0..tables {
                 sts.push(
@@ -210,7 +245,7 @@ async fn main() {
     // commit-to-visible latency: the value is cached, a direct write commits, and
     // a reader polls through pgtier until it sees it
     let r = connect_str(&via).await;
-    let w = direct(db).await;
+    let w = connect_str(&direct_str).await;
     let mut lat = Vec::new();
     for i in 0..500 {
         let id = 1 + (i % rows);
@@ -255,6 +290,7 @@ async fn main() {
         if (line.starts_with("pgtier_listener_") && !line.contains("_bucket"))
             || line.starts_with("pgtier_fence")
             || line.starts_with("pgtier_invalidation_notifications_total")
+            || (line.starts_with("pgtier_logical_") && !line.contains("_bucket"))
             || line.starts_with("pgtier_unwatches_total")
             || lookup
         {
@@ -262,6 +298,7 @@ async fn main() {
         }
     }
     drop(p);
+    drop(cluster);
     if stale > 0 {
         std::process::exit(1);
     }

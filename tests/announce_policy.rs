@@ -174,3 +174,84 @@ async fn lookups(p: &Pgtier) -> Vec<String> {
         .map(|s| format!("{:?} {:?}", s.labels, s.value))
         .collect()
 }
+
+/// Writers busy on a table from before pgtier starts, readers by key, and the
+/// policy switching the table off and on: the listener must keep making
+/// progress. A key column set's registration waits for the table's writers
+/// while holding its switch lock, and a switch-off needs that lock; once, the
+/// registration was polled only by the listener loop that was awaiting the
+/// switch-off, and the listener stopped for good (no table was ever cached
+/// again). After the writers stop, reads by key must come to hit.
+#[tokio::test]
+async fn reads_by_key_get_cached_after_writers_that_ran_from_the_start() {
+    let db = fresh_db("pgtier_policy_busy").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "create table t(id int primary key, v int);
+         insert into t select g, 0 from generate_series(1, 1000) g",
+    )
+    .await
+    .expect("setup");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..3u32 {
+        let (db, stop) = (db.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let c = direct(&db).await;
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i = i.wrapping_mul(2_654_435_761).wrapping_add(7);
+                let id = (i % 1000 + 1) as i32;
+                c.execute("update t set v = v + 1 where id = $1", &[&id])
+                    .await
+                    .expect("write");
+            }
+        }));
+    }
+    let p = Pgtier::cached(&db, TTL, &["--key-level"]).await;
+    let c = p.connect(&db).await;
+    // Reads by key while the writers run: column sets get registered, and the
+    // table is switched off and on.
+    let busy = Instant::now();
+    let mut id = 1i32;
+    while busy.elapsed() < Duration::from_secs(3) {
+        id = id % 20 + 1;
+        c.query_one("select v from t where id = $1", &[&id])
+            .await
+            .expect("read");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
+    }
+    // Hold-offs double from 1 s, up to 30 s at most.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let before = p.metrics().await.hits();
+        for _ in 0..3 {
+            c.query_one("select v from t where id = $1", &[&1i32])
+                .await
+                .expect("read");
+        }
+        if p.metrics().await.hits() > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reads never cached again once the writers stopped:\n{}",
+            p.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v: i32 = d
+        .query_one("select v from t where id = 1", &[])
+        .await
+        .expect("v")
+        .get(0);
+    let got: i32 = c
+        .query_one("select v from t where id = $1", &[&1i32])
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(got, v, "a cached read by key is current");
+}

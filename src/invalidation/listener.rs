@@ -209,7 +209,7 @@ impl Listener {
         }
         self.reload_catalog(&work).await?;
         self.poll_global(&work).await?;
-        self.db.forget_watches();
+        self.db.watches.forget();
         // Column sets are registered afresh after a reconnect: the triggers or
         // their registry may have changed while nobody listened.
         self.db.keys.forget();
@@ -290,6 +290,7 @@ impl Listener {
                         oids.extend(more);
                     }
                     holdoff.unwatched(&oids);
+                    self.db.watches.hold_off(holdoff.deadlines());
                     self.unwatch(&work, oids).await?;
                 }
                 _ = check.tick() => {
@@ -305,10 +306,10 @@ impl Listener {
                         Err(_) => anyhow::bail!("health check timed out"),
                     }
                 }
-                _ = self.db.watch_wanted.notified(), if s.logical.is_some() => {
+                _ = self.db.watches.wanted.notified(), if s.logical.is_some() => {
                     // Every published table is streamed: watching is only
                     // knowing it is covered.
-                    self.watch_covered(Some(self.db.take_watch_requests()));
+                    self.watch_covered(Some(self.db.watches.take_requests()));
                     // The stream carries every changed row: a column set is
                     // live at once (`logical::keys` falls back to the table
                     // where a write's rows do not say its old keys).
@@ -319,14 +320,14 @@ impl Listener {
                         }
                     }
                 }
-                _ = self.db.watch_wanted.notified(), if s.logical.is_none() => {
-                    let mut wanted = self.db.take_watch_requests();
+                _ = self.db.watches.wanted.notified(), if s.logical.is_none() => {
+                    let mut wanted = self.db.watches.take_requests();
                     wanted.retain(|o| !in_flight.contains(o) && holdoff.may_watch(*o));
                     // Each table's watch waits on its own writers, side by side
                     // with the others: one long writer must hold up no other table.
                     for oid in wanted {
                         in_flight.insert(oid);
-                        let ticket = self.db.watch_ticket();
+                        let ticket = self.db.watches.ticket();
                         let work = &work;
                         watching.push(async move {
                             let r = triggers::watch(work, &[oid], Duration::from_secs(5)).await;
@@ -386,7 +387,7 @@ impl Listener {
                             "tables not watched yet (a long-running writer, or triggers to reinstall)"
                         );
                     } else {
-                        let marked = self.db.mark_watched(&now, ticket);
+                        let marked = self.db.watches.mark(&now, ticket);
                         holdoff.watched(&marked);
                         tracing::debug!(database = %self.db.name, tables = marked.len(), "watching tables");
                     }
@@ -442,9 +443,9 @@ impl Listener {
                 .collect()
         };
         if !oids.is_empty() {
-            let ticket = self.db.watch_ticket();
+            let ticket = self.db.watches.ticket();
             let now = triggers::watch(client, &oids, Duration::from_secs(5)).await?;
-            let now = self.db.mark_watched(&now, ticket);
+            let now = self.db.watches.mark(&now, ticket);
             if let Ok(mut done) = self.eagerly_watched.lock() {
                 done.extend(now);
             }
@@ -470,8 +471,8 @@ impl Listener {
                 .collect(),
         };
         if !oids.is_empty() {
-            let ticket = self.db.watch_ticket();
-            self.db.mark_watched(&oids, ticket);
+            let ticket = self.db.watches.ticket();
+            self.db.watches.mark(&oids, ticket);
         }
     }
 

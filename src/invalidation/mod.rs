@@ -33,8 +33,9 @@ pub mod payload;
 pub mod triggers;
 pub mod warm;
 mod watch_policy;
+pub mod watches;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -67,10 +68,13 @@ pub struct Resolved {
     pub key: Option<Arc<key_deps::KeyPlan>>,
 }
 
-#[derive(Default)]
-struct WatchBook {
-    seq: u64,
-    unwatched_at: HashMap<u32, u64>,
+/// A verdict kept for a statement text. One that found a table not watched
+/// yet holds until a watch lands (`watches.version` moves), and says which
+/// tables it waits for, so each read can ask for them (cheaply, see `watches`).
+#[derive(Clone)]
+struct Verdict {
+    result: Arc<Result<Resolved, BypassReason>>,
+    waiting: Option<(u64, Arc<[u32]>)>,
 }
 
 /// The invalidation state of one cached database.
@@ -79,21 +83,14 @@ pub struct DbState {
     live: AtomicBool,
     epoch: AtomicU64,
     pub catalog: ArcSwap<Catalog>,
-    resolved: moka::sync::Cache<u128, Arc<Result<Resolved, BypassReason>>>,
+    resolved: moka::sync::Cache<u128, Verdict>,
     /// Outstanding fences: seq -> (nonce, waiter).
     fences: Mutex<HashMap<u64, (u64, oneshot::Sender<()>)>>,
     next_fence: AtomicU64,
     pub gens: Arc<Generations>,
-    /// Tables this instance has started watching (writes to them are announced).
-    watched: ArcSwap<HashSet<u32>>,
-    /// Serialises changes to `watched` (the applier and the listener loop both
-    /// make them) and remembers when each table was last unwatched, so a watch
-    /// that an unwatch overtook does not take effect.
-    watch_book: Mutex<WatchBook>,
-    /// Tables a miss wanted cached but that are not watched yet; the listener
-    /// watches them.
-    watch_requests: Mutex<HashSet<u32>>,
-    pub watch_wanted: tokio::sync::Notify,
+    /// Tables this instance watches (writes to them are announced), and
+    /// those reads are waiting for.
+    pub watches: watches::Watches,
     /// L2 epoch from the last `e` notification; 0 until one is seen (no L2).
     l2_epoch: AtomicU64,
     /// Which epoch notifications may still be accepted.
@@ -119,10 +116,7 @@ impl DbState {
             fences: Mutex::new(HashMap::new()),
             next_fence: AtomicU64::new(1),
             gens,
-            watched: ArcSwap::from_pointee(HashSet::new()),
-            watch_book: Mutex::new(WatchBook::default()),
-            watch_requests: Mutex::new(HashSet::new()),
-            watch_wanted: tokio::sync::Notify::new(),
+            watches: watches::Watches::default(),
             l2_epoch: AtomicU64::new(0),
             epoch_floor: epoch::Floor::default(),
             l2_versions: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
@@ -183,15 +177,10 @@ impl DbState {
     pub fn snapshot_slots(&self, resolved: &Resolved, slots: &[u32]) -> Option<ReadAt> {
         let epoch = self.epoch();
         let gens = slots.iter().map(|s| (*s, self.gens.get(*s))).collect();
-        let watched = self.watched.load();
-        if resolved.tables.iter().all(|t| watched.contains(t)) {
+        if self.watches.all_watched(&resolved.tables) {
             return Some((epoch, gens));
         }
-        let missing = resolved.tables.iter().filter(|t| !watched.contains(t));
-        if let Ok(mut req) = self.watch_requests.lock() {
-            req.extend(missing);
-        }
-        self.watch_wanted.notify_one();
+        self.watches.request(&resolved.tables);
         None
     }
 
@@ -211,31 +200,8 @@ impl DbState {
     /// off after it started).
     pub fn stop_watching(&self, tables: &[payload::QualifiedName], always: bool) -> Vec<u32> {
         let catalog = self.catalog.load();
-        let Ok(mut book) = self.watch_book.lock() else {
-            return Vec::new();
-        };
-        let mut set = (**self.watched.load()).clone();
-        book.seq += 1;
-        let seq = book.seq;
-        let mut was = Vec::new();
-        for oid in tables.iter().filter_map(|(s, n)| catalog.oid_of(s, n)) {
-            let removed = set.remove(&oid);
-            if removed {
-                was.push(oid);
-            }
-            if removed || always {
-                book.unwatched_at.insert(oid, seq);
-            }
-        }
-        if !was.is_empty() {
-            self.watched.store(Arc::new(set));
-        }
-        was
-    }
-
-    /// Taken before a watch starts; see `mark_watched`.
-    pub fn watch_ticket(&self) -> u64 {
-        self.watch_book.lock().map(|b| b.seq).unwrap_or(0)
+        let oids = tables.iter().filter_map(|(s, n)| catalog.oid_of(s, n));
+        self.watches.stop(oids, always)
     }
 
     pub fn invalidate(&self, tables: &[payload::QualifiedName]) {
@@ -365,41 +331,6 @@ impl DbState {
         self.resolved.invalidate_all();
     }
 
-    /// Tables requested for watching since the last call.
-    pub fn take_watch_requests(&self) -> Vec<u32> {
-        self.watch_requests
-            .lock()
-            .map(|mut r| r.drain().collect())
-            .unwrap_or_default()
-    }
-
-    /// Record tables as watched by a watch that began at `ticket`; statements on
-    /// them may be cached from now on (verdicts that found them unwatched were
-    /// never kept). Tables unwatched since the ticket are left out: the watch
-    /// may have been switched off behind it.
-    pub fn mark_watched(&self, oids: &[u32], ticket: u64) -> Vec<u32> {
-        let Ok(book) = self.watch_book.lock() else {
-            return Vec::new();
-        };
-        let ok: Vec<u32> = oids
-            .iter()
-            .copied()
-            .filter(|o| book.unwatched_at.get(o).is_none_or(|at| *at <= ticket))
-            .collect();
-        let mut set = (**self.watched.load()).clone();
-        set.extend(ok.iter().copied());
-        self.watched.store(Arc::new(set));
-        ok
-    }
-
-    /// After reconnecting, watches are re-established on demand (each re-check
-    /// is cheap: the sequence is usually already set).
-    pub fn forget_watches(&self) {
-        if let Ok(_book) = self.watch_book.lock() {
-            self.watched.store(Arc::new(HashSet::new()));
-        }
-    }
-
     /// Whether these user functions are all IMMUTABLE in the current catalog.
     pub fn all_immutable(&self, functions: &[String]) -> bool {
         functions.is_empty() || self.catalog.load().all_immutable(functions)
@@ -414,16 +345,24 @@ impl DbState {
     ) -> Arc<Result<Resolved, BypassReason>> {
         let catalog = self.catalog.load();
         let keys_version = self.keys.version.load(Ordering::Acquire);
-        if let Some(r) = self.resolved.get(&text_hash) {
-            match r.as_ref() {
-                Ok(ok)
+        // Read before the watched set: a watch landing in between leaves this
+        // verdict behind the version, so it is made again next time.
+        let watch_version = self.watches.version();
+        if let Some(v) = self.resolved.get(&text_hash) {
+            match (v.result.as_ref(), &v.waiting) {
+                (_, Some((at, tables))) if *at == watch_version => {
+                    self.watches.request(tables);
+                    return v.result;
+                }
+                (_, Some(_)) => {}
+                (Ok(ok), None)
                     if ok.catalog_version != catalog.version || ok.keys_version != keys_version => {
                 }
-                _ => return r,
+                _ => return v.result,
             }
         }
         let mut unwatched = Vec::new();
-        let watched = self.watched.load();
+        let watched = self.watches.watched();
         let r = Arc::new(
             catalog
                 .resolve(&self.name, decision, &watched, &mut unwatched)
@@ -456,18 +395,21 @@ impl DbState {
                     }
                 }),
         );
+        drop(watched);
         if self.keys.take_pending_notice() {
-            self.watch_wanted.notify_one();
+            self.watches.wanted.notify_one();
         }
-        if !unwatched.is_empty() {
-            // Not cached as a verdict: it changes once the watch is in place.
-            if let Ok(mut req) = self.watch_requests.lock() {
-                req.extend(unwatched);
-            }
-            self.watch_wanted.notify_one();
-            return r;
-        }
-        self.resolved.insert(text_hash, r.clone());
+        let waiting = (!unwatched.is_empty()).then(|| {
+            self.watches.request(&unwatched);
+            (watch_version, unwatched.into())
+        });
+        self.resolved.insert(
+            text_hash,
+            Verdict {
+                result: r.clone(),
+                waiting,
+            },
+        );
         r
     }
 
@@ -558,6 +500,7 @@ fn mix(v: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn db_with(tables: &[(u32, &str)]) -> DbState {
         let db = DbState::new("db".into(), Arc::new(Generations::default()));
@@ -600,13 +543,13 @@ mod tests {
         let r = resolved(&[slot], &[10]);
         assert!(db.snapshot(&r).is_none(), "not watched yet");
         assert_eq!(
-            db.take_watch_requests(),
+            db.watches.take_requests(),
             vec![10],
             "and a watch is asked for"
         );
 
-        let ticket = db.watch_ticket();
-        assert_eq!(db.mark_watched(&[10], ticket), vec![10]);
+        let ticket = db.watches.ticket();
+        assert_eq!(db.watches.mark(&[10], ticket), vec![10]);
         let (epoch, deps) = db.snapshot(&r).expect("watched");
         assert!(db.valid(epoch, &deps));
 
@@ -634,13 +577,13 @@ mod tests {
     fn a_watch_overtaken_by_an_unwatch_does_not_take_effect() {
         let db = db_with(&[(10, "a"), (11, "b")]);
         db.come_up();
-        let ticket = db.watch_ticket();
+        let ticket = db.watches.ticket();
         // The `u` for `a` is applied while the watch is still waiting.
         db.unwatch(&[("public".into(), "a".into())]);
-        assert_eq!(db.mark_watched(&[10, 11], ticket), vec![11]);
+        assert_eq!(db.watches.mark(&[10, 11], ticket), vec![11]);
         // A watch begun after it counts.
-        let later = db.watch_ticket();
-        assert_eq!(db.mark_watched(&[10], later), vec![10]);
+        let later = db.watches.ticket();
+        assert_eq!(db.watches.mark(&[10], later), vec![10]);
         // A write seen here only stops caching the tables that were watched.
         assert_eq!(
             db.stop_watching(&[("public".into(), "a".into())], false),

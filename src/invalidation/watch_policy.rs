@@ -137,6 +137,16 @@ impl Holdoff {
             .is_none_or(|t| Instant::now() >= t.until)
     }
 
+    /// Until when each held-off table waits (for reads, so they do not ask).
+    pub(super) fn deadlines(&self) -> HashMap<u32, Instant> {
+        let now = Instant::now();
+        self.tables
+            .iter()
+            .filter(|(_, t)| t.until > now)
+            .map(|(o, t)| (*o, t.until))
+            .collect()
+    }
+
     pub(super) fn watched(&mut self, oids: &[u32]) {
         let now = Instant::now();
         for o in oids {

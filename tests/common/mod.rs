@@ -360,10 +360,12 @@ pub async fn connect_str(s: &str) -> Client {
 /// A connection straight to the shared Postgres (no pgtier).
 pub async fn direct(db: &str) -> Client {
     require_postgres();
-    connect_str(&format!(
-        "host={PG_HOST} port={PG_PORT} user=postgres dbname={db}"
-    ))
-    .await
+    connect_str(&direct_str(db)).await
+}
+
+/// How to connect straight to the shared Postgres as its superuser.
+pub fn direct_str(db: &str) -> String {
+    format!("host={PG_HOST} port={PG_PORT} user=postgres dbname={db}")
 }
 
 /// A fresh, empty database for one test (dropped first if left over).
