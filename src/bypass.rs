@@ -97,6 +97,9 @@ reasons! {
     SettingsUnknown => "settings_unknown",
     SettingChangedInTransaction => "setting_changed_in_transaction",
     FenceTimeout => "fence_timeout",
+    /// The query that asks for the WAL position of a fence (logical source)
+    /// did not answer with one.
+    FenceFailed => "fence_failed",
     StandardConformingStrings => "standard_conforming_strings",
     ClientEncoding => "client_encoding",
     TemporaryObjects => "temporary_objects",

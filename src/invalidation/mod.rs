@@ -29,6 +29,7 @@ pub mod key_deps;
 pub mod keyed;
 pub mod listener;
 pub mod logical;
+pub mod lsn_fences;
 pub mod payload;
 pub mod triggers;
 pub mod warm;
@@ -87,6 +88,8 @@ pub struct DbState {
     /// Outstanding fences: seq -> (nonce, waiter).
     fences: Mutex<HashMap<u64, (u64, oneshot::Sender<()>)>>,
     next_fence: AtomicU64,
+    /// Fences of the logical source: WAL positions the stream must pass.
+    pub lsn_fences: lsn_fences::LsnFences,
     pub gens: Arc<Generations>,
     /// Tables this instance watches (writes to them are announced), and
     /// those reads are waiting for.
@@ -115,6 +118,7 @@ impl DbState {
             resolved: moka::sync::Cache::new(50_000),
             fences: Mutex::new(HashMap::new()),
             next_fence: AtomicU64::new(1),
+            lsn_fences: lsn_fences::LsnFences::default(),
             gens,
             watches: watches::Watches::default(),
             l2_epoch: AtomicU64::new(0),
@@ -148,6 +152,7 @@ impl DbState {
         if let Ok(mut f) = self.fences.lock() {
             f.clear();
         }
+        self.lsn_fences.clear();
     }
 
     /// Resume after (re)connecting: a new epoch, so every entry filled before
@@ -446,6 +451,21 @@ impl DbState {
             // Timed out and forgotten, or never ours.
             None => true,
         }
+    }
+
+    /// A fence of the logical source, whose position is not known yet (the
+    /// session learns it from the server after its commit): seq, and the
+    /// sender to hand to [`DbState::fence_at`] with it.
+    pub fn new_lsn_fence(&self) -> (u64, oneshot::Sender<()>, oneshot::Receiver<()>) {
+        let seq = self.next_fence.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        (seq, tx, rx)
+    }
+
+    /// Release `tx` once the stream has applied everything before `lsn`; at
+    /// once (dropped) if the stream is down.
+    pub fn fence_at(&self, seq: u64, lsn: u64, tx: oneshot::Sender<()>) {
+        self.lsn_fences.wait(seq, lsn, tx, || self.live());
     }
 
     pub fn forget_fence(&self, seq: u64) {

@@ -7,7 +7,7 @@
 //! the other side are still pending, so neither peer can deadlock the other by
 //! filling a socket buffer, and one vectored write sends each reply.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,10 +20,9 @@ use super::caching::SessionCache;
 use super::conn::{poll_read_into, OutQueue};
 use super::replies::Route;
 use super::startup::{ClientConn, ServerHello};
-use super::tracker::Tracker;
+use super::tracker::{ReplyTag, Tracker};
 use super::upstream::ServerConn;
 use super::Proxy;
-use crate::bypass::BypassReason;
 use crate::invalidation::warm::{Job, Seat};
 use crate::metrics;
 use crate::protocol::backend::{self, ErrorResponse, Severity};
@@ -50,7 +49,10 @@ const SERVER_MAX_MESSAGE: usize = 1 << 30;
 /// How long to keep writing the last bytes after one side has gone.
 const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
+mod fence;
 mod warm;
+
+use fence::Fence;
 
 /// Why the session loop stopped.
 enum End {
@@ -74,14 +76,6 @@ enum Event {
     ServerWrite(io::Error),
     /// A warm refresh was left for this idle session.
     Warm(Job),
-}
-
-/// An outstanding read-your-writes fence: the client's output is held until the
-/// listener has seen the fence notification (or the timeout passes).
-struct Fence {
-    seq: u64,
-    done: tokio::sync::oneshot::Receiver<()>,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 pub struct Session {
@@ -289,25 +283,7 @@ impl Session {
 
     /// Make all the progress the sockets allow; return once something was read.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if let Some(f) = &mut self.fence {
-            let done = std::pin::Pin::new(&mut f.done).poll(cx).is_ready();
-            let expired = !done && f.deadline.as_mut().poll(cx).is_ready();
-            if done || expired {
-                let seq = f.seq;
-                self.fence = None;
-                self.caching.fencing = false;
-                if expired {
-                    tracing::warn!(
-                        "invalidation fence timed out; this session no longer uses the cache"
-                    );
-                    ::metrics::counter!("pgtier_fence_timeouts_total").increment(1);
-                    if let Some(db) = self.caching.db() {
-                        db.forget_fence(seq);
-                    }
-                    self.caching.taint(BypassReason::FenceTimeout);
-                }
-            }
-        }
+        self.poll_fence(cx);
         let hot = metrics::hot();
         if !self.sout.is_empty() {
             let before = self.sout.len();
@@ -556,6 +532,9 @@ impl Session {
                 .then(|| super::two_phase::explain(msg))
                 .flatten();
             if let Some((expect, tag)) = front {
+                if swallow && tag == ReplyTag::FenceLsn {
+                    fence::reply(&mut self.fence, &mut self.caching, h.tag, &msg[5..]);
+                }
                 if h.tag == backend::READY_FOR_QUERY {
                     self.info.state.store(
                         self.track.tx.as_byte(),
@@ -597,55 +576,6 @@ impl Session {
         }
         self.cout.push_from(&mut self.sin, relay);
         Ok(())
-    }
-
-    /// After a committed write: send a fence notification on this connection (it
-    /// commits after the write, and Postgres delivers notifications in commit
-    /// order) and hold the client's ReadyForQuery until the listener has seen it.
-    fn start_fence(&mut self) {
-        let Some(db) = self.caching.db().cloned() else {
-            return;
-        };
-        let inv = &self.proxy.invalidation;
-        let (seq, nonce, done) = db.new_fence();
-        let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
-        let logical =
-            self.proxy.config.load().invalidation.source == crate::config::Source::Logical;
-        let channel = inv.channel.replace('"', "\"\"");
-        let mut sql = if logical {
-            // Into the replication stream, after this session's commit.
-            crate::invalidation::logical::emit_sql(&inv.channel, &payload)
-        } else {
-            format!("NOTIFY \"{channel}\", '{payload}'")
-        };
-        if std::mem::take(&mut self.caching.announce_all) {
-            // Ahead of the fence, so the client hears of its commit only after
-            // every entry of this database is gone.
-            let all = if logical {
-                crate::invalidation::logical::emit_sql(&inv.channel, "*")
-            } else {
-                format!("NOTIFY \"{channel}\", '*'")
-            };
-            sql = format!("{all}; {sql}");
-        }
-        let mut buf = BytesMut::new();
-        crate::protocol::frontend::Query {
-            sql: sql.as_bytes(),
-        }
-        .encode(&mut buf);
-        self.sout.push(buf.freeze());
-        self.track.expect(
-            crate::proxy::replies::Expect::Query,
-            true,
-            Default::default(),
-        );
-        let timeout = self.proxy.config.load().invalidation.fence_timeout.0;
-        self.fence = Some(Fence {
-            seq,
-            done,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-        });
-        self.caching.fencing = true;
     }
 
     /// Write what is queued for one side, bounded in time.

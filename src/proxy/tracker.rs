@@ -23,6 +23,9 @@ pub enum ReplyTag {
     Describe(CaptureId),
     /// The request carries session-setting changes, applied once it succeeds.
     Effects,
+    /// pgtier's own query for the WAL position a read-your-writes fence waits
+    /// for (logical source): its one value is read, nothing is relayed.
+    FenceLsn,
 }
 
 /// The reply a forwarded client message will get, if any, and whether the

@@ -588,10 +588,18 @@ fn session_effects(top: &str, tree: &Value, facts: &Facts) -> Vec<SessionEffect>
         .unwrap_or(&Value::Null);
     match top {
         "VariableSetStmt" => {
+            let name = str_of(node, "name").to_ascii_lowercase();
             if node.get("is_local").and_then(|b| b.as_bool()) == Some(true) {
+                // An asynchronous commit the session's own setting does not
+                // show: a read-your-writes fence of the logical source could
+                // not tell how far to wait.
+                if name == "synchronous_commit" {
+                    out.push(SessionEffect::Taint(
+                        BypassReason::SettingChangedInTransaction,
+                    ));
+                }
                 return out;
             }
-            let name = str_of(node, "name").to_ascii_lowercase();
             let kind = node.get("kind").and_then(|k| k.as_i64()).unwrap_or(0);
             // VariableSetKind: 1 value, 2 default, 3 current, 4 multi, 5 reset, 6 reset all
             match (name.as_str(), kind) {

@@ -123,6 +123,13 @@ fn session_effects_are_found() {
     );
     assert!(e("set local search_path = app").is_empty());
     assert_eq!(
+        e("set local synchronous_commit = off"),
+        vec![SessionEffect::Taint(
+            BypassReason::SettingChangedInTransaction
+        )],
+        "its commit may not be flushed when the fence asks where WAL is"
+    );
+    assert_eq!(
         e("reset timezone"),
         vec![SessionEffect::Reset {
             name: "timezone".into()

@@ -2,10 +2,11 @@
 //! connection, streaming `pgoutput` for the publication. Every committed
 //! transaction invalidates the tables it changed when its Commit arrives, in
 //! commit order; pgtier's own announcements (DDL found by a catalog scan, role
-//! changes, read-your-writes fences) are logical messages in the same stream,
-//! so they take effect at their place in it. So do L2 epochs: every instance's
-//! stream decodes the same commits in the same order, so instances that
-//! accepted the same epoch derive the same L2 versions.
+//! changes) are logical messages in the same stream, so they take effect at
+//! their place in it. So do L2 epochs: every instance's stream decodes the
+//! same commits in the same order, so instances that accepted the same epoch
+//! derive the same L2 versions. Read-your-writes fences are WAL positions:
+//! the feed publishes how far it has applied (see `lsn_fences`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -129,6 +130,10 @@ impl Feed {
                     // walsender sending them as it catches up.
                     if !in_txn {
                         done = done.max(end);
+                        // A walsender waiting for WAL sends one whenever it
+                        // has decoded past what we last reported: on an idle
+                        // server, this is what passes a session's fence.
+                        self.db.lsn_fences.advance(done);
                     }
                     out.clear();
                     pgoutput::status_update(done, SystemTime::now(), &mut out);
@@ -239,6 +244,8 @@ impl Feed {
                     touched.clear();
                     in_txn = false;
                     done = done.max(end);
+                    // Applied: sessions waiting for this commit may go on.
+                    self.db.lsn_fences.advance(done);
                     commits.increment(1);
                     let now = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)

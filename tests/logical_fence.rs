@@ -1,0 +1,179 @@
+//! Read-your-writes on the logical source without a commit of its own: after
+//! a write through pgtier, the fence is a WAL position the stream must pass.
+//! On an otherwise idle cluster the walsender's keepalive carries it past at
+//! once; a write costs one transaction, not two (the old fence emitted a
+//! transactional message); and a session with asynchronous commit still reads
+//! its own writes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::logical::{cluster, control_url, schema, setup_command, TTL};
+use common::sql::{first, warm};
+use common::{connect_str, Pgtier};
+use tokio_postgres::Client;
+
+fn start(port: u16) -> Pgtier {
+    let toml = format!("{TTL}[invalidation]\nfence_timeout = \"5s\"\n");
+    Pgtier::start_with(
+        port,
+        &toml,
+        &[
+            "--control-url",
+            &control_url(port),
+            "--invalidation-source",
+            "logical",
+        ],
+    )
+}
+
+async fn app(p: &Pgtier) -> Client {
+    connect_str(&format!(
+        "host=127.0.0.1 port={} user=app password=app-secret dbname=lg connect_timeout=10",
+        p.port
+    ))
+    .await
+}
+
+/// The next transaction id the server will assign: how many transactions
+/// wrote (were given an xid) in between.
+async fn next_xid(direct: &Client) -> i64 {
+    first(
+        direct,
+        "select pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+    )
+    .await
+    .parse()
+    .expect("an xid")
+}
+
+#[tokio::test]
+async fn a_write_costs_one_commit_and_its_fence_passes_at_once_when_idle() {
+    let cluster = cluster();
+    let port = cluster.port;
+    let ctl = schema(port).await;
+    setup_command(port, &["install-triggers"]);
+    let p = start(port);
+    p.wait_listener("lg").await;
+    let direct = connect_str(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=lg"
+    ))
+    .await;
+    let app = app(&p).await;
+
+    // Nothing else writes: each write's fence waits for the stream alone.
+    let q = "select v from t where id = 1";
+    warm(&p, &app, q, "1").await;
+    let mut slowest = Duration::ZERO;
+    for i in 2..=11 {
+        let t = Instant::now();
+        app.batch_execute("update t set v = v + 1 where id = 1")
+            .await
+            .unwrap();
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(
+            first(&app, q).await,
+            i.to_string(),
+            "the session's own write"
+        );
+        warm(&p, &app, q, &i.to_string()).await;
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a fenced write took {slowest:?} (fence_timeout is 5s)"
+    );
+    assert_eq!(
+        p.metrics().await.get("pgtier_fence_timeouts_total", &[]),
+        0.0,
+        "every fence was passed by the stream"
+    );
+
+    // What the old fence cost: a transactional message after each write.
+    let before = next_xid(&direct).await;
+    for _ in 0..100 {
+        direct
+            .batch_execute("update t set v = v + 1 where id = 2")
+            .await
+            .unwrap();
+        direct
+            .batch_execute("select pg_logical_emit_message(true, 'elsewhere', 'x')")
+            .await
+            .unwrap();
+    }
+    let old = next_xid(&direct).await - before;
+    assert!(old >= 200, "a write and a message: {old} xids for 100");
+
+    // Now: 100 writes through pgtier, each fenced, one transaction each
+    // (a little slack for autovacuum's ANALYZE).
+    let before = next_xid(&direct).await;
+    let t = Instant::now();
+    for _ in 0..100 {
+        app.batch_execute("update t set v = v + 1 where id = 2")
+            .await
+            .unwrap();
+    }
+    let elapsed = t.elapsed();
+    let now = next_xid(&direct).await - before;
+    println!("100 writes: {old} xids with a message fence, {now} through pgtier ({elapsed:?})");
+    assert!(
+        (100..110).contains(&now),
+        "100 writes through pgtier assigned {now} xids: one commit per write, not two"
+    );
+    assert_eq!(first(&app, "select v from t where id = 2").await, "202");
+    assert_eq!(
+        p.metrics().await.get("pgtier_fence_timeouts_total", &[]),
+        0.0
+    );
+    drop(ctl);
+}
+
+#[tokio::test]
+async fn asynchronous_commit_still_reads_its_own_writes() {
+    let cluster = cluster();
+    let port = cluster.port;
+    let ctl = schema(port).await;
+    setup_command(port, &["install-triggers"]);
+    let p = start(port);
+    p.wait_listener("lg").await;
+    let app = app(&p).await;
+
+    // Set for the session (outside a transaction): pgtier keeps caching, and
+    // the fence waits for the insert position, flushed by the WAL writer.
+    app.batch_execute("set synchronous_commit = off")
+        .await
+        .unwrap();
+    let q = "select v from t where id = 1";
+    warm(&p, &app, q, "1").await;
+    for i in 2..=6 {
+        app.batch_execute("update t set v = v + 1 where id = 1")
+            .await
+            .unwrap();
+        assert_eq!(first(&app, q).await, i.to_string(), "asynchronous commit");
+        warm(&p, &app, q, &i.to_string()).await;
+    }
+    assert_eq!(
+        p.metrics().await.get("pgtier_fence_timeouts_total", &[]),
+        0.0,
+        "the WAL writer flushes well within fence_timeout"
+    );
+
+    // Only for one transaction: the session's setting no longer shows it
+    // once it has committed, so the session leaves the cache.
+    app.batch_execute("set synchronous_commit = on")
+        .await
+        .unwrap();
+    warm(&p, &app, q, "6").await;
+    let before = p.metrics().await.bypasses("setting_changed_in_transaction");
+    app.batch_execute(
+        "begin; set local synchronous_commit = off; update t set v = 100 where id = 1; commit",
+    )
+    .await
+    .unwrap();
+    assert_eq!(first(&app, q).await, "100");
+    assert!(
+        p.metrics().await.bypasses("setting_changed_in_transaction") > before,
+        "read from Postgres"
+    );
+    drop(ctl);
+}
