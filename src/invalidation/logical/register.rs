@@ -36,6 +36,7 @@ const MAX_SETS: usize = 4096;
 const MAX_COLUMNS: usize = 32;
 /// Postgres's identifier length (NAMEDATALEN - 1).
 const MAX_NAME: usize = 63;
+const MAX_PAYLOAD: usize = 16 * 1024;
 
 /// A registration as it travels: a table by oid and one of its column sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +105,11 @@ impl Registration {
     }
 
     fn decode_rest(rest: &[u8]) -> Option<Registration> {
+        // Well above the longest canonical one (32 names of 63 bytes, each
+        // character escaped): a huge forged message is not parsed.
+        if rest.len() > MAX_PAYLOAD {
+            return None;
+        }
         let text = std::str::from_utf8(rest).ok()?;
         let (oid, text) = text.split_once(':')?;
         let (tag, cols) = text.split_once(':')?;
@@ -302,6 +308,11 @@ mod tests {
         let long = format!("r1::[\"{}\"]", "x".repeat(64));
         assert_eq!(
             Registration::decode(long.as_bytes()),
+            Some(Err(Refused::Malformed))
+        );
+        let huge = format!("r1::[\"a\"{}]", " ".repeat(MAX_PAYLOAD));
+        assert_eq!(
+            Registration::decode(huge.as_bytes()),
             Some(Err(Refused::Malformed))
         );
         let many: Vec<String> = (0..33).map(|i| format!("c{i:02}")).collect();
