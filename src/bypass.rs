@@ -76,6 +76,9 @@ reasons! {
     NoTrigger => "no_trigger",
     /// A table is not watched yet (the watch is being set up).
     NotWatched => "not_watched",
+    /// The key column sets a read by key was planned with changed before its
+    /// generations were taken (rare: a registration or an epoch in between).
+    KeysChanged => "keys_changed",
 
     // The session's state for this request.
     NoListener => "no_listener",

@@ -208,8 +208,8 @@ impl Config {
         Ok(())
     }
 
-    /// What the logical source cannot do (yet) is refused by name rather than
-    /// silently left out.
+    /// The logical source's own settings. (Key-level invalidation with the
+    /// L2 is fine on it: column sets are registered through the stream.)
     fn validate_source(&self) -> Result<(), ConfigError> {
         if self.invalidation.source != Source::Logical {
             return Ok(());
@@ -219,14 +219,6 @@ impl Config {
             return Err(invalid(
                 "invalidation.publication",
                 "must be 1 to 63 characters",
-            ));
-        }
-        if self.invalidation.key_level && !self.l2.nodes().is_empty() {
-            return Err(invalid(
-                "invalidation.key_level",
-                "with the L2 needs invalidation.source = \"notify\": on logical streams each \
-                 instance chooses key or table invalidation by its own reads, so instances' L2 \
-                 versions would not agree",
             ));
         }
         Ok(())

@@ -12,7 +12,10 @@
 //! A column set is used only once this instance has registered it with the
 //! table's triggers and every writer that might not report it has ended
 //! (`live`); until then the read stays table-level and asks for the
-//! registration (`take_requests`).
+//! registration (`take_requests`). With the logical source a column set is
+//! live once its registration message comes through the stream (see
+//! `logical::register`), so every instance uses the same sets at the same
+//! stream position.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +45,8 @@ pub struct KeyState {
     live: ArcSwap<HashMap<u32, Vec<ColumnSet>>>,
     /// Changes whenever `live` does: resolutions made before are stale.
     pub version: AtomicU64,
+    /// How many times `live` was emptied (`forget`).
+    resets: AtomicU64,
     /// Column sets reads wanted that are not live yet.
     requests: Mutex<HashSet<(u32, ColumnSet)>>,
     /// A request was added that the listener has not been woken for.
@@ -69,9 +74,25 @@ impl KeyState {
 
     /// Forget every live column set (the listener reconnected, or the
     /// triggers were reinstalled): each is registered afresh when read again.
-    pub fn forget(&self) {
-        self.live.store(Arc::new(HashMap::new()));
+    /// Returns the tables that had live sets.
+    pub fn forget(&self) -> Vec<u32> {
+        let was = self.live.swap(Arc::new(HashMap::new()));
+        self.resets.fetch_add(1, Ordering::AcqRel);
         self.version.fetch_add(1, Ordering::AcqRel);
+        was.keys().copied().collect()
+    }
+
+    /// How many times the live sets were forgotten: a registration sent
+    /// before the last time must be sent again.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Acquire)
+    }
+
+    /// How many column sets are live for `oid`, and for every table.
+    pub fn counts(&self, oid: u32) -> (usize, usize) {
+        let live = self.live.load();
+        let of = live.get(&oid).map_or(0, Vec::len);
+        (of, live.values().map(Vec::len).sum())
     }
 
     /// The live column sets of `oid`.

@@ -24,7 +24,7 @@ use super::control::{self, ControlTarget};
 use super::epoch;
 use super::fingerprint::{self, Tracked};
 use super::keyed;
-use super::logical::{self, conn::ReplConn, publication, stream};
+use super::logical::{self, conn::ReplConn, publication, register, stream};
 use super::payload::Payload;
 use super::triggers::{self, Scope};
 use super::watch_policy::Holdoff;
@@ -271,6 +271,7 @@ impl Listener {
         let mut keying = tokio::task::JoinSet::new();
         let mut keys_in_flight = std::collections::HashSet::new();
         let mut holdoff = Holdoff::default();
+        let mut sent = register::Sent::default();
         loop {
             tokio::select! {
                 biased;
@@ -310,15 +311,10 @@ impl Listener {
                     // Every published table is streamed: watching is only
                     // knowing it is covered.
                     self.watch_covered(Some(self.db.watches.take_requests()));
-                    // The stream carries every changed row: a column set is
-                    // live at once (`logical::keys` falls back to the table
-                    // where a write's rows do not say its old keys).
-                    let catalog = self.db.catalog.load();
-                    for (oid, cols) in self.db.keys.take_requests() {
-                        if catalog.get(oid).is_some_and(|r| r.has_trigger) {
-                            self.db.keys.mark_live(oid, cols);
-                        }
-                    }
+                    // The stream carries every changed row, but a column set
+                    // is live only once its registration comes through it, on
+                    // every instance alike (see `logical::register`).
+                    register::send(&work, &self.db, s.signer.as_ref(), &s.channel, &mut sent).await;
                 }
                 _ = self.db.watches.wanted.notified(), if s.logical.is_none() => {
                     let mut wanted = self.db.watches.take_requests();

@@ -301,8 +301,10 @@ impl DbState {
     /// never reproduce the keys of an earlier epoch.
     pub fn set_l2_epoch(&self, epoch: u64, counter: u64) {
         self.l2_epoch.store(0, Ordering::Release);
+        // Release: a reader that sees a restarted version also sees the epoch
+        // cleared above, and so refuses the key it was computing (`l2_key`).
         for v in self.l2_versions.iter() {
-            v.store(0, Ordering::Relaxed);
+            v.store(0, Ordering::Release);
         }
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&epoch.to_le_bytes());
@@ -327,6 +329,11 @@ impl DbState {
                     .load(Ordering::Acquire)
                     .to_le_bytes(),
             );
+        }
+        // Versions read half-way through an epoch restart, under the old
+        // epoch, could be an earlier key of that epoch.
+        if self.l2_epoch.load(Ordering::Acquire) != epoch {
+            return None;
         }
         Some(h.digest128())
     }

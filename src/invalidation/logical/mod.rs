@@ -14,6 +14,7 @@ pub mod conn;
 pub mod keys;
 pub mod pgoutput;
 pub mod publication;
+pub mod register;
 pub mod stream;
 
 use std::sync::Arc;

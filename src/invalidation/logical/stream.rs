@@ -2,14 +2,14 @@
 //! connection, streaming `pgoutput` for the publication. Every committed
 //! transaction invalidates the tables it changed when its Commit arrives, in
 //! commit order; pgtier's own announcements (DDL found by a catalog scan, role
-//! changes) are logical messages in the same stream, so they take effect at
-//! their place in it. So do L2 epochs: every instance's stream decodes the
-//! same commits in the same order, so instances that accepted the same epoch
-//! derive the same L2 versions. Read-your-writes fences are WAL positions:
-//! the feed publishes how far it has applied (see `lsn_fences`).
+//! changes, key column sets for key-level invalidation, see `register`) are
+//! logical messages in the same stream, so they take effect at their place in
+//! it. So do L2 epochs: every instance's stream decodes the same commits in the
+//! same order, so instances that accepted the same epoch derive the same L2
+//! versions and the same live column sets. Read-your-writes fences are WAL
+//! positions: the feed publishes how far it has applied (see `lsn_fences`).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use super::conn::ReplConn;
 use super::keys::{self, Keys};
 use super::pgoutput::{self, Change, Frame};
+use super::register;
 use crate::cache::Cache;
 use crate::invalidation::payload::{KeySet, Payload, QualifiedName};
 use crate::invalidation::{epoch, DbState};
@@ -178,11 +179,9 @@ impl Feed {
                     if touched.contains(&oid) {
                         continue;
                     }
-                    let sets = if self.db.keys.enabled.load(Ordering::Relaxed) {
-                        self.db.keys.sets(oid)
-                    } else {
-                        Vec::new()
-                    };
+                    // The sets registered through the stream, whatever this
+                    // instance's own reads or `key_level` (see `register`).
+                    let sets = self.db.keys.sets(oid);
                     let found = match rels.get(&oid) {
                         Some(rel) if !sets.is_empty() => {
                             keys::of_write(kind, rest, &rel.columns, &sets)?
@@ -294,6 +293,11 @@ impl Feed {
     /// One of pgtier's own messages (the NOTIFY payloads, minus those that
     /// only the trigger path uses).
     fn message(&self, content: &[u8]) -> anyhow::Result<()> {
+        // A key column set registration is never a write: it is taken or
+        // ignored, never read as a payload (an unreadable one invalidates all).
+        if register::apply(&self.db, self.signer.as_ref(), &self.prefix, content).is_some() {
+            return Ok(());
+        }
         let text = String::from_utf8_lossy(content);
         match Payload::parse(&text) {
             Some(Payload::Fence {
@@ -323,6 +327,8 @@ impl Feed {
                     .as_ref()
                     .is_some_and(|s| epoch::verify(s, &self.db.name, &self.prefix, &e));
                 if genuine && self.db.epoch_floor.advance(e.counter) {
+                    // Every instance accepting it starts from no live sets.
+                    register::reset(&self.db);
                     self.db.set_l2_epoch(e.epoch, e.counter);
                 } else {
                     counter!("pgtier_control_notifications_rejected_total", "database" => self.db.name.clone(), "kind" => "epoch").increment(1);

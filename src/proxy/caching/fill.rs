@@ -5,7 +5,7 @@
 //! It lives beside the session's cache code rather than in `cache`, because it
 //! asks the database's invalidation state (`invalidation` depends on `cache`).
 
-use std::borrow::Cow;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::bypass::BypassReason;
@@ -84,11 +84,19 @@ pub fn plan(
         slots.dedup();
         Some(slots)
     });
-    let slots = keyed.map_or(Cow::Borrowed(&resolved.slots[..]), Cow::Owned);
+    let slots: &[u32] = keyed.as_deref().unwrap_or(&resolved.slots);
     let (epoch, deps) = db
-        .snapshot_slots(resolved, &slots)
+        .snapshot_slots(resolved, slots)
         .ok_or(BypassReason::NotWatched)?;
-    let l2key = cache.l2().and(db.l2_key(key, &slots));
+    let l2key = cache.l2().and(db.l2_key(key, slots));
+    // Checked after the snapshot and the L2 key: the column sets that made
+    // this read keyed were still live when they were taken, so a write since
+    // reports its keys (or kills the table). Sets forgotten in between (an
+    // epoch on the logical stream) would leave a keyed result that a write
+    // reporting another set of the table does not reach.
+    if keyed.is_some() && db.keys.version.load(Ordering::Acquire) != resolved.keys_version {
+        return Err(BypassReason::KeysChanged);
+    }
     Ok(FillPlan {
         policy,
         decision,
