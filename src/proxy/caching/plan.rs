@@ -350,6 +350,9 @@ impl SessionCache {
                     self.statements.define(&p, m.raw, false);
                 }
                 Some(Frontend::Close(c)) if c.target == Target::Statement => {
+                    // Answered only for statements the server never saw, but
+                    // an older unnamed one may still be there.
+                    self.stray_unnamed |= c.name.is_empty();
                     self.statements.remove(c.name)
                 }
                 _ => {}

@@ -46,6 +46,11 @@ pub struct SessionCache {
     pub(super) utf8: bool,
     pub(super) settings: Settings,
     pub statements: Statements,
+    /// The server may hold an unnamed statement the client no longer has:
+    /// pgtier answered what destroyed it for the client (a Query, a Close)
+    /// or a warm refresh parsed its own. Closed on the server before the
+    /// client's next use of the unnamed statement that does not define it.
+    pub(super) stray_unnamed: bool,
     pub(super) captures: Captures,
     pub(super) timing: Timing,
     /// The request number captures opened now belong to.
@@ -76,6 +81,7 @@ impl SessionCache {
             utf8: false,
             settings: Settings::new(database, user, startup_params),
             statements: Statements::default(),
+            stray_unnamed: false,
             captures: Captures::default(),
             timing: Timing::default(),
             current_request: 0,
