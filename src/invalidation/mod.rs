@@ -66,6 +66,8 @@ pub struct Resolved {
     pub keys_version: u64,
     /// For a read by key whose column set is live: how it depends on keys.
     pub key: Option<Arc<key_deps::KeyPlan>>,
+    /// Why a lookup by key is left table-level for its columns or the catalog.
+    pub key_fallback: Option<&'static str>,
 }
 
 /// A verdict kept for a statement text. One that found a table not watched
@@ -348,7 +350,14 @@ impl DbState {
         // Read before the watched set: a watch landing in between leaves this
         // verdict behind the version, so it is made again next time.
         let watch_version = self.watches.version();
-        if let Some(v) = self.resolved.get(&text_hash) {
+        let prior = self.resolved.get(&text_hash);
+        // Its key fallback, counted already: once per statement and catalog,
+        // not again each time a watch or a column set moves a version.
+        let counted = prior.as_ref().and_then(|v| match v.result.as_ref() {
+            Ok(r) if r.catalog_version == catalog.version => r.key_fallback,
+            _ => None,
+        });
+        if let Some(v) = prior {
             match (v.result.as_ref(), &v.waiting) {
                 (_, Some((at, tables))) if *at == watch_version => {
                     self.watches.request(tables);
@@ -367,6 +376,7 @@ impl DbState {
             catalog
                 .resolve(&self.name, decision, &watched, &mut unwatched)
                 .map(|(slots, tables)| {
+                    let mut key_fallback = None;
                     let key = match (
                         &decision.analysis.keys,
                         self.keys.enabled.load(Ordering::Relaxed),
@@ -382,6 +392,7 @@ impl DbState {
                                 .as_ref()
                                 .map_or(&[][..], |r| r.tables.as_slice()),
                             &tables,
+                            &mut key_fallback,
                         )
                         .map(Arc::new),
                         _ => None,
@@ -392,9 +403,19 @@ impl DbState {
                         catalog_version: catalog.version,
                         keys_version,
                         key,
+                        key_fallback,
                     }
                 }),
         );
+        if let Ok(Resolved {
+            key_fallback: Some(reason),
+            ..
+        }) = r.as_ref()
+        {
+            if counted != Some(*reason) {
+                metrics::counter!("pgtier_key_fallbacks_total", "reason" => *reason).increment(1);
+            }
+        }
         drop(watched);
         if self.keys.take_pending_notice() {
             self.watches.wanted.notify_one();
@@ -532,6 +553,7 @@ mod tests {
             catalog_version: 1,
             keys_version: 0,
             key: None,
+            key_fallback: None,
         }
     }
 

@@ -228,6 +228,8 @@ impl SessionCache {
             metrics::bypass(BypassReason::TimeLiteral);
             return None;
         }
+        // Counted here, not when L2 was asked for it before it came here.
+        plan.count_fallback();
         let lease = match cache.claim(key) {
             Claim::Leader(l) => Some(l),
             Claim::Follower(_) => {

@@ -58,6 +58,9 @@ pub struct SessionCache {
     /// Results just fetched from L2 for the request being planned (L1 may be
     /// too small to hold them even for a moment).
     pub(super) prefetched: Vec<(Key, Arc<Entry>)>,
+    /// Why those results' reads are left table-level (see
+    /// `FillPlan::count_fallback`), counted if the request is answered.
+    pub(super) prefetched_fallbacks: Vec<&'static str>,
     /// Scratch for the Parse messages replayed ahead of a request.
     pub(super) inject: BytesMut,
 }
@@ -86,6 +89,7 @@ impl SessionCache {
             timing: Timing::default(),
             current_request: 0,
             prefetched: Vec::new(),
+            prefetched_fallbacks: Vec::new(),
             inject: BytesMut::new(),
         }
     }
