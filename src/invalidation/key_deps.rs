@@ -74,6 +74,22 @@ impl KeyState {
         self.version.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Forget the live column sets of the tables `keep` refuses (dropped, or
+    /// an oid now naming another table).
+    pub fn retain(&self, keep: impl Fn(u32) -> bool) {
+        let live = self.live.load();
+        if live.keys().all(|oid| keep(*oid)) {
+            return;
+        }
+        let map = live
+            .iter()
+            .filter(|(oid, _)| keep(**oid))
+            .map(|(oid, sets)| (*oid, sets.clone()))
+            .collect();
+        self.live.store(Arc::new(map));
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The live column sets of `oid`.
     pub fn sets(&self, oid: u32) -> Vec<ColumnSet> {
         self.live.load().get(&oid).cloned().unwrap_or_default()

@@ -329,6 +329,18 @@ impl DbState {
     }
 
     pub fn set_catalog(&self, catalog: Catalog) {
+        // A live column set belongs to a table, not to its oid: once the oid
+        // is gone, or names a table with another `pgtier_notify` trigger (a
+        // table dropped and its oid reused), the new table's writes report
+        // only the sets registered for it, so reads by the old set must not
+        // stay keyed (they would miss its writes).
+        let old = self.catalog.load();
+        self.keys
+            .retain(|oid| match (old.get(oid), catalog.get(oid)) {
+                (_, None) => false,
+                (Some(was), Some(now)) => was.trigger_oid == now.trigger_oid,
+                (None, Some(_)) => true,
+            });
         self.catalog.store(Arc::new(catalog));
         self.resolved.invalidate_all();
     }
@@ -525,7 +537,12 @@ mod tests {
 
     fn db_with(tables: &[(u32, &str)]) -> DbState {
         let db = DbState::new("db".into(), Arc::new(Generations::default()));
-        let relations = tables
+        db.set_catalog(Catalog::build(1, relations(tables), HashSet::new()));
+        db
+    }
+
+    fn relations(tables: &[(u32, &str)]) -> Vec<catalog::Relation> {
+        tables
             .iter()
             .map(|(oid, name)| catalog::Relation {
                 oid: *oid,
@@ -541,9 +558,7 @@ mod tests {
                 children: Vec::new(),
                 columns: Vec::new(),
             })
-            .collect();
-        db.set_catalog(Catalog::build(1, relations, HashSet::new()));
-        db
+            .collect()
     }
 
     fn resolved(slots: &[u32], tables: &[u32]) -> Resolved {
@@ -579,6 +594,25 @@ mod tests {
         assert_eq!(was, vec![10]);
         assert!(!db.valid(epoch, &deps), "an unwatch invalidates");
         assert!(db.snapshot(&r).is_none(), "and stops fills");
+    }
+
+    #[test]
+    fn live_column_sets_go_with_their_table_not_its_oid() {
+        let db = db_with(&[(10, "a"), (11, "b"), (12, "c")]);
+        let id = || vec!["id".to_string()];
+        for oid in [10, 11, 12] {
+            db.keys.mark_live(oid, id());
+        }
+        let version = db.keys.version.load(Ordering::Acquire);
+        // `a` is dropped and its oid reused by a new table (a new trigger);
+        // `b` is dropped; `c` stays as it was.
+        let mut next = relations(&[(10, "a"), (12, "c")]);
+        next[0].trigger_oid += 1;
+        db.set_catalog(Catalog::build(2, next, HashSet::new()));
+        assert!(!db.keys.keyed(10), "the reused oid is not live");
+        assert!(!db.keys.keyed(11), "the dropped table is not live");
+        assert!(db.keys.is_live(12, &id()), "the same table stays live");
+        assert!(db.keys.version.load(Ordering::Acquire) > version);
     }
 
     #[test]

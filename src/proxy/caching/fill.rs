@@ -14,6 +14,7 @@ use crate::cache::{Cache, Decision, Key};
 use crate::invalidation::key_deps::{self, Params};
 use crate::invalidation::DbState;
 use crate::protocol::frontend::Bind;
+use crate::sql::keyvalue::Refusal;
 
 /// Everything needed to store (or look up in L2) one result.
 #[derive(Debug)]
@@ -29,7 +30,7 @@ pub struct FillPlan {
     /// The L2 key, when L2 is in use.
     pub l2key: Option<u128>,
     /// Why a read by key is left table-level by its values, if it is.
-    pub key_fallback: Option<&'static str>,
+    pub key_fallback: Option<Refusal>,
 }
 
 impl FillPlan {
@@ -38,7 +39,7 @@ impl FillPlan {
     /// it (an extended read may be planned for L2 and again for its fill).
     pub fn count_fallback(&self) {
         if let Some(reason) = self.key_fallback {
-            count_key_fallback(reason);
+            count_key_fallback(reason.label());
         }
     }
 }
@@ -86,7 +87,7 @@ pub fn plan(
     let mut key_fallback = None;
     let keyed = resolved.key.as_ref().and_then(|k| {
         let keys = key_deps::key_slots(&db.name, k, params, utf8)
-            .inspect_err(|why| key_fallback = Some(why.label()))
+            .inspect_err(|why| key_fallback = Some(*why))
             .ok()?;
         let mut slots: Vec<u32> = resolved
             .slots

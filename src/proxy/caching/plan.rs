@@ -328,7 +328,8 @@ impl SessionCache {
                     metrics::hot().l2_hit.increment(1);
                     // Counted if the request is answered; forwarded, its fill
                     // counts it.
-                    self.prefetched_fallbacks.extend(plan.key_fallback);
+                    self.prefetched_fallbacks
+                        .extend(plan.key_fallback.map(|r| r.label()));
                     self.timing.served_from_l2();
                     let e = Arc::new(entry(rd, rows, plan));
                     cache.l1.insert(key, e.clone());

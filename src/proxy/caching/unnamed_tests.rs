@@ -60,7 +60,7 @@ async fn a_query_answered_from_cache_closes_the_servers_unnamed_statement() {
     let (answered, forwarded) = h.request(&[query(READ)]).await;
     assert!(answered > 0 && forwarded == 0, "the Query is a hit");
     let use_it = [bind(""), execute(), sync()].concat();
-    let (answered, forwarded) = h.request(&[use_it.clone()]).await;
+    let (answered, forwarded) = h.request(std::slice::from_ref(&use_it)).await;
     assert_eq!(answered, 0, "Postgres says it does not exist");
     let close = close_unnamed();
     assert_eq!(forwarded, close.len() + use_it.len(), "Close first");
