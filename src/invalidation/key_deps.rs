@@ -95,6 +95,22 @@ impl KeyState {
         (of, live.values().map(Vec::len).sum())
     }
 
+    /// Forget the live column sets of the tables `keep` refuses (dropped, or
+    /// an oid now naming another table).
+    pub fn retain(&self, keep: impl Fn(u32) -> bool) {
+        let live = self.live.load();
+        if live.keys().all(|oid| keep(*oid)) {
+            return;
+        }
+        let map = live
+            .iter()
+            .filter(|(oid, _)| keep(**oid))
+            .map(|(oid, sets)| (*oid, sets.clone()))
+            .collect();
+        self.live.store(Arc::new(map));
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The live column sets of `oid`.
     pub fn sets(&self, oid: u32) -> Vec<ColumnSet> {
         self.live.load().get(&oid).cloned().unwrap_or_default()
@@ -144,7 +160,9 @@ pub struct KeyPlan {
 
 /// The key plan of a resolved read (`refs`: the relations it names, `tables`:
 /// the tables it reads), if its lookup can be keyed; a column set not yet
-/// live is requested and the read stays table-level.
+/// live is requested and the read stays table-level. `fell_back` gets the
+/// reason a keyable lookup is left table-level for its columns or the
+/// catalog (the caller counts it once per statement and catalog).
 pub fn plan(
     database: &str,
     catalog: &Catalog,
@@ -152,7 +170,9 @@ pub fn plan(
     lookup: &KeyLookup,
     refs: &[TableRef],
     tables: &[u32],
+    fell_back: &mut Option<&'static str>,
 ) -> Option<KeyPlan> {
+    let mut fallback = |reason: &'static str| *fell_back = Some(reason);
     // The statement must name the table itself: through a view, its columns
     // are the view's (renamed, grouped, computed), not the table's.
     let [oid] = catalog.named(&lookup.table)[..] else {
@@ -224,11 +244,6 @@ pub fn plan(
         columns,
         values: lookup.columns.iter().map(|c| c.values.clone()).collect(),
     })
-}
-
-/// Count a read of a key-level shape left table-level, by why.
-fn fallback(reason: &'static str) {
-    metrics::counter!("pgtier_key_fallbacks_total", "reason" => reason).increment(1);
 }
 
 /// The request's parameters, to read key values from.

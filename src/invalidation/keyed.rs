@@ -43,7 +43,10 @@
 //! its next call), never with its own: a REPEATABLE READ writer whose snapshot
 //! predates a registration still reports the new column set. Registration
 //! also drops the functions (and registry rows) of tables that no longer
-//! exist; `triggers::uninstall` drops the whole `pgtier` schema.
+//! exist, and, for a table with no keyed triggers yet, registry rows naming
+//! columns it lacks (a dropped table's, whose oid it reused); the listener
+//! forgets live sets of an oid whose table changed (`DbState::set_catalog`).
+//! `triggers::uninstall` drops the whole `pgtier` schema.
 
 use std::time::Duration;
 
@@ -320,6 +323,23 @@ async fn register_in_transaction(
             .await?;
         client.batch_execute(setup_sql()).await?;
     }
+    // A table without keyed triggers reports no set yet, so nobody's reads
+    // can rely on one: registry rows for its oid naming columns it lacks are
+    // a dropped table's whose oid it got (the generated function would fail
+    // on them and announce every write per table, for good).
+    client
+        .execute(
+            "DELETE FROM pgtier.keys k
+             WHERE k.relid = $1::int8::oid
+               AND NOT EXISTS (SELECT 1 FROM pg_trigger t
+                               WHERE t.tgrelid = k.relid AND t.tgname = ANY($2::text[]::name[]))
+               AND NOT k.cols <@ ARRAY(SELECT a.attname::text FROM pg_attribute a
+                                       WHERE a.attrelid = k.relid AND a.attnum > 0
+                                         AND NOT a.attisdropped)
+               AND has_table_privilege('pgtier.keys', 'DELETE')",
+            &[&(oid as i64), &KEYED_TRIGGERS.to_vec()],
+        )
+        .await?;
     client
         .execute(
             "INSERT INTO pgtier.keys (relid, cols) VALUES ($1::int8::oid, $2::text[])

@@ -67,6 +67,8 @@ pub struct Resolved {
     pub keys_version: u64,
     /// For a read by key whose column set is live: how it depends on keys.
     pub key: Option<Arc<key_deps::KeyPlan>>,
+    /// Why a lookup by key is left table-level for its columns or the catalog.
+    pub key_fallback: Option<&'static str>,
 }
 
 /// A verdict kept for a statement text. One that found a table not watched
@@ -339,6 +341,18 @@ impl DbState {
     }
 
     pub fn set_catalog(&self, catalog: Catalog) {
+        // A live column set belongs to a table, not to its oid: once the oid
+        // is gone, or names a table with another `pgtier_notify` trigger (a
+        // table dropped and its oid reused), the new table's writes report
+        // only the sets registered for it, so reads by the old set must not
+        // stay keyed (they would miss its writes).
+        let old = self.catalog.load();
+        self.keys
+            .retain(|oid| match (old.get(oid), catalog.get(oid)) {
+                (_, None) => false,
+                (Some(was), Some(now)) => was.trigger_oid == now.trigger_oid,
+                (None, Some(_)) => true,
+            });
         self.catalog.store(Arc::new(catalog));
         self.resolved.invalidate_all();
     }
@@ -360,7 +374,14 @@ impl DbState {
         // Read before the watched set: a watch landing in between leaves this
         // verdict behind the version, so it is made again next time.
         let watch_version = self.watches.version();
-        if let Some(v) = self.resolved.get(&text_hash) {
+        let prior = self.resolved.get(&text_hash);
+        // Its key fallback, counted already: once per statement and catalog,
+        // not again each time a watch or a column set moves a version.
+        let counted = prior.as_ref().and_then(|v| match v.result.as_ref() {
+            Ok(r) if r.catalog_version == catalog.version => r.key_fallback,
+            _ => None,
+        });
+        if let Some(v) = prior {
             match (v.result.as_ref(), &v.waiting) {
                 (_, Some((at, tables))) if *at == watch_version => {
                     self.watches.request(tables);
@@ -379,6 +400,7 @@ impl DbState {
             catalog
                 .resolve(&self.name, decision, &watched, &mut unwatched)
                 .map(|(slots, tables)| {
+                    let mut key_fallback = None;
                     let key = match (
                         &decision.analysis.keys,
                         self.keys.enabled.load(Ordering::Relaxed),
@@ -394,6 +416,7 @@ impl DbState {
                                 .as_ref()
                                 .map_or(&[][..], |r| r.tables.as_slice()),
                             &tables,
+                            &mut key_fallback,
                         )
                         .map(Arc::new),
                         _ => None,
@@ -404,9 +427,19 @@ impl DbState {
                         catalog_version: catalog.version,
                         keys_version,
                         key,
+                        key_fallback,
                     }
                 }),
         );
+        if let Ok(Resolved {
+            key_fallback: Some(reason),
+            ..
+        }) = r.as_ref()
+        {
+            if counted != Some(*reason) {
+                metrics::counter!("pgtier_key_fallbacks_total", "reason" => *reason).increment(1);
+            }
+        }
         drop(watched);
         if self.keys.take_pending_notice() {
             self.watches.wanted.notify_one();
@@ -531,7 +564,12 @@ mod tests {
 
     fn db_with(tables: &[(u32, &str)]) -> DbState {
         let db = DbState::new("db".into(), Arc::new(Generations::default()));
-        let relations = tables
+        db.set_catalog(Catalog::build(1, relations(tables), HashSet::new()));
+        db
+    }
+
+    fn relations(tables: &[(u32, &str)]) -> Vec<catalog::Relation> {
+        tables
             .iter()
             .map(|(oid, name)| catalog::Relation {
                 oid: *oid,
@@ -547,9 +585,7 @@ mod tests {
                 children: Vec::new(),
                 columns: Vec::new(),
             })
-            .collect();
-        db.set_catalog(Catalog::build(1, relations, HashSet::new()));
-        db
+            .collect()
     }
 
     fn resolved(slots: &[u32], tables: &[u32]) -> Resolved {
@@ -559,6 +595,7 @@ mod tests {
             catalog_version: 1,
             keys_version: 0,
             key: None,
+            key_fallback: None,
         }
     }
 
@@ -584,6 +621,25 @@ mod tests {
         assert_eq!(was, vec![10]);
         assert!(!db.valid(epoch, &deps), "an unwatch invalidates");
         assert!(db.snapshot(&r).is_none(), "and stops fills");
+    }
+
+    #[test]
+    fn live_column_sets_go_with_their_table_not_its_oid() {
+        let db = db_with(&[(10, "a"), (11, "b"), (12, "c")]);
+        let id = || vec!["id".to_string()];
+        for oid in [10, 11, 12] {
+            db.keys.mark_live(oid, id());
+        }
+        let version = db.keys.version.load(Ordering::Acquire);
+        // `a` is dropped and its oid reused by a new table (a new trigger);
+        // `b` is dropped; `c` stays as it was.
+        let mut next = relations(&[(10, "a"), (12, "c")]);
+        next[0].trigger_oid += 1;
+        db.set_catalog(Catalog::build(2, next, HashSet::new()));
+        assert!(!db.keys.keyed(10), "the reused oid is not live");
+        assert!(!db.keys.keyed(11), "the dropped table is not live");
+        assert!(db.keys.is_live(12, &id()), "the same table stays live");
+        assert!(db.keys.version.load(Ordering::Acquire) > version);
     }
 
     #[test]

@@ -45,8 +45,11 @@ pub fn apply(
     let Some(forward) = outcome.forward else {
         return;
     };
+    if forward.close_unnamed {
+        track.expect(Expect::Close, true, ReplyTag::None);
+    }
     for _ in 0..forward.replayed {
-        // Their ParseComplete replies come first and are not the client's.
+        // Their ParseComplete replies come next and are not the client's.
         track.expect(Expect::Parse, true, ReplyTag::None);
     }
     for (m, tag) in batch.messages().iter().zip(forward.tags) {

@@ -21,6 +21,10 @@ pub struct Forward {
     pub inject: Option<Bytes>,
     /// How many Parse messages `inject` holds.
     pub replayed: usize,
+    /// `inject` begins with a Close of the unnamed statement (ahead of the
+    /// Parse messages): the server's is not the client's. Its reply is
+    /// swallowed.
+    pub close_unnamed: bool,
     /// Per message of the batch (in order), what to do with its reply.
     pub tags: SmallVec<[ReplyTag; 8]>,
     /// The replies are not the client's (a background refresh): swallow them.

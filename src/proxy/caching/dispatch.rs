@@ -40,10 +40,19 @@ impl SessionCache {
         self.timing.begin();
         let db = db.filter(|_| state_bypass.is_none());
         if let Some(sql) = batch.single_query() {
-            if !self.has_listener {
-                return self.forward_unwatched();
+            // A Query destroys the unnamed statement, on the server or, when
+            // pgtier answers it, for the client alone.
+            self.statements.remove(b"");
+            let outcome = if !self.has_listener {
+                self.forward_unwatched()
+            } else {
+                self.simple(cache, db, sql, state_bypass, track).await
+            };
+            // A stale answer's refresh is the same Query: the server sees it.
+            if outcome.forward.is_none() {
+                self.stray_unnamed = true;
             }
-            return self.simple(cache, db, sql, state_bypass, track).await;
+            return outcome;
         }
         if let Some(db) = db {
             if let Some(reply) = self.extended_hit(cache, db, batch).await {

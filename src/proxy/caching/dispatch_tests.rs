@@ -23,47 +23,47 @@ use crate::proxy::replies::Expect;
 use crate::proxy::startup::ServerHello;
 use crate::proxy::tracker::{ReplyTag, Tracker};
 
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+pub(super) fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![tag];
     m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     m.extend_from_slice(body);
     m
 }
 
-fn parse(name: &str, sql: &str) -> Vec<u8> {
+pub(super) fn parse(name: &str, sql: &str) -> Vec<u8> {
     let body = [name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat();
     frame(b'P', &body)
 }
 
 /// Bind with no parameters and default result formats.
-fn bind(statement: &str) -> Vec<u8> {
+pub(super) fn bind(statement: &str) -> Vec<u8> {
     let body = [b"\0", statement.as_bytes(), b"\0\0\0\0\0\0\0"].concat();
     frame(b'B', &body)
 }
 
-fn execute() -> Vec<u8> {
+pub(super) fn execute() -> Vec<u8> {
     frame(b'E', b"\0\0\0\0\0")
 }
 
-fn sync() -> Vec<u8> {
+pub(super) fn sync() -> Vec<u8> {
     frame(b'S', b"")
 }
 
-fn flush() -> Vec<u8> {
+pub(super) fn flush() -> Vec<u8> {
     frame(b'H', b"")
 }
 
-struct Harness {
-    cache: Cache,
-    db: Arc<DbState>,
-    session: SessionCache,
-    track: Tracker,
-    cout: OutQueue,
-    sout: OutQueue,
+pub(super) struct Harness {
+    pub(super) cache: Cache,
+    pub(super) db: Arc<DbState>,
+    pub(super) session: SessionCache,
+    pub(super) track: Tracker,
+    pub(super) cout: OutQueue,
+    pub(super) sout: OutQueue,
 }
 
 impl Harness {
-    fn new() -> Harness {
+    pub(super) fn new() -> Harness {
         let inv = Invalidation::new(["db".to_string()], "ch");
         let db = inv.db("db").expect("db state");
         db.come_up();
@@ -80,7 +80,7 @@ impl Harness {
     }
 
     /// Put a result for `sql` (unnamed statement, no parameters) in L1.
-    fn cache_result(&self, sql: &str) {
+    pub(super) fn cache_result(&self, sql: &str) {
         let b = bind("");
         let Ok(Frontend::Bind(args)) = Frontend::decode(b'B', &b[5..]) else {
             panic!("bind");
@@ -110,7 +110,7 @@ impl Harness {
     }
 
     /// Hand one request to the cache layer; (bytes answered, bytes forwarded).
-    async fn request(&mut self, parts: &[Vec<u8>]) -> (usize, usize) {
+    pub(super) async fn request(&mut self, parts: &[Vec<u8>]) -> (usize, usize) {
         let (c, s) = (self.cout.len(), self.sout.len());
         apply::handle(
             &mut self.session,
@@ -175,13 +175,13 @@ async fn sync_after_flush_goes_to_postgres() {
     assert!(!h.track.open_batch);
 }
 
-fn query(sql: &str) -> Vec<u8> {
+pub(super) fn query(sql: &str) -> Vec<u8> {
     frame(b'Q', &[sql.as_bytes(), b"\0"].concat())
 }
 
 impl Harness {
     /// Put a result for the simple query `sql` in L1, under this session's key.
-    fn cache_simple(&self, sql: &str) {
+    pub(super) fn cache_simple(&self, sql: &str) {
         let rows = [
             frame(b'D', b"\0\x01\0\0\0\x011"),
             frame(b'C', b"SELECT 1\0"),
@@ -202,7 +202,7 @@ impl Harness {
     }
 }
 
-const READ: &str = "select v from t where id = 1";
+pub(super) const READ: &str = "select v from t where id = 1";
 
 #[tokio::test]
 async fn a_simple_hit_is_answered_from_l1_with_ready_for_query() {
@@ -332,7 +332,7 @@ async fn a_write_is_fenced_when_its_own_request_ends_not_before() {
 }
 
 /// The server's replies to a one-row result, as the session relays them.
-fn serve_result(h: &mut Harness, tag: ReplyTag, expect: Expect) {
+pub(super) fn serve_result(h: &mut Harness, tag: ReplyTag, expect: Expect) {
     for msg in [
         frame(b'T', b"\0\0"),
         frame(b'D', b"\0\x01\0\0\0\x011"),
@@ -346,7 +346,7 @@ fn serve_result(h: &mut Harness, tag: ReplyTag, expect: Expect) {
 }
 
 impl Harness {
-    async fn decide(&mut self, parts: &[Vec<u8>]) -> Outcome {
+    pub(super) async fn decide(&mut self, parts: &[Vec<u8>]) -> Outcome {
         let bytes = Bytes::from(parts.concat());
         let batch = Batch::new(&bytes);
         self.session.decide(&self.cache, &batch, &self.track).await

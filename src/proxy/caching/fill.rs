@@ -14,6 +14,7 @@ use crate::cache::{Cache, Decision, Key};
 use crate::invalidation::key_deps::{self, Params};
 use crate::invalidation::DbState;
 use crate::protocol::frontend::Bind;
+use crate::sql::keyvalue::Refusal;
 
 /// Everything needed to store (or look up in L2) one result.
 #[derive(Debug)]
@@ -28,6 +29,24 @@ pub struct FillPlan {
     pub tables: Arc<[u32]>,
     /// The L2 key, when L2 is in use.
     pub l2key: Option<u128>,
+    /// Why a read by key is left table-level by its values, if it is.
+    pub key_fallback: Option<Refusal>,
+}
+
+impl FillPlan {
+    /// Count the read this plan is for as left table-level, if it is. Once per
+    /// read: by the caller that serves or fills it, not by every plan made for
+    /// it (an extended read may be planned for L2 and again for its fill).
+    pub fn count_fallback(&self) {
+        if let Some(reason) = self.key_fallback {
+            count_key_fallback(reason.label());
+        }
+    }
+}
+
+/// Count one read of a key-level shape left table-level by its values.
+pub fn count_key_fallback(reason: &'static str) {
+    metrics::counter!("pgtier_key_fallbacks_total", "reason" => reason).increment(1);
 }
 
 /// A Bind's parameters, with the types its statement declared.
@@ -65,12 +84,10 @@ pub fn plan(
     let policy = decision.verdict.as_ref().map_err(|b| b.reason())?.clone();
     let resolved = db.resolve(sql_hash, &decision);
     let resolved = resolved.as_ref().as_ref().map_err(|why| *why)?;
+    let mut key_fallback = None;
     let keyed = resolved.key.as_ref().and_then(|k| {
         let keys = key_deps::key_slots(&db.name, k, params, utf8)
-            .inspect_err(|why| {
-                metrics::counter!("pgtier_key_fallbacks_total", "reason" => why.label())
-                    .increment(1);
-            })
+            .inspect_err(|why| key_fallback = Some(*why))
             .ok()?;
         let mut slots: Vec<u32> = resolved
             .slots
@@ -104,5 +121,6 @@ pub fn plan(
         deps,
         tables: resolved.tables.clone(),
         l2key,
+        key_fallback,
     })
 }

@@ -15,7 +15,7 @@ use crate::cache::{text_hash, Cache, Claim};
 use crate::invalidation::DbState;
 use crate::metrics;
 use crate::protocol::batch::Batch;
-use crate::protocol::frontend::{Bind, Frontend, Target};
+use crate::protocol::frontend::{Bind, Close, Frontend, Target};
 use crate::proxy::tracker::{CaptureId, ReplyTag, Tracker};
 use crate::sql::is_time_literal;
 
@@ -42,7 +42,7 @@ impl SessionCache {
         let first_request = self.current_request;
         let cacheable_state = db.is_some() && self.tainted.is_none();
         let fills_ok = cacheable_state && self.fillable(cache, batch);
-        let (inject, replayed) = self.replay_parses(batch);
+        let (inject, replayed, close_unnamed) = self.replay_parses(batch);
         let mut portals: SmallVec<[Bound<'_>; 4]> = SmallVec::new();
         let mut tags = SmallVec::new();
         for m in batch.messages() {
@@ -119,9 +119,13 @@ impl SessionCache {
                     // Closing an unknown statement is not an error: nothing to replay.
                     self.statements.remove(c.name);
                 }
-                Frontend::Query(q) if self.has_listener => {
-                    let d = cache.decide(q.sql);
-                    self.note_effects(&d);
+                Frontend::Query(q) => {
+                    // It destroys the unnamed statement on the server.
+                    self.statements.remove(b"");
+                    if self.has_listener {
+                        let d = cache.decide(q.sql);
+                        self.note_effects(&d);
+                    }
                 }
                 Frontend::FunctionCall(_) if self.has_listener => {
                     // Calls a function by OID, unseen: as for any unvetted call.
@@ -160,6 +164,7 @@ impl SessionCache {
         Forward {
             inject,
             replayed,
+            close_unnamed,
             tags,
             swallow: false,
         }
@@ -223,6 +228,8 @@ impl SessionCache {
             metrics::bypass(BypassReason::TimeLiteral);
             return None;
         }
+        // Counted here, not when L2 was asked for it before it came here.
+        plan.count_fallback();
         let lease = match cache.claim(key) {
             Claim::Leader(l) => Some(l),
             Claim::Follower(_) => {
@@ -240,9 +247,13 @@ impl SessionCache {
 
     /// Statements the request uses that the server never saw (pgtier answered
     /// their Parse): their Parse messages, to go ahead of the request, and how
-    /// many there are.
-    fn replay_parses(&mut self, batch: &Batch<'_>) -> (Option<Bytes>, usize) {
+    /// many there are; and whether a Close of the unnamed statement goes first
+    /// (the request uses an unnamed statement the client does not have, and
+    /// the server may have one the client never saw: Postgres must say it
+    /// does not exist).
+    fn replay_parses(&mut self, batch: &Batch<'_>) -> (Option<Bytes>, usize, bool) {
         self.inject.clear();
+        let mut close_unnamed = false;
         // Names (re)defined earlier in this request: not the old definitions.
         let mut defined: SmallVec<[&[u8]; 4]> = SmallVec::new();
         let mut n = 0;
@@ -261,6 +272,10 @@ impl SessionCache {
             if defined.contains(&name) {
                 continue;
             }
+            if name.is_empty() && self.stray_unnamed && self.statements.get(b"").is_none() {
+                self.stray_unnamed = false;
+                close_unnamed = true;
+            }
             if let Some(s) = self.statements.get_mut(name) {
                 if !s.on_server {
                     self.inject.extend_from_slice(&s.parse);
@@ -272,7 +287,17 @@ impl SessionCache {
                 defined.push(p.name);
             }
         }
-        let inject = (n > 0).then(|| self.inject.split().freeze());
-        (inject, n)
+        if close_unnamed {
+            // First, as `proxy::apply` expects its reply.
+            let parses = self.inject.split();
+            Close {
+                target: Target::Statement,
+                name: b"",
+            }
+            .encode(&mut self.inject);
+            self.inject.extend_from_slice(&parses);
+        }
+        let inject = (!self.inject.is_empty()).then(|| self.inject.split().freeze());
+        (inject, n, close_unnamed)
     }
 }

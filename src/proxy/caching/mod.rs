@@ -45,4 +45,6 @@ pub use state::SessionCache;
 #[cfg(test)]
 mod dispatch_tests;
 #[cfg(test)]
+mod unnamed_tests;
+#[cfg(test)]
 mod warm_tests;

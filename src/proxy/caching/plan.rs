@@ -106,8 +106,10 @@ impl SessionCache {
             plan = self.plan_hit(cache, db, batch);
         }
         self.prefetched.clear();
+        let fallbacks = std::mem::take(&mut self.prefetched_fallbacks);
         match plan {
             Plan::Hit(reply) => {
+                fallbacks.into_iter().for_each(fill::count_key_fallback);
                 self.commit_hit(batch);
                 self.timing.answered();
                 Some(reply)
@@ -324,6 +326,10 @@ impl SessionCache {
             match found {
                 Lookup::Hit(rd, rows) => {
                     metrics::hot().l2_hit.increment(1);
+                    // Counted if the request is answered; forwarded, its fill
+                    // counts it.
+                    self.prefetched_fallbacks
+                        .extend(plan.key_fallback.map(|r| r.label()));
                     self.timing.served_from_l2();
                     let e = Arc::new(entry(rd, rows, plan));
                     cache.l1.insert(key, e.clone());
@@ -350,6 +356,9 @@ impl SessionCache {
                     self.statements.define(&p, m.raw, false);
                 }
                 Some(Frontend::Close(c)) if c.target == Target::Statement => {
+                    // Answered only for statements the server never saw, but
+                    // an older unnamed one may still be there.
+                    self.stray_unnamed |= c.name.is_empty();
                     self.statements.remove(c.name)
                 }
                 _ => {}

@@ -137,6 +137,8 @@ impl SessionCache {
                 return Miss::Bypass;
             }
         };
+        // This read is answered from L2, another session's fill, or its own.
+        plan.count_fallback();
         if let (Some(l2), Some(k2)) = (cache.l2(), plan.l2key) {
             match l2.get(k2).await {
                 Lookup::Hit(Some(rd), rows) => {

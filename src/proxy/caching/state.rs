@@ -46,6 +46,11 @@ pub struct SessionCache {
     pub(super) utf8: bool,
     pub(super) settings: Settings,
     pub statements: Statements,
+    /// The server may hold an unnamed statement the client no longer has:
+    /// pgtier answered what destroyed it for the client (a Query, a Close)
+    /// or a warm refresh parsed its own. Closed on the server before the
+    /// client's next use of the unnamed statement that does not define it.
+    pub(super) stray_unnamed: bool,
     pub(super) captures: Captures,
     pub(super) timing: Timing,
     /// The request number captures opened now belong to.
@@ -53,6 +58,9 @@ pub struct SessionCache {
     /// Results just fetched from L2 for the request being planned (L1 may be
     /// too small to hold them even for a moment).
     pub(super) prefetched: Vec<(Key, Arc<Entry>)>,
+    /// Why those results' reads are left table-level (see
+    /// `FillPlan::count_fallback`), counted if the request is answered.
+    pub(super) prefetched_fallbacks: Vec<&'static str>,
     /// Scratch for the Parse messages replayed ahead of a request.
     pub(super) inject: BytesMut,
 }
@@ -76,10 +84,12 @@ impl SessionCache {
             utf8: false,
             settings: Settings::new(database, user, startup_params),
             statements: Statements::default(),
+            stray_unnamed: false,
             captures: Captures::default(),
             timing: Timing::default(),
             current_request: 0,
             prefetched: Vec::new(),
+            prefetched_fallbacks: Vec::new(),
             inject: BytesMut::new(),
         }
     }

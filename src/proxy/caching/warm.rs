@@ -166,6 +166,8 @@ impl SessionCache {
         if let Some(s) = self.statements.get_mut(b"") {
             s.on_server = false;
         }
+        // And the refresh's own unnamed statement stays there.
+        self.stray_unnamed = true;
         let forward = Forward {
             tags,
             swallow: true,

@@ -1,0 +1,94 @@
+//! A simple Query destroys the unnamed prepared statement and the unnamed
+//! portal. pgtier's reply stream for raw frontend bytes that use them after a
+//! Query must be Postgres's, byte for byte (its ErrorResponse included), both
+//! when the Query goes to Postgres and when pgtier answers it from its cache
+//! (the server then never saw what destroyed its unnamed statement).
+
+mod common;
+
+use common::wire::{
+    bind, concat, describe_portal, describe_statement, execute, extended_query, flush, parse,
+    probe, query, same_replies, step, sync, Step, Until,
+};
+use common::{direct, fresh_db, Pgtier};
+
+const TOML: &str = "[cache]\ndefault_ttl = \"5m\"\n";
+const READ: &str = "select v from t where id = 1";
+
+async fn cached(name: &str) -> (String, Pgtier) {
+    let db = fresh_db(name).await;
+    direct(&db)
+        .await
+        .batch_execute(
+            "create table t(id int primary key, v text);
+             insert into t select g, 'v' || g from generate_series(1, 10) g;",
+        )
+        .await
+        .expect("setup");
+    let p = Pgtier::cached(&db, TOML, &[]).await;
+    (db, p)
+}
+
+/// The unnamed statement (and portal) used after a Query of `between`.
+fn script(between: &str) -> Vec<Step> {
+    let use_statement = concat(&[bind("", "", &[]), execute("", 0), sync()]);
+    vec![
+        // fills (or hits) the cache, leaves READ as the unnamed statement
+        step(extended_query(READ, &[]), Until::Ready(1)),
+        step(query(between), Until::Ready(1)),
+        // 26000: unnamed prepared statement does not exist
+        step(use_statement.clone(), Until::Ready(1)),
+        // again, with the statement defined and a Query in between
+        step(extended_query(READ, &[]), Until::Ready(1)),
+        step(query(between), Until::Ready(1)),
+        step(concat(&[describe_statement(""), sync()]), Until::Ready(1)),
+        // a statement parsed again after the Query is the client's to use
+        step(extended_query(READ, &[]), Until::Ready(1)),
+        step(query(between), Until::Ready(1)),
+        step(concat(&[parse("", READ, &[]), sync()]), Until::Ready(1)),
+        step(use_statement, Until::Ready(1)),
+        // the unnamed portal: bound, then a Query, then executed
+        step(
+            concat(&[parse("", READ, &[]), bind("", "", &[]), flush()]),
+            Until::Tag(b'2'),
+        ),
+        step(query(between), Until::Ready(1)),
+        step(
+            concat(&[describe_portal(""), execute("", 0), sync()]),
+            Until::Ready(1),
+        ),
+        probe(),
+    ]
+}
+
+#[tokio::test]
+async fn a_forwarded_query_destroys_the_unnamed_statement_and_portal() {
+    let (db, p) = cached("unnamed_fwd").await;
+    // Volatile: never cached, always forwarded (and it changes no setting,
+    // which would change the keys).
+    same_replies(
+        p.port,
+        &db,
+        "forwarded query",
+        &script("select now() is not null"),
+    );
+}
+
+#[tokio::test]
+async fn a_query_answered_from_cache_destroys_the_unnamed_statement_too() {
+    let (db, p) = cached("unnamed_hit").await;
+    let steps = script(READ);
+    // The first run fills the cache; in the second, the Query is a hit and the
+    // server never sees it.
+    same_replies(p.port, &db, "cache filling", &steps);
+    let before = p.metrics().await.hits();
+    let got = same_replies(p.port, &db, "query answered from cache", &steps);
+    let hits = p.metrics().await.hits() - before;
+    assert!(hits >= 3.0, "the Queries must be hits ({hits} hits)");
+    let error = got[2]
+        .msgs
+        .iter()
+        .find(|m| m.tag == b'E')
+        .expect("an error");
+    assert_eq!(error.code().as_deref(), Some("26000"), "{:?}", got[2].msgs);
+}
