@@ -19,6 +19,10 @@
 #            --forwarding    (also measure the same binary with no cache at all, a plain
 #                             proxy in front of the direct copy: what the extra hop costs
 #                             on this machine, the floor of "never slower than no cache")
+#            --ceiling       (also run the same pgbench load against pgceiling, the
+#                             protocol server in ../shared/bench that answers everything
+#                             at once: what this machine allows pgbench at all, so
+#                             ceiling/direct bounds the ratio any cache could reach)
 #            --logical       (invalidation.source = "logical": everything runs on a throwaway
 #                             cluster with wal_level = logical started by the script, direct
 #                             included, and pgtier streams changes instead of installing triggers)
@@ -50,7 +54,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 clients=8 threads=2 duration=10 warmup=3 scale=10
 modes="simple extended prepared"
 writes="0 1 5 20"
-bin="" baseline="" pgtier_args="" forwarding="" logical=""
+bin="" baseline="" pgtier_args="" forwarding="" logical="" ceiling=""
 db=pgtier_keyed
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -66,6 +70,7 @@ while [ $# -gt 0 ]; do
     --pgtier-args) pgtier_args=$2; shift ;;
     --forwarding) forwarding=1 ;;
     --logical) logical=1 ;;
+    --ceiling) ceiling=1 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -187,7 +192,14 @@ start_pgtier() { # binary port admin-port workdir database
     exit 1
   fi
 }
-read -r port admin base_port base_admin fwd_port fwd_admin <<<"$(free_ports 6)"
+read -r port admin base_port base_admin fwd_port fwd_admin ceil_port <<<"$(free_ports 7)"
+if [ -n "$ceiling" ]; then
+  ceil_sh=$here/../shared/bench/ceiling.sh
+  [ -x "$ceil_sh" ] || [ -f "$ceil_sh" ] || { echo "--ceiling needs $ceil_sh" >&2; exit 1; }
+  ceil_pid=$(bash "$ceil_sh" "$ceil_port" | tail -n1)
+  pids+=("$ceil_pid")
+  pg_isready -h 127.0.0.1 -p "$ceil_port" -q -t 10 || { echo "pgceiling did not start on $ceil_port" >&2; exit 1; }
+fi
 start_pgtier "$bin" "$port" "$admin" "$work/pgtier" "$db"
 [ -n "$baseline" ] && start_pgtier "$baseline" "$base_port" "$base_admin" "$work/baseline" "$base_db"
 if [ -n "$forwarding" ]; then
@@ -271,7 +283,7 @@ verdict() {
 # 0 %-writes row (- for none), TPS factor of direct
 targets=("1 0.95 1.5" "5 0.85 1.2" "20 - 1.0")
 
-declare -A D P PH B BH F
+declare -A D P PH B BH F C
 echo "key reads (zipfian 1.1 over $n rows) + uniform single-row updates; scale $scale," \
   "$clients clients, $threads threads, ${duration}s per run, ${warmup}s warm-up per mode"
 echo "hit = pgtier L1 hit ratio of the reads in that run: (hit+stale)/(hit+stale+miss+bypass), writes excluded"
@@ -280,11 +292,13 @@ for mode in $modes; do
   tps "$port" "$db" "$mode" "$warmup" 0 >/dev/null
   [ -n "$baseline" ] && tps "$base_port" "$base_db" "$mode" "$warmup" 0 >/dev/null
   [ -n "$forwarding" ] && tps "$fwd_port" "$direct_db" "$mode" "$warmup" 0 >/dev/null
+  [ -n "$ceiling" ] && tps "$ceil_port" "$direct_db" "$mode" "$warmup" 0 >/dev/null
   echo
   echo "-M $mode"
   printf "%8s %10s %10s %7s %7s" "writes %" direct pgtier ratio hit
   [ -n "$baseline" ] && printf " %10s %7s %7s %9s" baseline ratio hit pgt/base
   [ -n "$forwarding" ] && printf " %10s %7s" forward ratio
+  [ -n "$ceiling" ] && printf " %10s %7s" ceiling ratio
   printf "\n"
   for w in $writes; do
     k=$mode/$w
@@ -300,6 +314,10 @@ for mode in $modes; do
     if [ -n "$forwarding" ]; then
       F[$k]=$(tps "$fwd_port" "$direct_db" "$mode" "$duration" "$w")
       printf " %10d %7s" "${F[$k]}" "$(div "${F[$k]}" "${D[$k]}")"
+    fi
+    if [ -n "$ceiling" ]; then
+      C[$k]=$(tps "$ceil_port" "$direct_db" "$mode" "$duration" "$w")
+      printf " %10d %7s" "${C[$k]}" "$(div "${C[$k]}" "${D[$k]}")"
     fi
     printf "\n"
   done
@@ -343,6 +361,7 @@ for mode in $modes; do
     [ -n "$baseline" ] && printf " baseline=%d baseline_ratio=%s baseline_hit=%s" \
       "${B[$k]}" "$(div "${B[$k]}" "${D[$k]}")" "${BH[$k]}"
     [ -n "$forwarding" ] && printf " forward=%d forward_ratio=%s" "${F[$k]}" "$(div "${F[$k]}" "${D[$k]}")"
+    [ -n "$ceiling" ] && printf " ceiling=%d ceiling_ratio=%s" "${C[$k]}" "$(div "${C[$k]}" "${D[$k]}")"
     printf "\n"
   done
 done

@@ -283,7 +283,7 @@ impl Session {
 
     /// Make all the progress the sockets allow; return once something was read.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        self.poll_fence(cx);
+        fence::poll(&mut self.fence, &mut self.caching, cx);
         let hot = metrics::hot();
         if !self.sout.is_empty() {
             let before = self.sout.len();
@@ -549,7 +549,12 @@ impl Session {
                         self.track.requests_done,
                     );
                     if fence {
-                        self.start_fence();
+                        self.fence = fence::start(
+                            &mut self.caching,
+                            &self.proxy,
+                            &mut self.sout,
+                            &mut self.track,
+                        );
                     }
                 } else {
                     self.caching.on_reply(expect, tag, h.tag, msg, max_entry);

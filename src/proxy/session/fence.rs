@@ -16,13 +16,14 @@ use std::task::Context;
 use bytes::BytesMut;
 use tokio::sync::oneshot;
 
-use super::Session;
 use crate::bypass::BypassReason;
 use crate::invalidation::lsn_fences::parse_lsn;
 use crate::protocol::backend;
 use crate::proxy::caching::SessionCache;
+use crate::proxy::conn::OutQueue;
 use crate::proxy::replies::Expect;
-use crate::proxy::tracker::ReplyTag;
+use crate::proxy::tracker::{ReplyTag, Tracker};
+use crate::proxy::Proxy;
 
 /// The position the fence waits for. A synchronous commit has flushed its
 /// commit record before the client hears of it, so the flush position is at
@@ -94,88 +95,90 @@ pub(super) fn reply(fence: &mut Option<Fence>, caching: &mut SessionCache, tag: 
     }
 }
 
-impl Session {
-    /// Whether the fence (if any) is over; clears it, and on a timeout stops
-    /// this session using the cache. Registers wake-ups otherwise.
-    pub(super) fn poll_fence(&mut self, cx: &mut Context<'_>) {
-        let Some(f) = &mut self.fence else {
-            return;
-        };
-        let done = Pin::new(&mut f.done).poll(cx).is_ready();
-        let expired = !done && f.deadline.as_mut().poll(cx).is_ready();
-        if !(done || expired) {
-            return;
-        }
-        let (seq, lsn) = (f.seq, f.lsn);
-        self.fence = None;
-        self.caching.fencing = false;
-        if expired {
-            tracing::warn!("invalidation fence timed out; this session no longer uses the cache");
-            ::metrics::counter!("pgtier_fence_timeouts_total").increment(1);
-            if let Some(db) = self.caching.db() {
-                match lsn {
-                    Some(lsn) => db.lsn_fences.forget(seq, lsn),
-                    None => db.forget_fence(seq),
-                }
-            }
-            self.caching.taint(BypassReason::FenceTimeout);
-        }
+/// Whether the fence (if any) is over; clears it, and on a timeout stops
+/// the session using the cache. Registers wake-ups otherwise.
+pub(super) fn poll(fence: &mut Option<Fence>, caching: &mut SessionCache, cx: &mut Context<'_>) {
+    let Some(f) = fence else {
+        return;
+    };
+    let done = Pin::new(&mut f.done).poll(cx).is_ready();
+    let expired = !done && f.deadline.as_mut().poll(cx).is_ready();
+    if !(done || expired) {
+        return;
     }
+    let (seq, lsn) = (f.seq, f.lsn);
+    *fence = None;
+    caching.fencing = false;
+    if expired {
+        tracing::warn!("invalidation fence timed out; this session no longer uses the cache");
+        ::metrics::counter!("pgtier_fence_timeouts_total").increment(1);
+        if let Some(db) = caching.db() {
+            match lsn {
+                Some(lsn) => db.lsn_fences.forget(seq, lsn),
+                None => db.forget_fence(seq),
+            }
+        }
+        caching.taint(BypassReason::FenceTimeout);
+    }
+}
 
-    /// After a committed write: send a fence on this connection and hold the
-    /// client's ReadyForQuery until the invalidation source has seen it.
-    pub(super) fn start_fence(&mut self) {
-        let Some(db) = self.caching.db().cloned() else {
-            return;
-        };
-        let inv = &self.proxy.invalidation;
-        let logical =
-            self.proxy.config.load().invalidation.source == crate::config::Source::Logical;
-        let announce_all = std::mem::take(&mut self.caching.announce_all);
-        let channel = inv.channel.replace('"', "\"\"");
-        let (seq, pending, done, sql, tag) = if logical && !announce_all {
-            let (seq, tx, rx) = db.new_lsn_fence();
-            (seq, Some(tx), rx, LSN_QUERY.to_string(), ReplyTag::FenceLsn)
+/// After a committed write: send a fence on the session's server connection
+/// (queued in `sout`, its reply expected by `track`) and return it; the
+/// session holds the client's ReadyForQuery until the invalidation source
+/// has seen it.
+pub(super) fn start(
+    caching: &mut SessionCache,
+    proxy: &Proxy,
+    sout: &mut OutQueue,
+    track: &mut Tracker,
+) -> Option<Fence> {
+    let db = caching.db().cloned()?;
+    let inv = &proxy.invalidation;
+    let logical = proxy.config.load().invalidation.source == crate::config::Source::Logical;
+    let announce_all = std::mem::take(&mut caching.announce_all);
+    let channel = inv.channel.replace('"', "\"\"");
+    let (seq, pending, done, sql, tag) = if logical && !announce_all {
+        let (seq, tx, rx) = db.new_lsn_fence();
+        (seq, Some(tx), rx, LSN_QUERY.to_string(), ReplyTag::FenceLsn)
+    } else {
+        // NOTIFY, or DDL through pgtier on the logical source: a message
+        // after the session's commit (delivered in commit order), with
+        // `*` ahead of it so the client hears of its commit only after
+        // every entry of this database is gone. In one transaction, so
+        // one more commit: DDL is rare.
+        let (seq, nonce, rx) = db.new_fence();
+        let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
+        let mut sql = if logical {
+            crate::invalidation::logical::emit_sql(&inv.channel, &payload)
         } else {
-            // NOTIFY, or DDL through pgtier on the logical source: a message
-            // after the session's commit (delivered in commit order), with
-            // `*` ahead of it so the client hears of its commit only after
-            // every entry of this database is gone. In one transaction, so
-            // one more commit: DDL is rare.
-            let (seq, nonce, rx) = db.new_fence();
-            let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
-            let mut sql = if logical {
-                crate::invalidation::logical::emit_sql(&inv.channel, &payload)
-            } else {
-                format!("NOTIFY \"{channel}\", '{payload}'")
-            };
-            if announce_all {
-                let all = if logical {
-                    crate::invalidation::logical::emit_sql(&inv.channel, "*")
-                } else {
-                    format!("NOTIFY \"{channel}\", '*'")
-                };
-                sql = format!("{all}; {sql}");
-            }
-            (seq, None, rx, sql, ReplyTag::None)
+            format!("NOTIFY \"{channel}\", '{payload}'")
         };
-        let mut buf = BytesMut::new();
-        crate::protocol::frontend::Query {
-            sql: sql.as_bytes(),
+        if announce_all {
+            let all = if logical {
+                crate::invalidation::logical::emit_sql(&inv.channel, "*")
+            } else {
+                format!("NOTIFY \"{channel}\", '*'")
+            };
+            sql = format!("{all}; {sql}");
         }
-        .encode(&mut buf);
-        self.sout.push(buf.freeze());
-        self.track.expect(Expect::Query, true, tag);
-        let timeout = self.proxy.config.load().invalidation.fence_timeout.0;
-        self.fence = Some(Fence {
-            seq,
-            pending,
-            lsn: None,
-            done,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-        });
-        self.caching.fencing = true;
+        (seq, None, rx, sql, ReplyTag::None)
+    };
+    let mut buf = BytesMut::new();
+    crate::protocol::frontend::Query {
+        sql: sql.as_bytes(),
     }
+    .encode(&mut buf);
+    sout.push(buf.freeze());
+    track.expect(Expect::Query, true, tag);
+    let timeout = proxy.config.load().invalidation.fence_timeout.0;
+    caching.fencing = true;
+    Some(Fence {
+        seq,
+        pending,
+        lsn: None,
+        done,
+        deadline: Box::pin(tokio::time::sleep(timeout)),
+    })
 }
 
 #[cfg(test)]
