@@ -201,39 +201,13 @@ async fn plain_role(db: &str) -> tokio_postgres::Client {
     .await
 }
 
-/// LISTEN on the invalidation channel straight at Postgres: every payload, in
-/// order.
 async fn listen(
     db: &str,
 ) -> (
     tokio_postgres::Client,
     tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
-    let (client, mut conn) = tokio_postgres::connect(
-        &format!(
-            "host={} port={} user=postgres dbname={db}",
-            common::PG_HOST,
-            common::PG_PORT
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        use futures_util::StreamExt;
-        while let Some(Ok(m)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let _ = tx.send(n.payload().to_string());
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
-        .await
-        .unwrap();
-    (client, rx)
+    common::listen(db, CHANNEL).await
 }
 
 /// The next payload on the channel that starts with `prefix` (bounded wait).

@@ -486,3 +486,65 @@ async fn creating_a_table_leaves_other_tables_cached() {
         "a new table flushed a's entry"
     );
 }
+
+/// Rows written while this pgtier caches no table of the database need no
+/// read-your-writes fence (a fence commits a notification of its own, which
+/// Postgres serialises with every other notifying commit): none is sent, and
+/// the session still reads its writes. Once a table is cached, writes are
+/// fenced again.
+#[tokio::test]
+async fn writes_are_fenced_only_while_a_table_is_cached() {
+    let db = fresh_db("pgtier_inv_nofence").await;
+    let d = direct(&db).await;
+    d.batch_execute("create table t(id int primary key, v int); insert into t values (1, 0)")
+        .await
+        .expect("setup");
+    let (_l, mut seen) = common::listen(&db, "pgtier_invalidate").await;
+    let control = format!(
+        "postgres://postgres@{}:{}/{db}",
+        common::PG_HOST,
+        common::PG_PORT
+    );
+    let args = [
+        "--control-url",
+        &control,
+        "--auto-install-triggers",
+        "--watch",
+        "lazy",
+    ];
+    let p = Pgtier::start_with(common::PG_PORT, TTL, &args);
+    p.wait_listener(&db).await;
+    let c = p.connect(&db).await;
+    // Nothing read yet, so nothing watched or cached.
+    for _ in 0..3 {
+        c.execute("update t set v = v + 1 where id = 1", &[])
+            .await
+            .expect("write");
+    }
+    let q = "select v from t where id = 1";
+    assert_eq!(first(&c, q).await, "3", "reads its own writes");
+    // That read asked for the table: once it is cached, a write is fenced.
+    warm(&p, &c, q, "3").await;
+    c.execute("update t set v = v + 1 where id = 1", &[])
+        .await
+        .expect("write");
+    assert_eq!(first(&c, q).await, "4");
+    // A marker through the channel: every payload sent before it has arrived.
+    d.batch_execute("notify pgtier_invalidate, 'marker'")
+        .await
+        .expect("marker");
+    let mut fences = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, seen.recv()).await {
+            Ok(Some(m)) if m == "marker" => break,
+            Ok(Some(m)) => fences += usize::from(m.starts_with('f')),
+            _ => panic!("the marker never arrived"),
+        }
+    }
+    assert_eq!(
+        fences, 1,
+        "three writes with nothing cached were not fenced, the one after was"
+    );
+}

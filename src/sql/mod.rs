@@ -125,6 +125,10 @@ pub struct Analysis {
     pub writes: Vec<TableRef>,
     /// Whether it may write at all (anything but plain reads and session commands).
     pub may_write: bool,
+    /// Whether every statement is an INSERT, UPDATE, DELETE or MERGE calling
+    /// nothing but safe built-ins: it changes rows, not definitions, so it can
+    /// only change results that read tables.
+    pub plain_dml: bool,
     /// Functions it calls by name that are not built-ins known to be volatile
     /// (those change no session state; set_config is found on its own). The
     /// catalog decides what each name means: a user function, or one shadowing
@@ -158,6 +162,7 @@ pub fn analyze(sql: &str) -> Analysis {
                 effects: Vec::new(),
                 writes: Vec::new(),
                 may_write: true,
+                plain_dml: false,
                 calls: Vec::new(),
                 roles_changed: false,
                 fingerprint,
@@ -170,12 +175,14 @@ pub fn analyze(sql: &str) -> Analysis {
         effects: Vec::new(),
         writes: Vec::new(),
         may_write: false,
+        plain_dml: false,
         calls: Vec::new(),
         roles_changed: false,
         fingerprint,
         keys: Err(keys::TableLevel::NotOneTable),
     };
     let stmts = &parsed.protobuf.stmts;
+    let mut dml = true;
     for raw in stmts {
         let Some(stmt) = raw.stmt.as_ref() else {
             continue;
@@ -196,6 +203,10 @@ pub fn analyze(sql: &str) -> Analysis {
         ) {
             out.roles_changed = true;
         }
+        dml &= matches!(
+            top.as_str(),
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt"
+        );
         if !matches!(
             top.as_str(),
             "SelectStmt" | "VariableSetStmt" | "VariableShowStmt"
@@ -229,7 +240,9 @@ pub fn analyze(sql: &str) -> Analysis {
     // uncacheable (`SELECT now(), write_fn()`): the write must be fenced.
     if out.calls.iter().any(|f| !is_safe_builtin(f)) {
         out.may_write = true;
+        dml = false;
     }
+    out.plain_dml = dml && !stmts.is_empty();
     out.calls.sort();
     out.calls.dedup();
     out.writes.sort();

@@ -231,6 +231,30 @@ fn writes_are_found() {
 }
 
 #[test]
+fn plain_row_writes_are_told_from_other_writes() {
+    for sql in [
+        "update t set v = v + 1 where id = 1",
+        "insert into t select * from u; delete from t where id = 2",
+        "with x as (delete from t returning *) insert into u select * from x",
+        "merge into t using u on t.id = u.id when matched then delete",
+    ] {
+        assert!(analyze(sql).plain_dml, "{sql}");
+    }
+    for sql in [
+        "select 1",
+        "update t set v = my_func()",
+        "update t set v = 1; truncate u",
+        "alter table t add column z int",
+        "create or replace function f() returns int language sql as 'select 1'",
+        "select my_func()",
+        "update t set v = 1; select 1",
+        "not sql at all",
+    ] {
+        assert!(!analyze(sql).plain_dml, "{sql}");
+    }
+}
+
+#[test]
 fn role_changes_are_found() {
     for sql in [
         "revoke readers from alice",

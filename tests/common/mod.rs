@@ -435,3 +435,30 @@ pub fn self_signed_pem(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) 
     std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
     (cert, key)
 }
+
+/// LISTEN on a channel straight at the shared Postgres: every payload, in
+/// order.
+pub async fn listen(
+    db: &str,
+    channel: &str,
+) -> (Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    require_postgres();
+    let (client, mut conn) = tokio_postgres::connect(&direct_str(db), tokio_postgres::NoTls)
+        .await
+        .expect("connect to Postgres");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        use futures_util::StreamExt;
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .expect("LISTEN");
+    (client, rx)
+}

@@ -96,7 +96,7 @@ impl SessionCache {
                     } else if let Some(p) = bound {
                         let fill = p.fill;
                         if let Some((_, d)) = self.statement_decision(cache, p.statement) {
-                            self.note_effects(&d);
+                            self.note_effects(&d, db);
                             if fill.is_none() {
                                 let reason = match (&d.verdict, state_bypass.or(self.tainted)) {
                                     (Err(b), _) => Some(b.reason()),
@@ -124,7 +124,7 @@ impl SessionCache {
                     self.statements.remove(b"");
                     if self.has_listener {
                         let d = cache.decide(q.sql);
-                        self.note_effects(&d);
+                        self.note_effects(&d, db);
                     }
                 }
                 Frontend::FunctionCall(_) if self.has_listener => {

@@ -82,7 +82,7 @@ impl SessionCache {
                 }
                 let hash = text_hash(sql);
                 let decision = early.unwrap_or_else(|| cache.decide_hashed(hash, sql));
-                self.note_effects(&decision);
+                self.note_effects(&decision, Some(db));
                 match self.simple_miss(cache, db, &decision, hash, key).await {
                     Miss::Answered(reply) => return Outcome::answer(reply),
                     Miss::Fill(t) => tag = t,
@@ -92,7 +92,7 @@ impl SessionCache {
             }
             None => {
                 let decision = cache.decide(sql);
-                self.note_effects(&decision);
+                self.note_effects(&decision, None);
                 metrics::bypass(match &decision.verdict {
                     Err(b) => b.reason(),
                     // No database state means the session cannot use the cache.
