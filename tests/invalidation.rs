@@ -496,9 +496,16 @@ async fn creating_a_table_leaves_other_tables_cached() {
 async fn writes_are_fenced_only_while_a_table_is_cached() {
     let db = fresh_db("pgtier_inv_nofence").await;
     let d = direct(&db).await;
-    d.batch_execute("create table t(id int primary key, v int); insert into t values (1, 0)")
-        .await
-        .expect("setup");
+    // `u` is never read, but its trigger writes `t`.
+    d.batch_execute(
+        "create table t(id int primary key, v int); insert into t values (1, 0);
+         create table u(x int);
+         create function bump() returns trigger language plpgsql as
+           $$ begin update t set v = v + 100 where id = 1; return null; end $$;
+         create trigger u_bump after insert on u for each statement execute function bump();",
+    )
+    .await
+    .expect("setup");
     let (_l, mut seen) = common::listen(&db, "pgtier_invalidate").await;
     let control = format!(
         "postgres://postgres@{}:{}/{db}",
@@ -529,6 +536,11 @@ async fn writes_are_fenced_only_while_a_table_is_cached() {
         .await
         .expect("write");
     assert_eq!(first(&c, q).await, "4");
+    // A write to a table nobody caches whose trigger writes a cached one.
+    c.execute("insert into u values (1)", &[])
+        .await
+        .expect("write");
+    assert_eq!(first(&c, q).await, "104", "reads the trigger's write");
     // A marker through the channel: every payload sent before it has arrived.
     d.batch_execute("notify pgtier_invalidate, 'marker'")
         .await
@@ -544,7 +556,8 @@ async fn writes_are_fenced_only_while_a_table_is_cached() {
         }
     }
     assert_eq!(
-        fences, 1,
-        "three writes with nothing cached were not fenced, the one after was"
+        fences, 2,
+        "three writes with nothing cached were not fenced, the write to the cached \
+         table was, and so was the one whose trigger writes it"
     );
 }

@@ -38,6 +38,9 @@ pub struct Relation {
     pub children: Vec<u32>,
     /// Columns: (name, type oid, collation deterministic), for key lookups.
     pub columns: Vec<(String, u32, bool)>,
+    /// Triggers other than pgtier's (foreign-key actions included) or rules:
+    /// a write to it may write other tables too.
+    pub side_effects: bool,
 }
 
 #[derive(Debug, Default)]
@@ -76,7 +79,9 @@ SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relrows
        coalesce((SELECT json_agg(json_build_array(a.attname, a.atttypid::int8,
                                                   coalesce(co.collisdeterministic, true)))::text
                  FROM pg_attribute a LEFT JOIN pg_collation co ON co.oid = a.attcollation
-                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '[]')
+                 WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '[]'),
+       c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t
+                                WHERE t.tgrelid = c.oid AND t.tgname NOT LIKE 'pgtier\\_%')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtier')
@@ -123,6 +128,7 @@ impl Catalog {
                 parents: Vec::new(),
                 children: Vec::new(),
                 columns: columns(&r.get::<_, String>(8)),
+                side_effects: r.get(9),
             })
             .collect();
         relations.sort_by_key(|r| r.oid);
@@ -409,6 +415,7 @@ mod tests {
             parents: vec![],
             children: vec![],
             columns: vec![],
+            side_effects: false,
         }
     }
 

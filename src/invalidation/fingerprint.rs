@@ -226,6 +226,7 @@ mod tests {
             parents: vec![],
             children: vec![],
             columns: vec![],
+            side_effects: false,
         }
     }
 

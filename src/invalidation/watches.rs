@@ -59,12 +59,6 @@ impl Watches {
         tables.iter().all(|t| watched.contains(t))
     }
 
-    /// Whether no table is watched: then nothing read from a table can be
-    /// cached here, and a write of rows needs no read-your-writes fence.
-    pub fn none(&self) -> bool {
-        self.watched.load().is_empty()
-    }
-
     pub fn watched(&self) -> arc_swap::Guard<Arc<HashSet<u32>>> {
         self.watched.load()
     }

@@ -390,6 +390,7 @@ mod tests {
             parents: Vec::new(),
             children: Vec::new(),
             columns: Vec::new(),
+            side_effects: false,
         };
         db.set_catalog(Catalog::build(1, vec![t], Default::default()));
         db

@@ -184,12 +184,13 @@ impl SessionCache {
     /// Record the session effects of a forwarded statement: taints at once, the
     /// rest once the request succeeds.
     pub(super) fn note_effects(&mut self, decision: &Decision, db: Option<&DbState>) {
-        // Rows written while this instance caches no table of the database
-        // need no fence: no entry here can hold them. A watch that starts
-        // after the write cannot let a fill in before the write's commit
-        // (it waits for the table's writers), so the next read is current.
-        let nothing_cached = || db.is_some_and(|d| d.watches.none());
-        if decision.analysis.may_write && !(decision.analysis.plain_dml && nothing_cached()) {
+        // Rows written only to tables this instance does not cache (and that
+        // write nowhere else) need no fence: no entry here can hold them. A
+        // watch that starts after the write cannot let a fill in before the
+        // write's commit (it waits for the table's writers), so the next read
+        // is current.
+        let uncached = || db.is_some_and(|d| d.caches_none_of(&decision.analysis.writes));
+        if decision.analysis.may_write && !(decision.analysis.plain_dml && uncached()) {
             self.wrote_in = Some(self.current_request);
         }
         if decision.analysis.roles_changed {
