@@ -301,6 +301,25 @@ impl Catalog {
             .collect()
     }
 
+    /// Whether a write of rows to these tables reaches none of `watched`:
+    /// each is a plain table (no partitions, no inheritance) outside it, with
+    /// no trigger but pgtier's and no rule (so the write reaches no other
+    /// table). A name this catalog does not know is no table pgtier caches.
+    pub fn writes_reach_none(&self, writes: &[TableRef], watched: &HashSet<u32>) -> bool {
+        !writes.is_empty()
+            && writes.iter().all(|t| {
+                self.named(t).iter().all(|oid| {
+                    !watched.contains(oid)
+                        && self.get(*oid).is_some_and(|r| {
+                            r.kind == b'r'
+                                && r.parents.is_empty()
+                                && r.children.is_empty()
+                                && !r.side_effects
+                        })
+                })
+            })
+    }
+
     /// The oids of the relations a reference may name: a statement reads table
     /// `oid` itself, not through a view, when this is `[oid]`.
     pub fn named(&self, t: &TableRef) -> Vec<u32> {

@@ -358,24 +358,11 @@ impl DbState {
     }
 
     /// Whether a write of rows to these tables cannot change anything cached
-    /// here: each is a plain table (no partitions, no inheritance) that this
-    /// instance does not watch, with no trigger but pgtier's and no rule (so
-    /// the write reaches no other table). Such a write needs no fence.
+    /// here (see `Catalog::writes_reach_none`): such a write needs no fence.
     pub fn caches_none_of(&self, writes: &[crate::sql::TableRef]) -> bool {
-        let catalog = self.catalog.load();
-        let watched = self.watches.watched();
-        !writes.is_empty()
-            && writes.iter().all(|t| {
-                catalog.named(t).iter().all(|oid| {
-                    !watched.contains(oid)
-                        && catalog.get(*oid).is_some_and(|r| {
-                            r.kind == b'r'
-                                && r.parents.is_empty()
-                                && r.children.is_empty()
-                                && !r.side_effects
-                        })
-                })
-            })
+        self.catalog
+            .load()
+            .writes_reach_none(writes, &self.watches.watched())
     }
 
     /// Whether these user functions are all IMMUTABLE in the current catalog.
