@@ -108,6 +108,9 @@ pub fn register_families(databases: &[String], l2: bool) {
         counter!("pgtier_config_reloads_total", "result" => result).increment(0);
     }
     counter!("pgtier_fence_timeouts_total").increment(0);
+    for kind in ["probe", "notify", "lsn"] {
+        counter!("pgtier_fences_total", "kind" => kind).increment(0);
+    }
     for result in ["filled", "dropped", "failed"] {
         counter!("pgtier_warm_refreshes_total", "result" => result).increment(0);
     }
@@ -213,6 +216,10 @@ fn describe() {
     describe_counter!(
         "pgtier_fence_timeouts_total",
         "Read-your-writes fences that timed out"
+    );
+    describe_counter!(
+        "pgtier_fences_total",
+        "Read-your-writes fences after writes, by kind (probe: a query on the listening connection; notify: a NOTIFY of their own; lsn: a WAL position)"
     );
     describe_counter!(
         "pgtier_warm_refreshes_total",

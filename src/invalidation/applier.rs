@@ -9,6 +9,7 @@ use metrics::{counter, gauge, histogram};
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
+use super::control::Incoming;
 use super::epoch;
 use super::payload::{Payload, QualifiedName};
 use super::watch_policy::Benefit;
@@ -114,13 +115,21 @@ impl Applier {
 
     pub(super) async fn run(
         self,
-        mut rx: mpsc::UnboundedReceiver<AsyncMessage>,
+        mut rx: mpsc::UnboundedReceiver<Incoming>,
         ddl: mpsc::UnboundedSender<()>,
     ) {
         let mut benefit = self.min_hits_per_write.map(Benefit::new);
         while let Some(m) = rx.recv().await {
-            let AsyncMessage::Notification(note) = m else {
-                continue;
+            let note = match m {
+                Incoming::Message(AsyncMessage::Notification(note)) => note,
+                Incoming::Message(_) => continue,
+                Incoming::Probed(fences) => {
+                    // Everything received before the probe has taken effect.
+                    for f in fences {
+                        let _ = f.send(());
+                    }
+                    continue;
+                }
             };
             if note.channel() != self.channel {
                 continue;

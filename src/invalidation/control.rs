@@ -32,13 +32,25 @@ pub fn tls_for(
     Ok((MakeRustlsConnect::new(Arc::unwrap_or_clone(cfg)), ssl))
 }
 
+/// What the listening connection hands on, in the order it happened.
+// Unboxed: notifications are the common case, and the channel holds its
+// messages in blocks of its own anyway.
+#[allow(clippy::large_enum_variant)]
+pub enum Incoming {
+    /// A notification (or notice) the server sent.
+    Message(tokio_postgres::AsyncMessage),
+    /// Fences whose probe query completed after every message before this
+    /// one was received (see `probe_fences`).
+    Probed(Vec<tokio::sync::oneshot::Sender<()>>),
+}
+
 /// Connect, driving the connection on the current runtime. Notifications and
 /// other asynchronous messages are handed to `on_message` by the driver task.
 pub async fn connect(
     target: &ControlTarget,
     tls: &MakeRustlsConnect,
     ssl: SslMode,
-    on_message: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::AsyncMessage>>,
+    on_message: Option<tokio::sync::mpsc::UnboundedSender<Incoming>>,
 ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
     let mut config = target.config.clone();
     if !url_sets_sslmode(&target.config) {
@@ -52,7 +64,7 @@ pub async fn connect(
             match m {
                 Ok(msg) => {
                     if let Some(tx) = &on_message {
-                        if tx.send(msg).is_err() {
+                        if tx.send(Incoming::Message(msg)).is_err() {
                             break;
                         }
                     }

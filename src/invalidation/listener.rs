@@ -15,7 +15,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::applier::Applier;
@@ -26,6 +26,7 @@ use super::fingerprint::{self, Tracked};
 use super::keyed;
 use super::logical::{self, conn::ReplConn, publication, register, stream};
 use super::payload::Payload;
+use super::probe_fences;
 use super::triggers::{self, Scope};
 use super::watch_policy::Holdoff;
 use super::DbState;
@@ -123,7 +124,8 @@ impl BackgroundService for Listener {
 
 impl Listener {
     async fn session(&self, connected: &metrics::Gauge) -> anyhow::Result<()> {
-        let (tx, rx) = mpsc::unbounded_channel::<AsyncMessage>();
+        let (tx, rx) = mpsc::unbounded_channel::<control::Incoming>();
+        let probe_tx = tx.clone();
         // Notifications take effect here, one by one as the connection delivers
         // them, never queued behind this loop's own queries (health checks,
         // watching tables, catalog scans can each take a while under load).
@@ -160,8 +162,28 @@ impl Listener {
         let mut guard = AbortOnDrop(tasks);
         let s = &self.settings;
         let channel = format!("\"{}\"", s.channel.replace('"', "\"\""));
+        let client = Arc::new(client);
+        // A failed fence probe ends the session like a failed health check.
+        let (probe_failed, mut probe_lost) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        let mut _no_probe = None;
         if s.logical.is_none() {
             client.batch_execute(&format!("LISTEN {channel}")).await?;
+            let version: String = client
+                .query_one("SHOW server_version_num", &[])
+                .await?
+                .get(0);
+            let usable = version
+                .parse::<i32>()
+                .is_ok_and(|v| v >= probe_fences::MIN_SERVER_VERSION);
+            self.db.probe_fences.set_usable(usable);
+            let (client, db) = (client.clone(), self.db.clone());
+            guard.0.push(tokio::spawn(async move {
+                if let Err(e) = probe_fences::run(client, db, probe_tx).await {
+                    let _ = probe_failed.send(e);
+                }
+            }));
+        } else {
+            _no_probe = Some(probe_failed);
         }
         if let Ok(mut t) = self.tracked.lock() {
             t.refused.clear();
@@ -275,6 +297,9 @@ impl Listener {
         loop {
             tokio::select! {
                 biased;
+                lost = &mut probe_lost => {
+                    return Err(lost.unwrap_or_else(|_| anyhow::anyhow!("fence probe ended")).context("fence probe"));
+                }
                 ddl = ddl_rx.recv() => {
                     if ddl.is_none() {
                         anyhow::bail!("connection closed");

@@ -3,7 +3,9 @@
 //! the write (or `fence_timeout` passes, and the session stops using the
 //! cache).
 //!
-//! With NOTIFY, the fence is a notification sent after the write (delivered in
+//! With NOTIFY, the fence is a query on the listening connection after the
+//! write's commit (see `invalidation::probe_fences`); on servers older than
+//! 15, and after DDL, a notification sent after the write (delivered in
 //! commit order). With the logical source it is a WAL position: a query that
 //! writes nothing asks the server for a position at or after the session's
 //! commit record, and the fence is released once the stream has applied
@@ -136,6 +138,21 @@ pub(super) fn start(
     let inv = &proxy.invalidation;
     let logical = proxy.config.load().invalidation.source == crate::config::Source::Logical;
     let announce_all = std::mem::take(&mut caching.announce_all);
+    let timeout = proxy.config.load().invalidation.fence_timeout.0;
+    if !logical && !announce_all && db.probe_fences.usable() {
+        // The write's own notifications are enough: no query on the
+        // session's connection, and no commit (see `probe_fences`).
+        let (seq, done) = db.new_probe_fence();
+        ::metrics::counter!("pgtier_fences_total", "kind" => "probe").increment(1);
+        caching.fencing = true;
+        return Some(Fence {
+            seq,
+            pending: None,
+            lsn: None,
+            done,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+        });
+    }
     let channel = inv.channel.replace('"', "\"\"");
     let (seq, pending, done, sql, tag) = if logical && !announce_all {
         let (seq, tx, rx) = db.new_lsn_fence();
@@ -163,6 +180,12 @@ pub(super) fn start(
         }
         (seq, None, rx, sql, ReplyTag::None)
     };
+    let kind = if tag == ReplyTag::FenceLsn {
+        "lsn"
+    } else {
+        "notify"
+    };
+    ::metrics::counter!("pgtier_fences_total", "kind" => kind).increment(1);
     let mut buf = BytesMut::new();
     crate::protocol::frontend::Query {
         sql: sql.as_bytes(),
@@ -170,7 +193,6 @@ pub(super) fn start(
     .encode(&mut buf);
     sout.push(buf.freeze());
     track.expect(Expect::Query, true, tag);
-    let timeout = proxy.config.load().invalidation.fence_timeout.0;
     caching.fencing = true;
     Some(Fence {
         seq,
