@@ -7,8 +7,8 @@
 mod common;
 
 use common::wire::{
-    bind, concat, describe_portal, describe_statement, execute, extended_query, flush, parse,
-    probe, query, same_replies, step, sync, Step, Until,
+    bind, close_statement, concat, describe_portal, describe_statement, execute, extended_query,
+    flush, parse, probe, query, same_replies, step, sync, Step, Until,
 };
 use common::{direct, fresh_db, Pgtier};
 
@@ -91,4 +91,64 @@ async fn a_query_answered_from_cache_destroys_the_unnamed_statement_too() {
         .find(|m| m.tag == b'E')
         .expect("an error");
     assert_eq!(error.code().as_deref(), Some("26000"), "{:?}", got[2].msgs);
+}
+
+/// After an error in an extended-protocol request Postgres skips everything
+/// up to Sync, so statements parsed (or closed) there do not exist (or still
+/// exist); a failed unnamed Parse has dropped the unnamed statement. The
+/// replies to their later use must be Postgres's, cached result or not.
+fn skipped_script() -> Vec<Step> {
+    let fail_then = |m: Vec<u8>| {
+        concat(&[
+            parse("", "select 1/0", &[]),
+            bind("", "", &[]),
+            execute("", 0),
+            m,
+            sync(),
+        ])
+    };
+    let use_s1 = concat(&[bind("", "s1", &[]), execute("", 0), sync()]);
+    vec![
+        // fills (or hits) the cache with READ's result
+        step(extended_query(READ, &[]), Until::Ready(1)),
+        // "s1" parsed behind a failure: skipped, so 26000 on use
+        step(fail_then(parse("s1", READ, &[])), Until::Ready(1)),
+        step(use_s1.clone(), Until::Ready(1)),
+        // the name is free on the server: another text takes it
+        step(
+            concat(&[parse("s1", "select v from t where id = 2", &[]), sync()]),
+            Until::Ready(1),
+        ),
+        step(use_s1.clone(), Until::Ready(1)),
+        // a Close behind a failure is skipped: "s1" still answers
+        step(fail_then(close_statement("s1")), Until::Ready(1)),
+        step(use_s1, Until::Ready(1)),
+        // a failed unnamed Parse (aborted transaction) drops the unnamed statement
+        step(extended_query(READ, &[]), Until::Ready(1)),
+        step(query("begin"), Until::Ready(1)),
+        step(query("select 1/0"), Until::Ready(1)),
+        step(concat(&[parse("", READ, &[]), sync()]), Until::Ready(1)),
+        step(query("rollback"), Until::Ready(1)),
+        step(
+            concat(&[bind("", "", &[]), execute("", 0), sync()]),
+            Until::Ready(1),
+        ),
+        probe(),
+    ]
+}
+
+#[tokio::test]
+async fn statements_parsed_or_closed_behind_an_error_are_as_postgres_has_them() {
+    let (db, p) = cached("unnamed_skipped").await;
+    let steps = skipped_script();
+    same_replies(p.port, &db, "cache filling", &steps);
+    let before = p.metrics().await.hits();
+    let got = same_replies(p.port, &db, "cached", &steps);
+    assert!(
+        p.metrics().await.hits() - before >= 1.0,
+        "READ must be a hit the second time"
+    );
+    let code = |i: usize| got[i].msgs.iter().find_map(|m| m.code());
+    assert_eq!(code(2).as_deref(), Some("26000"), "{:?}", got[2].msgs);
+    assert_eq!(code(12).as_deref(), Some("26000"), "{:?}", got[12].msgs);
 }

@@ -48,9 +48,9 @@ pub fn apply(
     if forward.close_unnamed {
         track.expect(Expect::Close, true, ReplyTag::None);
     }
-    for _ in 0..forward.replayed {
+    for tag in forward.replayed {
         // Their ParseComplete replies come next and are not the client's.
-        track.expect(Expect::Parse, true, ReplyTag::None);
+        track.expect(Expect::Parse, true, tag);
     }
     for (m, tag) in batch.messages().iter().zip(forward.tags) {
         let Some(msg) = m.view else {

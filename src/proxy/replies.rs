@@ -79,6 +79,8 @@ pub struct Replies<T> {
     synthetic: VecDeque<Vec<Bytes>>,
     /// Bytes held in `synthetic`: they count towards the client's queue.
     synthetic_bytes: usize,
+    /// Tags of the entries the last error ended, the failed one first.
+    discarded: Vec<T>,
 }
 
 impl<T: Copy + Default + std::fmt::Debug> Default for Replies<T> {
@@ -89,6 +91,7 @@ impl<T: Copy + Default + std::fmt::Debug> Default for Replies<T> {
             copy_ends: 0,
             synthetic: VecDeque::new(),
             synthetic_bytes: 0,
+            discarded: Vec::new(),
         }
     }
 }
@@ -131,6 +134,12 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
         self.skipping
     }
 
+    /// The tags of the requests the last error ended, the failed one first
+    /// (no reply will come for them).
+    pub fn take_discarded(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.discarded)
+    }
+
     /// Size of the composed replies waiting behind server replies.
     pub fn synthetic_bytes(&self) -> usize {
         self.synthetic_bytes
@@ -146,6 +155,7 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+        self.discarded.clear();
         self.synthetic.clear();
         self.synthetic_bytes = 0;
         self.skipping = false;
@@ -295,6 +305,7 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
                         if e.expect == Sync {
                             break;
                         }
+                        self.discarded.push(e.tag);
                         self.queue.pop_front();
                     }
                     if self.queue.is_empty() {

@@ -526,6 +526,7 @@ impl Session {
             let request = self.track.requests_done + u64::from(h.tag != backend::READY_FOR_QUERY);
             if h.tag == backend::ERROR_RESPONSE {
                 self.caching.on_error(request);
+                self.caching.refused(&self.track.replies.take_discarded());
             }
             // A PREPARE TRANSACTION refused for a trigger's NOTIFY says why.
             let explained = (h.tag == backend::ERROR_RESPONSE && !swallow)

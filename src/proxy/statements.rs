@@ -4,7 +4,7 @@
 //! statement; it is recorded here with `on_server = false` and its Parse message
 //! is replayed ahead of the first request that needs it on the server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,6 +13,7 @@ use crate::cache::key::statement_hash;
 use crate::cache::Decision;
 use crate::protocol::frontend::Parse;
 
+#[derive(Clone)]
 pub struct Statement {
     /// The client's Parse message, whole, to replay on the server.
     pub parse: Bytes,
@@ -37,7 +38,23 @@ impl Statement {
 #[derive(Default)]
 pub struct Statements {
     map: HashMap<Bytes, Statement>,
+    /// Changes made for Parse and Close messages sent to the server and not
+    /// answered yet, oldest first. After an error the server skips what
+    /// follows up to Sync: those changes never happened there and are undone.
+    pending: VecDeque<Pending>,
+    next_pending: u64,
 }
+
+struct Pending {
+    id: u64,
+    name: Bytes,
+    before: Option<Statement>,
+    parse: bool,
+}
+
+/// Pending changes kept at most: a session that stopped tracking replies
+/// (blind) confirms nothing, and must not grow without bound.
+const MAX_PENDING: usize = 4096;
 
 impl Statements {
     pub fn get(&self, name: &[u8]) -> Option<&Statement> {
@@ -75,8 +92,58 @@ impl Statements {
         self.map.remove(name);
     }
 
+    /// Remember `name` as it stands before a Parse (`parse`) or Close sent to
+    /// the server changes it: the id to undo or confirm the change with.
+    pub fn pending(&mut self, name: &[u8], parse: bool) -> u64 {
+        let id = self.next_pending;
+        self.next_pending += 1;
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(Pending {
+            id,
+            name: Bytes::copy_from_slice(name),
+            before: self.map.get(name).cloned(),
+            parse,
+        });
+        id
+    }
+
+    /// The server answered the message of `id` (so every earlier one too).
+    pub fn confirmed(&mut self, id: u64) {
+        while self.pending.front().is_some_and(|p| p.id <= id) {
+            self.pending.pop_front();
+        }
+    }
+
+    /// The server refused the message of `failed` (if it was one of these)
+    /// and skipped those of `skipped`: their changes never happened there.
+    /// Undone newest first, so each name ends as the server has it.
+    pub fn refused(&mut self, failed: Option<u64>, skipped: &[u64]) {
+        for id in skipped.iter().rev().copied().chain(failed) {
+            let Some(at) = self.pending.iter().position(|p| p.id == id) else {
+                continue;
+            };
+            let Some(p) = self.pending.remove(at) else {
+                continue;
+            };
+            // A failed unnamed Parse has dropped the previous unnamed
+            // statement before failing; a skipped one left it.
+            let dropped = failed == Some(id) && p.parse && p.name.is_empty();
+            match p.before {
+                Some(before) if !dropped => {
+                    self.map.insert(p.name, before);
+                }
+                _ => {
+                    self.map.remove(&p.name);
+                }
+            }
+        }
+    }
+
     pub fn clear(&mut self) {
         self.map.clear();
+        self.pending.clear();
     }
 
     pub fn len(&self) -> usize {

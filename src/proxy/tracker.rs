@@ -23,6 +23,9 @@ pub enum ReplyTag {
     Describe(CaptureId),
     /// The request carries session-setting changes, applied once it succeeds.
     Effects,
+    /// A Parse or Close whose change to the session's statements is undone
+    /// if the server refuses or skips it (see `Statements::pending`).
+    Statement(u64),
     /// pgtier's own query for the WAL position a read-your-writes fence waits
     /// for (logical source): its one value is read, nothing is relayed.
     FenceLsn,
@@ -60,6 +63,9 @@ pub struct Preview {
     blind: bool,
     /// The number the next request ending in ReadyForQuery will get.
     pub next_request: u64,
+    /// Whether the last message stepped over will get a reply (the server
+    /// is not skipping it after an error).
+    pub queued: bool,
 }
 
 impl Preview {
@@ -70,9 +76,11 @@ impl Preview {
             self.copy_in = false;
         }
         let (expect, ends) = expectation(msg, self.copy_in);
+        self.queued = true;
         if let (Some(e), false) = (expect, self.blind) {
             // As `Replies::push`: after an error only Sync is queued.
             let queued = !self.skipping || e == Expect::Sync;
+            self.queued = queued;
             if e == Expect::Sync {
                 self.skipping = false;
             }
@@ -150,6 +158,7 @@ impl Tracker {
             skipping: self.replies.skipping(),
             blind: self.blind,
             next_request: self.requests_sent + 1,
+            queued: false,
         }
     }
 

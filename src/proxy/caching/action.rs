@@ -19,8 +19,8 @@ pub struct Forward {
     /// saw (pgtier answered their Parse); they go first, their replies are
     /// swallowed.
     pub inject: Option<Bytes>,
-    /// How many Parse messages `inject` holds.
-    pub replayed: usize,
+    /// The Parse messages `inject` holds: the tag of each one's reply.
+    pub replayed: SmallVec<[ReplyTag; 2]>,
     /// `inject` begins with a Close of the unnamed statement (ahead of the
     /// Parse messages): the server's is not the client's. Its reply is
     /// swallowed.

@@ -452,7 +452,7 @@ async fn a_statement_only_pgtier_parsed_is_replayed_before_its_first_forward() {
     h.cache.l1.clear();
     let out = h.decide(&[bind("s1"), execute(), sync()]).await;
     let forward = out.forward.expect("forwarded");
-    assert_eq!(forward.replayed, 1);
+    assert_eq!(forward.replayed.len(), 1);
     assert_eq!(
         forward.inject.as_deref(),
         Some(&p[..]),
@@ -473,7 +473,7 @@ async fn a_statement_only_pgtier_parsed_is_replayed_before_its_first_forward() {
     assert_eq!(h2.sout.len(), p.len() + bytes.len());
     // Known to the server now: not replayed again.
     let out = h.decide(&[bind("s1"), execute(), sync()]).await;
-    assert_eq!(out.forward.expect("forwarded").replayed, 0);
+    assert_eq!(out.forward.expect("forwarded").replayed.len(), 0);
 }
 
 #[tokio::test]

@@ -42,7 +42,7 @@ impl SessionCache {
         let first_request = self.current_request;
         let cacheable_state = db.is_some() && self.tainted.is_none();
         let fills_ok = cacheable_state && self.fillable(cache, batch);
-        let (inject, replayed, close_unnamed) = self.replay_parses(batch);
+        let (inject, replayed, close_unnamed) = self.replay_parses(batch, track.replies.skipping());
         let mut portals: SmallVec<[Bound<'_>; 4]> = SmallVec::new();
         let mut tags = SmallVec::new();
         for m in batch.messages() {
@@ -62,7 +62,9 @@ impl SessionCache {
                             .statements
                             .get(p.name)
                             .is_some_and(|s| s.on_server && s.hash != hash);
-                    if !rejected {
+                    // One the server skips (after an error) defines nothing.
+                    if !rejected && preview.queued {
+                        tag = ReplyTag::Statement(self.statements.pending(p.name, true));
                         self.statements.define(&p, m.raw, true);
                     }
                 }
@@ -115,8 +117,9 @@ impl SessionCache {
                         }
                     }
                 }
-                Frontend::Close(c) if c.target == Target::Statement => {
+                Frontend::Close(c) if c.target == Target::Statement && preview.queued => {
                     // Closing an unknown statement is not an error: nothing to replay.
+                    tag = ReplyTag::Statement(self.statements.pending(c.name, false));
                     self.statements.remove(c.name);
                 }
                 Frontend::Query(q) => {
@@ -251,12 +254,21 @@ impl SessionCache {
     /// (the request uses an unnamed statement the client does not have, and
     /// the server may have one the client never saw: Postgres must say it
     /// does not exist).
-    fn replay_parses(&mut self, batch: &Batch<'_>) -> (Option<Bytes>, usize, bool) {
+    fn replay_parses(
+        &mut self,
+        batch: &Batch<'_>,
+        skipping: bool,
+    ) -> (Option<Bytes>, SmallVec<[ReplyTag; 2]>, bool) {
         self.inject.clear();
+        let mut n = SmallVec::new();
+        if skipping {
+            // The server skips the whole request up to its Sync: nothing to
+            // prepare it for.
+            return (None, n, false);
+        }
         let mut close_unnamed = false;
         // Names (re)defined earlier in this request: not the old definitions.
         let mut defined: SmallVec<[&[u8]; 4]> = SmallVec::new();
-        let mut n = 0;
         for msg in batch.messages().iter().filter_map(|m| m.view) {
             let name = match msg {
                 Frontend::Parse(p) if p.name.is_empty() => {
@@ -276,11 +288,13 @@ impl SessionCache {
                 self.stray_unnamed = false;
                 close_unnamed = true;
             }
-            if let Some(s) = self.statements.get_mut(name) {
-                if !s.on_server {
+            if self.statements.get(name).is_some_and(|s| !s.on_server) {
+                // Undone if the server refuses or skips the replay.
+                let id = self.statements.pending(name, true);
+                if let Some(s) = self.statements.get_mut(name) {
                     self.inject.extend_from_slice(&s.parse);
                     s.on_server = true;
-                    n += 1;
+                    n.push(ReplyTag::Statement(id));
                 }
             }
             if let Frontend::Parse(p) = msg {

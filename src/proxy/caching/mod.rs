@@ -45,6 +45,8 @@ pub use state::SessionCache;
 #[cfg(test)]
 mod dispatch_tests;
 #[cfg(test)]
+mod skipped_tests;
+#[cfg(test)]
 mod unnamed_tests;
 #[cfg(test)]
 mod warm_tests;

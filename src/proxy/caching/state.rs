@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use smallvec::SmallVec;
 
 use super::captures::Captures;
 use super::latency::Timing;
@@ -12,7 +13,7 @@ use super::settings::{parser_mismatch, Settings};
 use crate::bypass::BypassReason;
 use crate::cache::{Cache, Decision, Entry, Key, Seed};
 use crate::invalidation::DbState;
-use crate::protocol::TxStatus;
+use crate::protocol::{backend, TxStatus};
 use crate::proxy::replies::Expect;
 use crate::proxy::statements::Statements;
 use crate::proxy::tracker::{ReplyTag, Tracker};
@@ -229,7 +230,27 @@ impl SessionCache {
 
     /// Capture a relayed server message for the capture its request opened.
     pub fn on_reply(&mut self, expect: Expect, tag: ReplyTag, msg_tag: u8, msg: &[u8], max: usize) {
+        if let ReplyTag::Statement(id) = tag {
+            if matches!(msg_tag, backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE) {
+                self.statements.confirmed(id);
+            }
+            return;
+        }
         self.captures.on_reply(expect, tag, msg_tag, msg, max);
+    }
+
+    /// An error ended these requests (the failed one first): the statement
+    /// changes of the Parse and Close messages among them never happened.
+    pub fn refused(&mut self, tags: &[ReplyTag]) {
+        let id = |t: &ReplyTag| match t {
+            ReplyTag::Statement(id) => Some(*id),
+            _ => None,
+        };
+        let failed = tags.first().and_then(id);
+        let skipped: SmallVec<[u64; 4]> = tags.iter().skip(1).filter_map(id).collect();
+        if failed.is_some() || !skipped.is_empty() {
+            self.statements.refused(failed, &skipped);
+        }
     }
 
     /// A message streamed through without buffering cannot be captured.

@@ -114,7 +114,7 @@ async fn a_statement_parsed_after_a_cached_query_is_replayed_not_closed() {
     let out = h.decide(&[bind(""), execute(), sync()]).await;
     let forward = out.forward.expect("forwarded");
     assert!(!forward.close_unnamed, "the replayed Parse replaces it");
-    assert_eq!(forward.replayed, 1);
+    assert_eq!(forward.replayed.len(), 1);
     assert_eq!(forward.inject.as_deref(), Some(&p[..]));
 }
 
