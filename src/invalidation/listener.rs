@@ -125,7 +125,7 @@ impl BackgroundService for Listener {
 impl Listener {
     async fn session(&self, connected: &metrics::Gauge) -> anyhow::Result<()> {
         let (tx, rx) = mpsc::unbounded_channel::<control::Incoming>();
-        let probe_tx = tx.clone();
+        let probe_tx = tx.downgrade();
         // Notifications take effect here, one by one as the connection delivers
         // them, never queued behind this loop's own queries (health checks,
         // watching tables, catalog scans can each take a while under load).
@@ -177,8 +177,10 @@ impl Listener {
                 .is_ok_and(|v| v >= probe_fences::MIN_SERVER_VERSION);
             self.db.probe_fences.set_usable(usable);
             let (client, db) = (client.clone(), self.db.clone());
+            let fences = db.probe_fences.clone();
             guard.0.push(tokio::spawn(async move {
-                if let Err(e) = probe_fences::run(client, db, probe_tx).await {
+                let down = || db.go_down();
+                if let Err(e) = probe_fences::run(client, fences, down, probe_tx).await {
                     let _ = probe_failed.send(e);
                 }
             }));

@@ -94,7 +94,7 @@ pub struct DbState {
     /// Fences of the logical source: WAL positions the stream must pass.
     pub lsn_fences: lsn_fences::LsnFences,
     /// Fences of the NOTIFY source released by a probe of the listener.
-    pub probe_fences: probe_fences::ProbeFences,
+    pub probe_fences: Arc<probe_fences::ProbeFences>,
     pub gens: Arc<Generations>,
     /// Tables this instance watches (writes to them are announced), and
     /// those reads are waiting for.
@@ -124,7 +124,7 @@ impl DbState {
             fences: Mutex::new(HashMap::new()),
             next_fence: AtomicU64::new(1),
             lsn_fences: lsn_fences::LsnFences::default(),
-            probe_fences: probe_fences::ProbeFences::default(),
+            probe_fences: Arc::default(),
             gens,
             watches: watches::Watches::default(),
             l2_epoch: AtomicU64::new(0),
@@ -519,15 +519,6 @@ impl DbState {
     /// once (dropped) if the stream is down.
     pub fn fence_at(&self, seq: u64, lsn: u64, tx: oneshot::Sender<()>) {
         self.lsn_fences.wait(seq, lsn, tx, || self.live());
-    }
-
-    /// A fence of the NOTIFY source released by the listener's next probe
-    /// (see `probe_fences`): seq and waiter.
-    pub fn new_probe_fence(&self) -> (u64, oneshot::Receiver<()>) {
-        let seq = self.next_fence.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.probe_fences.wait(tx, || self.live());
-        (seq, rx)
     }
 
     pub fn forget_fence(&self, seq: u64) {

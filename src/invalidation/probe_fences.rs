@@ -26,7 +26,6 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_postgres::Client;
 
 use super::control::Incoming;
-use super::DbState;
 
 /// Oldest server whose commit signals listeners before it is acknowledged.
 pub const MIN_SERVER_VERSION: i32 = 150_000;
@@ -80,29 +79,33 @@ impl ProbeFences {
 }
 
 /// Probe for waiting fences until the connection fails (the error ends the
-/// listener's session) or the applier is gone.
+/// listener's session) or the applier's channel closes. Holds the channel
+/// weakly: its closing is how the listener learns the connection is gone.
 pub(super) async fn run(
     client: Arc<Client>,
-    db: Arc<DbState>,
-    applier: mpsc::UnboundedSender<Incoming>,
+    fences: Arc<ProbeFences>,
+    go_down: impl Fn(),
+    applier: mpsc::WeakUnboundedSender<Incoming>,
 ) -> anyhow::Result<()> {
     loop {
-        db.probe_fences.wanted.notified().await;
+        fences.wanted.notified().await;
         // Every fence taken here was registered after its write's
         // ReadyForQuery, so before the probe is sent.
-        let batch = db.probe_fences.take();
+        let batch = fences.take();
         if batch.is_empty() {
             continue;
         }
-        if let Err(e) = client.simple_query("").await {
-            // Mark the database down before the waiters go: released
-            // sessions must not read entries whose invalidation was lost.
-            db.go_down();
+        let probed = client.simple_query("").await;
+        let sent = match (&probed, applier.upgrade()) {
+            (Ok(_), Some(tx)) => tx.send(Incoming::Probed(batch)).map_err(|e| e.0),
+            (_, _) => Err(Incoming::Probed(batch)),
+        };
+        if let Err(batch) = sent {
+            // Down before the waiters go: released sessions must not read
+            // entries whose invalidation was lost.
+            go_down();
             drop(batch);
-            return Err(e.into());
-        }
-        if applier.send(Incoming::Probed(batch)).is_err() {
-            db.go_down();
+            probed?;
             anyhow::bail!("notification applier gone");
         }
     }

@@ -142,7 +142,9 @@ pub(super) fn start(
     if !logical && !announce_all && db.probe_fences.usable() {
         // The write's own notifications are enough: no query on the
         // session's connection, and no commit (see `probe_fences`).
-        let (seq, done) = db.new_probe_fence();
+        let (tx, done) = oneshot::channel();
+        db.probe_fences.wait(tx, || db.live());
+        let seq = 0; // nothing to forget: a later probe drops the waiter
         ::metrics::counter!("pgtier_fences_total", "kind" => "probe").increment(1);
         caching.fencing = true;
         return Some(Fence {
