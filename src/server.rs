@@ -182,7 +182,15 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
         rescan_interval: inv.rescan_interval.0,
         auto_install: inv.auto_install,
         eager_watch: inv.watch == crate::config::WatchMode::Eager,
-        min_hits_per_write: inv.unwatch_on_write.then_some(inv.min_hits_per_write),
+        // With "poll" an announced write costs its writer a row insert, not a
+        // serialised commit: a tenth of the hits pays for it.
+        min_hits_per_write: inv.unwatch_on_write.then_some(
+            if inv.source == crate::config::Source::Poll {
+                inv.min_hits_per_write / 10.0
+            } else {
+                inv.min_hits_per_write
+            },
+        ),
         key_level: inv.key_level,
         signer: crate::signing::load_key(
             config.l2.signing_key.as_deref(),
@@ -194,8 +202,9 @@ fn listeners(config: &Config, proxy: &Arc<Proxy>) -> Result<Vec<Listener>> {
             schemas: inv.schemas.clone(),
             tables: inv.tables.clone(),
         },
+        poll: (inv.source == crate::config::Source::Poll).then_some(inv.poll_interval.0),
         logical: match inv.source {
-            crate::config::Source::Notify => None,
+            crate::config::Source::Notify | crate::config::Source::Poll => None,
             crate::config::Source::Logical => Some(crate::invalidation::logical::Settings::new(
                 &inv.publication,
                 config.upstream.tls,

@@ -213,7 +213,7 @@ async fn the_generated_function_sends_what_the_generic_one_sent() {
     c.batch_execute("CREATE TABLE d (id int4, a text, b int4, c int8)")
         .await
         .unwrap();
-    triggers::install(&c, "ch", &Scope::default(), false)
+    triggers::install(&c, "ch", &Scope::default(), false, false)
         .await
         .expect("install");
     let oid: i64 = c

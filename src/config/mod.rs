@@ -90,6 +90,8 @@ pub struct InvalidationConfig {
     /// Longest a client waits after committing a write for pgtier to have
     /// processed its invalidation (read-your-writes).
     pub fence_timeout: Dur,
+    /// With `source = "poll"`: how often the change table is read.
+    pub poll_interval: Dur,
     /// When to start announcing writes to a table: `lazy` when pgtier first
     /// wants to cache a read of it (writers of tables nobody caches pay almost
     /// nothing), `eager` for every table with a trigger as soon as the listener
@@ -119,6 +121,10 @@ pub enum Source {
     #[default]
     Notify,
     Logical,
+    /// Triggers as with `notify`, but they append to an unlogged table
+    /// pgtier reads every `poll_interval`: writers never take Postgres's
+    /// notification lock (see `invalidation::poll`).
+    Poll,
 }
 
 impl std::str::FromStr for Source {
@@ -127,10 +133,11 @@ impl std::str::FromStr for Source {
         match s {
             "notify" => Ok(Source::Notify),
             "logical" => Ok(Source::Logical),
+            "poll" => Ok(Source::Poll),
             _ => Err(UnknownChoice {
                 given: s.to_string(),
                 what: "invalidation source",
-                choices: "notify or logical",
+                choices: "notify, logical or poll",
             }),
         }
     }
@@ -171,6 +178,7 @@ impl Default for InvalidationConfig {
             check_interval: Dur(std::time::Duration::from_secs(2)),
             rescan_interval: Dur(std::time::Duration::from_secs(10)),
             fence_timeout: Dur(std::time::Duration::from_secs(1)),
+            poll_interval: Dur(std::time::Duration::from_millis(2)),
             watch: WatchMode::Lazy,
             unwatch_on_write: true,
             min_hits_per_write: 5.0,

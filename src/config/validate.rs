@@ -211,6 +211,25 @@ impl Config {
     /// The logical source's own settings. (Key-level invalidation with the
     /// L2 is fine on it: column sets are registered through the stream.)
     fn validate_source(&self) -> Result<(), ConfigError> {
+        let poll = &self.invalidation.poll_interval.0;
+        if *poll < std::time::Duration::from_micros(100)
+            || *poll > std::time::Duration::from_secs(1)
+        {
+            return Err(invalid(
+                "invalidation.poll_interval",
+                "must be between 100us and 1s",
+            ));
+        }
+        let l2 = self.l2.enabled && (self.l2.redis_url.is_some() || !self.l2.seeds.is_empty());
+        if self.invalidation.source == Source::Poll && l2 {
+            // Each instance reads the change table at moments of its own, so
+            // instances could not derive the same L2 versions.
+            return Err(invalid(
+                "invalidation.source",
+                "\"poll\" works without an L2 (instances could not agree on versions): \
+                 unset l2.redis_url, or use \"notify\" or \"logical\"",
+            ));
+        }
         if self.invalidation.source != Source::Logical {
             return Ok(());
         }

@@ -120,9 +120,7 @@ impl Applier {
     ) {
         let mut benefit = self.min_hits_per_write.map(Benefit::new);
         while let Some(m) = rx.recv().await {
-            let note = match m {
-                Incoming::Message(AsyncMessage::Notification(note)) => note,
-                Incoming::Message(_) => continue,
+            let m = match m {
                 Incoming::Probed(fences) => {
                     // Everything received before the probe has taken effect.
                     for f in fences {
@@ -130,14 +128,21 @@ impl Applier {
                     }
                     continue;
                 }
+                m => m,
             };
-            if note.channel() != self.channel {
-                continue;
-            }
+            let payload = match &m {
+                Incoming::Message(AsyncMessage::Notification(n)) if n.channel() == self.channel => {
+                    n.payload()
+                }
+                // A row of the change table (source "poll"): what a trigger
+                // would have sent, trusted as little.
+                Incoming::Polled(p) => p.as_str(),
+                _ => continue,
+            };
             let at = Instant::now();
             self.notifications.increment(1);
             let mut schema_changed = false;
-            match Payload::parse(note.payload()) {
+            match Payload::parse(payload) {
                 Some(Payload::Write(t)) => {
                     self.db.invalidate(&t);
                     self.invalidations.increment(t.len() as u64);
@@ -199,7 +204,7 @@ impl Applier {
                 all @ (Some(Payload::All) | None) => {
                     if all.is_none() {
                         // Any role may send one: bounded, so it cannot fill the log.
-                        let payload: String = note.payload().chars().take(100).collect();
+                        let payload: String = payload.chars().take(100).collect();
                         tracing::warn!(
                             payload,
                             "unreadable invalidation payload; invalidating the whole database"

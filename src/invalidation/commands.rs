@@ -55,8 +55,9 @@ pub fn install(config: &Config, scope: Scope) -> Result<()> {
     each_database(config, |t, client| {
         let scope = scope.clone();
         let channel = config.invalidation.channel.clone();
+        let poll = config.invalidation.source == Source::Poll;
         async move {
-            let r = triggers::install(&client, &channel, &scope, false)
+            let r = triggers::install(&client, &channel, &scope, false, poll)
                 .await
                 .with_context(|| format!("installing triggers in {}", t.display))?;
             println!(

@@ -39,6 +39,8 @@ pub fn tls_for(
 pub enum Incoming {
     /// A notification (or notice) the server sent.
     Message(tokio_postgres::AsyncMessage),
+    /// A row of pgtier's change table (source "poll"), in the order read.
+    Polled(String),
     /// Fences whose probe query completed after every message before this
     /// one was received (see `probe_fences`).
     Probed(Vec<tokio::sync::oneshot::Sender<()>>),

@@ -196,6 +196,22 @@ pub async fn register(
     if !valid_set(cols) {
         return Ok(false);
     }
+    // The generated function hands its payload to `pgtier.announce`, which
+    // only `install-triggers` (or auto_install) of this version creates:
+    // without it every write to the table would fail.
+    let announce: bool = client
+        .query_one(
+            "SELECT to_regprocedure('pgtier.announce(text,text)') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !announce {
+        tracing::warn!(
+            "pgtier.announce is missing: run `pgtier install-triggers` again; reads by key stay table-level"
+        );
+        return Ok(false);
+    }
     let lock = switch_lock(oid);
     client
         .query_one("SELECT pg_advisory_lock($1)", &[&lock])

@@ -26,6 +26,7 @@ use super::fingerprint::{self, Tracked};
 use super::keyed;
 use super::logical::{self, conn::ReplConn, publication, register, stream};
 use super::payload::Payload;
+use super::poll;
 use super::probe_fences;
 use super::triggers::{self, Scope};
 use super::watch_policy::Holdoff;
@@ -61,6 +62,9 @@ pub struct Settings {
     /// `invalidation.source = "logical"`: writes come from a replication
     /// stream instead of triggers and NOTIFY.
     pub logical: Option<logical::Settings>,
+    /// `invalidation.source = "poll"`: triggers append to pgtier's change
+    /// table, read at this interval (see `poll`).
+    pub poll: Option<Duration>,
 }
 
 /// How long a lost listener keeps retrying every 100 ms before backing off.
@@ -165,7 +169,7 @@ impl Listener {
         let client = Arc::new(client);
         // A failed fence probe ends the session like a failed health check.
         let (probe_failed, mut probe_lost) = tokio::sync::oneshot::channel::<anyhow::Error>();
-        let mut _no_probe = None;
+        let mut probe_failed = Some(probe_failed);
         if s.logical.is_none() {
             client.batch_execute(&format!("LISTEN {channel}")).await?;
             let version: String = client
@@ -175,17 +179,21 @@ impl Listener {
             let usable = version
                 .parse::<i32>()
                 .is_ok_and(|v| v >= probe_fences::MIN_SERVER_VERSION);
+            if s.poll.is_some() && !usable {
+                anyhow::bail!("invalidation.source = \"poll\" needs PostgreSQL 15 or later (server_version_num {version})");
+            }
             self.db.probe_fences.set_usable(usable);
+        }
+        let probing = s.logical.is_none() && s.poll.is_none();
+        if let Some(failed) = probing.then(|| probe_failed.take()).flatten() {
             let (client, db) = (client.clone(), self.db.clone());
-            let fences = db.probe_fences.clone();
+            let (fences, probe_tx) = (db.probe_fences.clone(), probe_tx.clone());
             guard.0.push(tokio::spawn(async move {
                 let down = || db.go_down();
                 if let Err(e) = probe_fences::run(client, fences, down, probe_tx).await {
-                    let _ = probe_failed.send(e);
+                    let _ = failed.send(e);
                 }
             }));
-        } else {
-            _no_probe = Some(probe_failed);
         }
         if let Ok(mut t) = self.tracked.lock() {
             t.refused.clear();
@@ -248,6 +256,27 @@ impl Listener {
             self.watch_covered(None);
         } else if s.eager_watch {
             self.watch_all(&work).await?;
+        }
+        if let Some((interval, failed)) = s.poll.and_then(|i| Some((i, probe_failed.take()?))) {
+            let (pc, pc_driver) = control::connect(&self.target, &self.tls, self.ssl, None).await?;
+            guard.0.push(pc_driver);
+            let cursor = poll::Cursor::start(&pc).await.map_err(|e| {
+                e.context("reading pgtier.changes: run `pgtier install-triggers --invalidation-source poll` (or set invalidation.auto_install)")
+            })?;
+            let poller = poll::Poller {
+                client: pc,
+                listening: client.clone(),
+                fences: self.db.probe_fences.clone(),
+                applier: probe_tx.clone(),
+                interval,
+                timeout: s.check_interval,
+            };
+            let db = self.db.clone();
+            guard.0.push(tokio::spawn(async move {
+                if let Err(e) = poller.run(cursor, || db.go_down()).await {
+                    let _ = failed.send(e);
+                }
+            }));
         }
         // Entries filled before now may have missed notifications: a new epoch.
         self.db.come_up();
@@ -551,7 +580,7 @@ impl Listener {
             }
             return Ok(r.added);
         }
-        let r = triggers::install(client, &s.channel, &s.scope, true).await?;
+        let r = triggers::install(client, &s.channel, &s.scope, true, s.poll.is_some()).await?;
         if let Ok(mut t) = self.tracked.lock() {
             t.refused.extend(r.refused);
         }

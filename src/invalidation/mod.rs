@@ -31,6 +31,7 @@ pub mod listener;
 pub mod logical;
 pub mod lsn_fences;
 pub mod payload;
+pub mod poll;
 pub mod probe_fences;
 pub mod triggers;
 pub mod warm;

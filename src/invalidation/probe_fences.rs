@@ -35,7 +35,7 @@ pub struct ProbeFences {
     /// Whether the listening server is new enough (else fences NOTIFY).
     usable: AtomicBool,
     waiting: Mutex<Vec<oneshot::Sender<()>>>,
-    wanted: Notify,
+    pub(super) wanted: Notify,
 }
 
 impl ProbeFences {
@@ -64,7 +64,7 @@ impl ProbeFences {
         self.wanted.notify_one();
     }
 
-    fn take(&self) -> Vec<oneshot::Sender<()>> {
+    pub(super) fn take(&self) -> Vec<oneshot::Sender<()>> {
         self.waiting
             .lock()
             .map(|mut w| std::mem::take(&mut *w))

@@ -64,15 +64,45 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-fn function_sql(channel: &str) -> String {
+/// How triggers hand on what a write changed: a NOTIFY, or (`poll`) a row
+/// in pgtier's change table, which takes no lock a writer waits for (see
+/// `invalidation::poll`). Anyone may append to it, as anyone may NOTIFY.
+fn announce_sql(poll: bool) -> &'static str {
+    if poll {
+        "CREATE UNLOGGED TABLE IF NOT EXISTS pgtier.changes (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  tx xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+  payload text NOT NULL);
+CREATE INDEX IF NOT EXISTS changes_tx ON pgtier.changes (tx);
+GRANT INSERT ON pgtier.changes TO PUBLIC;
+CREATE OR REPLACE FUNCTION pgtier.announce(ch text, p text) RETURNS void
+LANGUAGE plpgsql AS $pgtier$
+BEGIN
+  INSERT INTO pgtier.changes (payload) VALUES (p);
+END
+$pgtier$;
+"
+    } else {
+        "CREATE OR REPLACE FUNCTION pgtier.announce(ch text, p text) RETURNS void
+LANGUAGE plpgsql AS $pgtier$
+BEGIN
+  PERFORM pg_catalog.pg_notify(ch, p);
+END
+$pgtier$;
+"
+    }
+}
+
+fn function_sql(channel: &str, poll: bool) -> String {
     let ch = quote_literal(channel);
+    let announce = announce_sql(poll);
     format!(
         "CREATE SCHEMA IF NOT EXISTS pgtier;
 GRANT USAGE ON SCHEMA pgtier TO PUBLIC;
-CREATE OR REPLACE FUNCTION pgtier.notify_change() RETURNS trigger
+{announce}CREATE OR REPLACE FUNCTION pgtier.notify_change() RETURNS trigger
 LANGUAGE plpgsql AS $pgtier$
 BEGIN
-  -- pgtier-notify-v6. The table is named as it is called now: a payload fixed
+  -- pgtier-notify-v7. The table is named as it is called now: a payload fixed
   -- at install time went stale when the table was renamed. (TG_ARGV[0], the
   -- install-time payload, is only read by older versions.) Only tables a pgtier
   -- caches are announced: their watch
@@ -84,7 +114,7 @@ BEGIN
   -- a privilege and search_path switch; writers instead may read the watch
   -- sequences, which say nothing but whether pgtier caches.)
   IF pg_sequence_last_value(TG_ARGV[1]::oid::regclass) > 1 THEN
-    PERFORM pg_notify({ch}, 'w' || json_build_array(json_build_array(TG_TABLE_SCHEMA, TG_TABLE_NAME))::text);
+    PERFORM pgtier.announce({ch}, 'w' || json_build_array(json_build_array(TG_TABLE_SCHEMA, TG_TABLE_NAME))::text);
   END IF;
   RETURN NULL;
 END
@@ -197,8 +227,9 @@ pub async fn install(
     channel: &str,
     scope: &Scope,
     only_missing: bool,
+    poll: bool,
 ) -> Result<Report, tokio_postgres::Error> {
-    client.batch_execute(&function_sql(channel)).await?;
+    client.batch_execute(&function_sql(channel, poll)).await?;
     let event_triggers = match client.batch_execute(&ddl_function_sql(channel)).await {
         Ok(()) => true,
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {

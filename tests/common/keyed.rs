@@ -89,7 +89,7 @@ pub async fn setup(db: &str, ddl: &str, tables: &[&str]) -> Client {
     fresh_db(db).await;
     let c = direct(db).await;
     c.batch_execute(ddl).await.expect("ddl");
-    triggers::install(&c, CHANNEL, &Scope::default(), false)
+    triggers::install(&c, CHANNEL, &Scope::default(), false, false)
         .await
         .expect("install");
     let mut oids = Vec::new();

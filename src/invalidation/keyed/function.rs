@@ -33,7 +33,7 @@ pub const MAX_ROWS: usize = 1000;
 pub const MAX_BYTES: usize = 7900;
 
 /// The version mark in every generated body.
-pub const VERSION: &str = "pgtier-keys-v2";
+pub const VERSION: &str = "pgtier-keys-v3";
 
 /// The generated function's name (without arguments), schema-qualified.
 pub fn name(oid: u32) -> String {
@@ -192,11 +192,11 @@ BEGIN
   IF payload OPERATOR(pg_catalog.=) 'w' OR pg_catalog.octet_length(payload) OPERATOR(pg_catalog.>) {MAX_BYTES} THEN
     payload := {WRITE_PAYLOAD};
   END IF;
-  PERFORM pg_catalog.pg_notify({ch}, payload);
+  PERFORM pgtier.announce({ch}, payload);
   RETURN NULL;
 EXCEPTION WHEN undefined_column THEN
   -- A registered column was renamed or dropped.
-  PERFORM pg_catalog.pg_notify({ch}, {WRITE_PAYLOAD});
+  PERFORM pgtier.announce({ch}, {WRITE_PAYLOAD});
   RETURN NULL;
 END
 ",
@@ -248,7 +248,7 @@ mod tests {
         );
         assert!(b.contains(VERSION));
         assert!(b.contains("table with oid 42"));
-        assert!(b.contains("pg_catalog.pg_notify('pg''tier', payload)"));
+        assert!(b.contains("pgtier.announce('pg''tier', payload)"));
         // k1 order_id, k2 line_no, k3 sku: each read once per transition table.
         assert!(b.contains(
             "FROM (SELECT n.\"order_id\", n.\"line_no\", n.\"sku\" FROM n LIMIT 1001) AS t"

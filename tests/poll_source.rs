@@ -1,0 +1,127 @@
+//! `invalidation.source = "poll"`: the triggers append to `pgtier.changes`
+//! instead of sending NOTIFY, and pgtier reads that table. Writes made
+//! anywhere invalidate, writes through pgtier are read back at once, a writer
+//! that commits after a later one is not missed, and nothing is announced
+//! on the notification channel.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::sql::{first, until, warm};
+use common::{direct, fresh_db, Pgtier};
+
+const TOML: &str = "[cache]\ndefault_ttl = \"10m\"\n";
+
+async fn setup(name: &str) -> (String, tokio_postgres::Client, Pgtier) {
+    let db = fresh_db(name).await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "create table t(id int primary key, v int);
+         insert into t select g, 0 from generate_series(1, 10) g;",
+    )
+    .await
+    .expect("setup");
+    let p = Pgtier::cached(&db, TOML, &["--invalidation-source", "poll", "--key-level"]).await;
+    (db, d, p)
+}
+
+#[tokio::test]
+async fn writes_anywhere_invalidate_without_a_notification() {
+    let (db, d, p) = setup("poll_basic").await;
+    let (_l, mut seen) = common::listen(&db, "pgtier_invalidate").await;
+    let c = p.connect(&db).await;
+    let q1 = "select v from t where id = 1";
+    let scan = "select sum(v) from t";
+    warm(&p, &c, q1, "0").await;
+    warm(&p, &c, scan, "0").await;
+    // Elsewhere: read within the poll interval's reach.
+    d.execute("update t set v = 5 where id = 1", &[])
+        .await
+        .expect("write");
+    until(&c, q1, "5").await;
+    until(&c, scan, "5").await;
+    // Through pgtier: read back at once (the fence waits for a poll).
+    for i in 6..=20 {
+        c.execute("update t set v = $1 where id = 1", &[&i])
+            .await
+            .expect("write");
+        assert_eq!(first(&c, q1).await, i.to_string(), "read-your-writes");
+        assert_eq!(first(&c, scan).await, i.to_string(), "read-your-writes");
+    }
+    warm(&p, &c, q1, "20").await;
+    let rows: i64 = d
+        .query_one("select count(*) from pgtier.changes", &[])
+        .await
+        .expect("changes")
+        .get(0);
+    assert!(rows > 0, "the triggers wrote to the change table");
+    // A marker through the channel: everything sent before it has arrived.
+    d.batch_execute("notify pgtier_invalidate, 'marker'")
+        .await
+        .expect("marker");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, seen.recv()).await {
+            Ok(Some(m)) if m == "marker" => break,
+            Ok(Some(m)) => assert!(
+                !m.starts_with('w') && !m.starts_with('k') && !m.starts_with('f'),
+                "a write announced by NOTIFY: {m}"
+            ),
+            _ => panic!("the marker never arrived"),
+        }
+    }
+    let m = p.metrics().await;
+    assert!(m.get("pgtier_fences_total", &[("kind", "probe")]) >= 15.0);
+    assert_eq!(m.get("pgtier_fences_total", &[("kind", "notify")]), 0.0);
+}
+
+#[tokio::test]
+async fn a_writer_that_commits_after_a_later_one_is_not_missed() {
+    let (db, d, p) = setup("poll_order").await;
+    let c = p.connect(&db).await;
+    let (q1, q2) = (
+        "select v from t where id = 1",
+        "select v from t where id = 2",
+    );
+    warm(&p, &c, q1, "0").await;
+    warm(&p, &c, q2, "0").await;
+    // T1 takes the lower change id and stays open.
+    let slow = direct(&db).await;
+    slow.batch_execute("begin; update t set v = 1 where id = 1")
+        .await
+        .expect("t1");
+    // T2 takes a higher one and commits first; once pgtier has read it, its
+    // cursor is past T1's id.
+    d.execute("update t set v = 2 where id = 2", &[])
+        .await
+        .expect("t2");
+    until(&c, q2, "2").await;
+    // Cached again while T1 is still open (the old value is right until then).
+    warm(&p, &c, q1, "0").await;
+    slow.batch_execute("commit").await.expect("t1 commits");
+    // Read through T1's transaction id (it was running at the last poll).
+    until(&c, q1, "1").await;
+}
+
+#[tokio::test]
+async fn the_poll_source_refuses_an_l2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pgtier.toml");
+    std::fs::write(
+        &path,
+        "[invalidation]\nsource = \"poll\"\n[l2]\nredis_url = \"redis://127.0.0.1:6379\"\n\
+         signing_key = \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"\n",
+    )
+    .expect("config");
+    let out = std::process::Command::new(common::pgtier_bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .expect("pgtier runs");
+    assert!(!out.status.success(), "poll with an L2 is refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalidation.source"), "{err}");
+}
