@@ -125,3 +125,78 @@ async fn the_poll_source_refuses_an_l2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalidation.source"), "{err}");
 }
+
+/// The cursor itself, on a database of its own: a writer whose xid is above
+/// the snapshot's xmax is running but listed in no xip, and its row has a
+/// lower id than one already read; the next poll after its commit reads it.
+#[tokio::test]
+async fn the_cursor_reads_a_writer_above_the_snapshots_xmax() {
+    use pgtier::invalidation::{poll, triggers};
+    let db = fresh_db("poll_cursor").await;
+    let c = direct(&db).await;
+    triggers::install(&c, "ch", &triggers::Scope::default(), false, true)
+        .await
+        .expect("install");
+    let mut cursor = poll::Cursor::start(&c).await.expect("cursor");
+    let (a, b) = (direct(&db).await, direct(&db).await);
+    a.batch_execute("begin; select pg_current_xact_id()")
+        .await
+        .expect("a");
+    b.batch_execute("begin; select pg_current_xact_id(); select pgtier.announce('ch', 'from b')")
+        .await
+        .expect("b");
+    a.batch_execute("select pgtier.announce('ch', 'from a'); commit")
+        .await
+        .expect("a commits");
+    let first = poll::read(&c, None, &mut cursor).await.expect("poll");
+    assert_eq!(first, vec!["from a"]);
+    b.batch_execute("commit").await.expect("b commits");
+    let second = poll::read(&c, None, &mut cursor).await.expect("poll");
+    assert_eq!(second, vec!["from b"], "B's row, below the highest id read");
+    assert!(
+        poll::read(&c, None, &mut cursor)
+            .await
+            .expect("poll")
+            .is_empty(),
+        "once"
+    );
+}
+
+/// Any role that may write a cached table announces through
+/// `pgtier.announce`; none may append to the change table itself (a row
+/// with an id of its choosing would move every cursor past real writes).
+#[tokio::test]
+async fn writers_announce_only_through_the_function() {
+    let (db, d, p) = setup("poll_roles").await;
+    d.batch_execute(
+        "DO $$ BEGIN CREATE ROLE poll_plain LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT SELECT, UPDATE ON t TO poll_plain;",
+    )
+    .await
+    .expect("role");
+    let plain = common::connect_str(&format!(
+        "host={} port={} user=poll_plain dbname={db}",
+        common::PG_HOST,
+        common::PG_PORT
+    ))
+    .await;
+    let c = p.connect(&db).await;
+    let q = "select v from t where id = 3";
+    warm(&p, &c, q, "0").await;
+    plain
+        .execute("update t set v = 7 where id = 3", &[])
+        .await
+        .expect("a plain role writes a cached table");
+    until(&c, q, "7").await;
+    let forged = plain
+        .batch_execute(
+            "insert into pgtier.changes overriding system value values (9223372036854775807, pg_current_xact_id(), 'x')",
+        )
+        .await
+        .expect_err("no direct insert");
+    assert_eq!(
+        forged.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{forged}"
+    );
+}

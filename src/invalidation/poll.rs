@@ -11,11 +11,14 @@
 //! of id order (a writer takes its id when it inserts, and is seen when it
 //! commits). Each poll reads, in one statement and so under one snapshot, the
 //! rows above the highest id read so far and the rows of the transactions
-//! that were still running at the previous poll (that snapshot's xip list).
-//! A row first visible at poll k was invisible at poll k-1: its transaction
-//! was running then (in xip), or started after that snapshot was taken, and
-//! then took its id after every id that snapshot could see. Transaction ids
-//! are the top-level ones (`pg_current_xact_id`), as in the snapshot.
+//! that the previous poll's snapshot did not see as finished: those in its
+//! xip list and those from its xmax on (running transactions above the last
+//! completed one are not listed). A row first visible at poll k was
+//! invisible at poll k-1: its transaction was one of those, or took its id
+//! after that snapshot was taken, so after every id it could see.
+//! Transaction ids are the top-level ones (`pg_current_xact_id`), as in the
+//! snapshot. Only `pgtier.announce` (SECURITY DEFINER) may insert: a role
+//! choosing its own ids could move the cursor past everyone's writes.
 //!
 //! Read-your-writes: a fence waits for a poll that started after its write's
 //! ReadyForQuery; the same round probes the listening connection, which still
@@ -48,6 +51,7 @@ const START: &str = "SELECT pg_catalog.pg_current_snapshot()::text, \
 const POLL: &str = "SELECT s::text, c.id, c.payload \
      FROM pg_catalog.pg_current_snapshot() s \
      LEFT JOIN pgtier.changes c ON c.id > $1 OR c.tx = ANY($2::text[]::xid8[]) \
+       OR c.tx >= $3::text::xid8 \
      ORDER BY c.id";
 
 /// Where reading the change table stands.
@@ -55,24 +59,28 @@ const POLL: &str = "SELECT s::text, c.id, c.payload \
 pub struct Cursor {
     /// The highest id read.
     max_id: i64,
-    /// Transactions running at the last poll (as text, for the query).
+    /// Transactions running at the last poll below its xmax (as text, for
+    /// the query).
     running: Vec<String>,
     /// The last poll's snapshot xmin: every transaction below it had ended.
     xmin: u64,
+    /// The last poll's snapshot xmax: transactions from it on may have been
+    /// running too (they are not listed in xip).
+    xmax: u64,
 }
 
-/// `xmin:xmax:xip,...` (a `pg_snapshot` as text): xmin and the xip list.
-fn snapshot(text: &str) -> Option<(u64, Vec<String>)> {
+/// `xmin:xmax:xip,...` (a `pg_snapshot` as text).
+fn snapshot(text: &str) -> Option<(u64, u64, Vec<String>)> {
     let mut parts = text.split(':');
     let xmin = parts.next()?.parse().ok()?;
-    parts.next()?.parse::<u64>().ok()?;
+    let xmax = parts.next()?.parse::<u64>().ok()?;
     let xip = parts.next()?;
     let running = xip
         .split(',')
         .filter(|x| !x.is_empty())
         .map(|x| x.parse::<u64>().map(|v| v.to_string()).ok())
         .collect::<Option<Vec<_>>>()?;
-    Some((xmin, running))
+    Some((xmin, xmax, running))
 }
 
 impl Cursor {
@@ -80,12 +88,13 @@ impl Cursor {
     /// listener starts a new epoch after it, so nothing before matters.)
     pub async fn start(client: &Client) -> anyhow::Result<Cursor> {
         let row = client.query_one(START, &[]).await?;
-        let (xmin, running) = snapshot(row.get(0))
+        let (xmin, xmax, running) = snapshot(row.get(0))
             .ok_or_else(|| anyhow::anyhow!("unreadable snapshot {:?}", row.get::<_, &str>(0)))?;
         Ok(Cursor {
             max_id: row.get(1),
             running,
             xmin,
+            xmax,
         })
     }
 
@@ -98,7 +107,7 @@ impl Cursor {
         let Some((snap, _, _)) = rows.first() else {
             anyhow::bail!("a poll returned no snapshot");
         };
-        let (xmin, running) =
+        let (xmin, xmax, running) =
             snapshot(snap).ok_or_else(|| anyhow::anyhow!("unreadable snapshot {snap:?}"))?;
         let mut payloads = Vec::new();
         for (_, id, payload) in rows {
@@ -109,8 +118,30 @@ impl Cursor {
         }
         self.running = running;
         self.xmin = xmin;
+        self.xmax = xmax;
         Ok(payloads)
     }
+}
+
+/// One poll with `stmt` (a prepared [`POLL`], or `None` to prepare it):
+/// the payloads of the rows not read before, in id order.
+pub async fn read(
+    client: &Client,
+    stmt: Option<&tokio_postgres::Statement>,
+    cursor: &mut Cursor,
+) -> anyhow::Result<Vec<String>> {
+    let xmax = cursor.xmax.to_string();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&cursor.max_id, &cursor.running, &xmax];
+    let rows = match stmt {
+        Some(s) => client.query(s, &params).await?,
+        None => client.query(POLL, &params).await?,
+    };
+    let rows: Vec<(String, Option<i64>, Option<String>)> = rows
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()?;
+    cursor.advance(&rows)
 }
 
 /// What the poll task works with.
@@ -145,10 +176,20 @@ impl Poller {
         // (when, max id, xmin) of past polls, for cleaning.
         let mut past: VecDeque<(Instant, i64, u64)> = VecDeque::new();
         let mut cleaned = Instant::now();
+        let mut polled = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.fences.wanted.notified() => {}
+            }
+            // Frozen for a long while (a stopped process, a suspended VM):
+            // other instances may have deleted rows this one never read.
+            if polled.elapsed() > KEEP / 2 {
+                go_down();
+                anyhow::bail!(
+                    "no poll for {:?}: rows may have been deleted unread",
+                    polled.elapsed()
+                );
             }
             // Each fence taken here was registered after its write's
             // ReadyForQuery, so before this round's snapshot.
@@ -177,11 +218,15 @@ impl Poller {
                     return Err(e);
                 }
             };
-            if !batch.is_empty() && applier.send(Incoming::Probed(batch)).is_err() {
-                go_down();
-                anyhow::bail!("notification applier gone");
+            if !batch.is_empty() {
+                if let Err(unsent) = applier.send(Incoming::Probed(batch)) {
+                    go_down();
+                    drop(unsent);
+                    anyhow::bail!("notification applier gone");
+                }
             }
             let now = Instant::now();
+            polled = now;
             past.push_back((now, cursor.max_id, cursor.xmin));
             if now.duration_since(cleaned) >= CLEAN_EVERY {
                 cleaned = now;
@@ -202,24 +247,20 @@ impl Poller {
         no_fence: bool,
     ) -> anyhow::Result<Vec<String>> {
         let round = async {
-            let rows = self
-                .client
-                .query(stmt, &[&cursor.max_id, &cursor.running])
-                .await?;
-            if !no_fence {
-                self.listening.simple_query("").await?;
-            }
-            Ok::<_, tokio_postgres::Error>(rows)
+            let (payloads, probed) = tokio::join!(read(&self.client, Some(stmt), cursor), async {
+                if no_fence {
+                    Ok(Vec::new())
+                } else {
+                    self.listening.simple_query("").await
+                }
+            });
+            probed?;
+            payloads
         };
-        let rows = match tokio::time::timeout(self.timeout, round).await {
-            Ok(rows) => rows?,
+        match tokio::time::timeout(self.timeout, round).await {
+            Ok(payloads) => payloads,
             Err(_) => anyhow::bail!("a poll of the change table took over {:?}", self.timeout),
-        };
-        let rows: Vec<(String, Option<i64>, Option<String>)> = rows
-            .iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-            .collect::<Result<_, tokio_postgres::Error>>()?;
-        cursor.advance(&rows)
+        }
     }
 
     /// Delete the rows a poll at least `KEEP` ago had read and seen finished.
@@ -262,10 +303,10 @@ mod tests {
 
     #[test]
     fn snapshots_are_read_with_or_without_running_transactions() {
-        assert_eq!(snapshot("10:12:"), Some((10, vec![])));
+        assert_eq!(snapshot("10:12:"), Some((10, 12, vec![])));
         assert_eq!(
             snapshot("10:15:10,13"),
-            Some((10, vec!["10".to_string(), "13".to_string()]))
+            Some((10, 15, vec!["10".to_string(), "13".to_string()]))
         );
         assert_eq!(snapshot("10:x:"), None);
         assert_eq!(snapshot("10:12:1,y"), None);
@@ -278,6 +319,7 @@ mod tests {
             max_id: 5,
             running: vec!["7".into()],
             xmin: 7,
+            xmax: 8,
         };
         let rows = vec![
             ("8:12:9".to_string(), Some(3), Some("w[]".to_string())),

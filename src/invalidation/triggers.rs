@@ -64,33 +64,71 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// Marks `pgtier.announce`'s body with the source it serves; see
+/// [`announce_mode`].
+pub const ANNOUNCE_NOTIFY: &str = "pgtier-announce: notify";
+pub const ANNOUNCE_POLL: &str = "pgtier-announce: poll";
+
 /// How triggers hand on what a write changed: a NOTIFY, or (`poll`) a row
 /// in pgtier's change table, which takes no lock a writer waits for (see
-/// `invalidation::poll`). Anyone may append to it, as anyone may NOTIFY.
-fn announce_sql(poll: bool) -> &'static str {
-    if poll {
+/// `invalidation::poll`). Only the function may append: it runs as its
+/// owner, and writers get no privilege on the table (one that chose its own
+/// ids could move every poller's cursor past everyone's writes). Payloads
+/// over NOTIFY's limit become `*`, as they would have failed there.
+fn announce_sql(poll: bool) -> String {
+    let body = if poll {
+        format!(
+            "  -- {ANNOUNCE_POLL}
+  IF pg_catalog.octet_length(p) > 7999 THEN
+    p := '*';
+  END IF;
+  INSERT INTO pgtier.changes (payload) VALUES (p);"
+        )
+    } else {
+        format!(
+            "  -- {ANNOUNCE_NOTIFY}
+  PERFORM pg_catalog.pg_notify(ch, p);"
+        )
+    };
+    let table = if poll {
         "CREATE UNLOGGED TABLE IF NOT EXISTS pgtier.changes (
   id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   tx xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
   payload text NOT NULL);
 CREATE INDEX IF NOT EXISTS changes_tx ON pgtier.changes (tx);
-GRANT INSERT ON pgtier.changes TO PUBLIC;
-CREATE OR REPLACE FUNCTION pgtier.announce(ch text, p text) RETURNS void
-LANGUAGE plpgsql AS $pgtier$
-BEGIN
-  INSERT INTO pgtier.changes (payload) VALUES (p);
-END
-$pgtier$;
+REVOKE ALL ON pgtier.changes FROM PUBLIC;
 "
     } else {
-        "CREATE OR REPLACE FUNCTION pgtier.announce(ch text, p text) RETURNS void
-LANGUAGE plpgsql AS $pgtier$
+        ""
+    };
+    let definer = if poll {
+        "SECURITY DEFINER SET search_path = pg_catalog, pg_temp"
+    } else {
+        ""
+    };
+    format!(
+        "{table}CREATE OR REPLACE FUNCTION pgtier.announce(ch text, p text) RETURNS void
+LANGUAGE plpgsql {definer} AS $pgtier$
 BEGIN
-  PERFORM pg_catalog.pg_notify(ch, p);
+{body}
 END
 $pgtier$;
+GRANT EXECUTE ON FUNCTION pgtier.announce(text, text) TO PUBLIC;
 "
-    }
+    )
+}
+
+/// Which source `pgtier.announce` serves, if it exists: every pgtier of a
+/// database must use the same one, or some would hear of no write.
+pub async fn announce_mode(client: &Client) -> Result<Option<bool>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT prosrc FROM pg_catalog.pg_proc \
+             WHERE oid = pg_catalog.to_regprocedure('pgtier.announce(text,text)')",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, String>(0).contains(ANNOUNCE_POLL)))
 }
 
 fn function_sql(channel: &str, poll: bool) -> String {

@@ -130,11 +130,23 @@ impl Statements {
             // A failed unnamed Parse has dropped the previous unnamed
             // statement before failing; a skipped one left it.
             let dropped = failed == Some(id) && p.parse && p.name.is_empty();
-            match p.before {
-                Some(before) if !dropped => {
+            let before = p.before.filter(|_| !dropped);
+            // A later request pipelined behind this one changed the name too,
+            // and the server did apply that: the record stands; only that
+            // change's own undo must now lead back to `before`.
+            if let Some(later) = self
+                .pending
+                .iter_mut()
+                .find(|l| l.id > id && l.name == p.name)
+            {
+                later.before = before;
+                continue;
+            }
+            match before {
+                Some(before) => {
                     self.map.insert(p.name, before);
                 }
-                _ => {
+                None => {
                     self.map.remove(&p.name);
                 }
             }

@@ -131,3 +131,30 @@ async fn a_close_skipped_after_an_error_keeps_the_statement() {
     let s = h.session.statements.get(b"s1").expect("still there");
     assert_eq!(s.sql(), READ.as_bytes());
 }
+
+#[tokio::test]
+async fn an_undo_leaves_a_later_pipelined_change_in_force() {
+    let mut h = Harness::new();
+    h.request(&[parse("s1", READ), sync()]).await;
+    h.serve(&[frame(b'1', b""), ready()]);
+    // R1: a Close of "s1" behind a failure (skipped); R2, pipelined before
+    // R1's error arrives: a Close and a Parse with another text (applied).
+    h.request(&[
+        parse("", "select 1/0"),
+        bind(""),
+        execute(),
+        frame(b'C', b"Ss1\0"),
+        sync(),
+    ])
+    .await;
+    let other = "select v from t where id = 2";
+    h.request(&[frame(b'C', b"Ss1\0"), parse("s1", other), sync()])
+        .await;
+    h.serve(&[frame(b'1', b""), frame(b'2', b""), error(), ready()]);
+    let s = h.session.statements.get(b"s1").expect("defined");
+    assert_eq!(s.sql(), other.as_bytes(), "R2's Parse is in force");
+    h.serve(&[frame(b'3', b""), frame(b'1', b""), ready()]);
+    let s = h.session.statements.get(b"s1").expect("defined");
+    assert_eq!(s.sql(), other.as_bytes());
+    assert!(h.track.replies.is_empty());
+}
