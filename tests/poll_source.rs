@@ -200,3 +200,56 @@ async fn writers_announce_only_through_the_function() {
         "{forged}"
     );
 }
+
+/// A pgtier on `notify` started against a database the `poll` one serves
+/// does not switch `pgtier.announce` (the other would hear of no write): it
+/// stays down, and says why.
+#[tokio::test]
+async fn a_pgtier_of_another_source_does_not_switch_the_database() {
+    let (db, d, p) = setup("poll_mixed").await;
+    let control = format!(
+        "postgres://postgres@{}:{}/{db}",
+        common::PG_HOST,
+        common::PG_PORT
+    );
+    let other = Pgtier::start_with(
+        common::PG_PORT,
+        TOML,
+        &["--control-url", &control, "--auto-install-triggers"],
+    );
+    let t = Instant::now();
+    loop {
+        let m = other.metrics().await;
+        let tries = m.get(
+            "pgtier_listener_reconnects_total",
+            &[("database", db.as_str())],
+        );
+        assert_eq!(
+            m.get("pgtier_listener_connected", &[("database", db.as_str())]),
+            0.0,
+            "a notify pgtier must not serve a poll database"
+        );
+        if tries >= 2.0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "it never tried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let src: String = d
+        .query_one(
+            "select prosrc from pg_proc where oid = 'pgtier.announce(text,text)'::regprocedure",
+            &[],
+        )
+        .await
+        .expect("announce")
+        .get(0);
+    assert!(src.contains("pgtier-announce: poll"), "{src}");
+    // The poll pgtier still hears of writes.
+    let c = p.connect(&db).await;
+    let q = "select v from t where id = 4";
+    warm(&p, &c, q, "0").await;
+    d.execute("update t set v = 4 where id = 4", &[])
+        .await
+        .expect("write");
+    until(&c, q, "4").await;
+}
