@@ -56,22 +56,13 @@ async fn writes_anywhere_invalidate_without_a_notification() {
         .expect("changes")
         .get(0);
     assert!(rows > 0, "the triggers wrote to the change table");
-    // A marker through the channel: everything sent before it has arrived.
-    d.batch_execute("notify pgtier_invalidate, 'marker'")
-        .await
-        .expect("marker");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, seen.recv()).await {
-            Ok(Some(m)) if m == "marker" => break,
-            Ok(Some(m)) => assert!(
-                !m.starts_with('w') && !m.starts_with('k') && !m.starts_with('f'),
-                "a write announced by NOTIFY: {m}"
-            ),
-            _ => panic!("the marker never arrived"),
-        }
-    }
+    let sent = common::until_marker(&d, "pgtier_invalidate", &mut seen).await;
+    assert!(
+        !sent
+            .iter()
+            .any(|m| m.starts_with('w') || m.starts_with('k') || m.starts_with('f')),
+        "a write announced by NOTIFY: {sent:?}"
+    );
     let m = p.metrics().await;
     assert!(m.get("pgtier_fences_total", &[("kind", "probe")]) >= 15.0);
     assert_eq!(m.get("pgtier_fences_total", &[("kind", "notify")]), 0.0);

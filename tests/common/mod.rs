@@ -462,3 +462,27 @@ pub async fn listen(
         .expect("LISTEN");
     (client, rx)
 }
+
+/// Send a marker on `channel` as `sender` and return every payload `seen`
+/// (from [`listen`]) received before it: all that was sent before the
+/// marker (bounded wait).
+pub async fn until_marker(
+    sender: &Client,
+    channel: &str,
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+) -> Vec<String> {
+    sender
+        .execute("SELECT pg_notify($1, 'marker')", &[&channel])
+        .await
+        .expect("marker");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut before = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, seen.recv()).await {
+            Ok(Some(m)) if m == "marker" => return before,
+            Ok(Some(m)) => before.push(m),
+            _ => panic!("the marker never arrived"),
+        }
+    }
+}
