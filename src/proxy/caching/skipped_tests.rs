@@ -16,6 +16,16 @@ fn ready() -> Vec<u8> {
     frame(b'Z', b"I")
 }
 
+/// A request whose Execute fails, with `m` behind it (skipped by the server).
+fn behind_a_failure(m: Vec<u8>) -> [Vec<u8>; 5] {
+    [parse("", "select 1/0"), bind(""), execute(), m, sync()]
+}
+
+/// The server's replies to [`behind_a_failure`].
+fn failure_replies() -> [Vec<u8>; 4] {
+    [frame(b'1', b""), frame(b'2', b""), error(), ready()]
+}
+
 impl Harness {
     /// The server's replies, through the tracker and the session as the
     /// proxy hands them on.
@@ -43,15 +53,8 @@ async fn a_parse_skipped_after_an_error_defines_nothing() {
     let mut h = Harness::new();
     h.cache_result(READ);
     // Parse "s1" comes after an Execute that fails: the server skips it.
-    h.request(&[
-        parse("", "select 1/0"),
-        bind(""),
-        execute(),
-        parse("s1", READ),
-        sync(),
-    ])
-    .await;
-    h.serve(&[frame(b'1', b""), frame(b'2', b""), error(), ready()]);
+    h.request(&behind_a_failure(parse("s1", READ))).await;
+    h.serve(&failure_replies());
     assert!(h.track.replies.is_empty(), "in step with the server");
     assert!(h.session.statements.get(b"s1").is_none(), "never defined");
     // Postgres answers 26000 "prepared statement does not exist".
@@ -64,15 +67,8 @@ async fn a_parse_skipped_after_an_error_defines_nothing() {
 async fn a_name_whose_parse_was_skipped_may_be_parsed_with_another_text() {
     let mut h = Harness::new();
     h.cache_result(READ);
-    h.request(&[
-        parse("", "select 1/0"),
-        bind(""),
-        execute(),
-        parse("s1", READ),
-        sync(),
-    ])
-    .await;
-    h.serve(&[frame(b'1', b""), frame(b'2', b""), error(), ready()]);
+    h.request(&behind_a_failure(parse("s1", READ))).await;
+    h.serve(&failure_replies());
     // The server takes this Parse (it has no "s1"): it is the one in force.
     let other = "select v from t where id = 2";
     h.request(&[parse("s1", other), sync()]).await;
@@ -100,7 +96,7 @@ async fn a_failed_unnamed_parse_drops_the_unnamed_statement_a_skipped_one_keeps_
         sync(),
     ])
     .await;
-    h.serve(&[frame(b'1', b""), frame(b'2', b""), error(), ready()]);
+    h.serve(&failure_replies());
     let s = h.session.statements.get(b"").expect("kept");
     assert_eq!(s.sql(), READ.as_bytes());
     // Failed (say, in an aborted transaction): gone, as on the server.
@@ -114,15 +110,8 @@ async fn a_close_skipped_after_an_error_keeps_the_statement() {
     let mut h = Harness::new();
     h.request(&[parse("s1", READ), sync()]).await;
     h.serve(&[frame(b'1', b""), ready()]);
-    h.request(&[
-        parse("", "select 1/0"),
-        bind(""),
-        execute(),
-        frame(b'C', b"Ss1\0"),
-        sync(),
-    ])
-    .await;
-    h.serve(&[frame(b'1', b""), frame(b'2', b""), error(), ready()]);
+    h.request(&behind_a_failure(frame(b'C', b"Ss1\0"))).await;
+    h.serve(&failure_replies());
     let s = h.session.statements.get(b"s1").expect("still there");
     assert!(s.on_server);
     // So a Parse of another text under the name is refused by Postgres, and
@@ -139,18 +128,11 @@ async fn an_undo_leaves_a_later_pipelined_change_in_force() {
     h.serve(&[frame(b'1', b""), ready()]);
     // R1: a Close of "s1" behind a failure (skipped); R2, pipelined before
     // R1's error arrives: a Close and a Parse with another text (applied).
-    h.request(&[
-        parse("", "select 1/0"),
-        bind(""),
-        execute(),
-        frame(b'C', b"Ss1\0"),
-        sync(),
-    ])
-    .await;
+    h.request(&behind_a_failure(frame(b'C', b"Ss1\0"))).await;
     let other = "select v from t where id = 2";
     h.request(&[frame(b'C', b"Ss1\0"), parse("s1", other), sync()])
         .await;
-    h.serve(&[frame(b'1', b""), frame(b'2', b""), error(), ready()]);
+    h.serve(&failure_replies());
     let s = h.session.statements.get(b"s1").expect("defined");
     assert_eq!(s.sql(), other.as_bytes(), "R2's Parse is in force");
     h.serve(&[frame(b'3', b""), frame(b'1', b""), ready()]);
