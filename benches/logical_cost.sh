@@ -11,12 +11,17 @@
 #   - the same with the poll source (triggers appending to pgtier.changes).
 #
 #   benches/logical_cost.sh [--rounds 3] [--duration 15] [--clients 8] [--threads 2] [--scale 10] [--bin PATH]
+#                           [--read-mode simple|extended|prepared] [--only logical]
+#
+# --read-mode: the read load's query mode (default simple: literals in the
+# text, so each read pgtier sees is a text it parses); --only logical skips the
+# notify and poll rounds.
 #
 # Without --bin it builds the release binary. Run as root (the cluster runs as
 # the postgres OS user); it stops the cluster and every process it started.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-rounds=3 duration=15 clients=8 threads=2 scale=10 bin=""
+rounds=3 duration=15 clients=8 threads=2 scale=10 bin="" read_mode=simple only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift ;;
@@ -25,6 +30,8 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift ;;
     --scale) scale=$2; shift ;;
     --bin) bin=$2; shift ;;
+    --read-mode) read_mode=$2; shift ;;
+    --only) only=$2; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -58,7 +65,7 @@ control="postgres://postgres@127.0.0.1:$pgport/$db"
 printf '[invalidation]\nunwatch_on_write = false\n' >"$work/announce-all.toml"
 
 start_pgtier() { # [extra args]
-  "$bin" --listen "127.0.0.1:$port" --upstream "127.0.0.1:$pgport" --admin-listen "" --control-url "$control" \
+  "$bin" --listen "127.0.0.1:$port" --upstream "127.0.0.1:$pgport" --admin-listen "" ${control:+--control-url "$control"} \
     --pid-file "$work/pid" --upgrade-sock "$work/sock" --log-level warn "$@" >>"$work/pgtier.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
@@ -85,7 +92,7 @@ SQL
 with_reads() { # port command...
   local to=$1
   shift
-  pgbench -h 127.0.0.1 -p "$to" -U postgres -n -c 1 -R 500 -T "$((duration + 2))" -f "$reads" "$db" >"$work/reads.log" 2>&1 &
+  pgbench -h 127.0.0.1 -p "$to" -U postgres -n -M "$read_mode" -c 1 -R 500 -T "$((duration + 2))" -f "$reads" "$db" >"$work/reads.log" 2>&1 &
   local r=$!
   "$@"
   wait "$r" || { echo "read load failed:" >&2; cat "$work/reads.log" >&2; exit 1; }
@@ -99,36 +106,52 @@ pct() { echo "(1 - $1 / $2) * 100" | bc -l; }
 
 "$bin" install-triggers --invalidation-source logical --control-url "$control" >/dev/null
 echo "TPC-B, scale $scale, $clients clients, $threads threads, ${duration}s runs, $rounds rounds (alternating), wal_level = logical"
-a=0 d=0 l=0 n=0 p=0
+a=0 d=0 f=0 l=0 n=0 p=0
 for r in $(seq "$rounds"); do
   ra=$(tps)
   rd=$(with_reads "$pgport" tps)
   ld=$(read_latency)
+  # The read load through pgtier with no cache and no change feed: what the
+  # extra hop alone costs the writers (the part of the cost that is not the
+  # walsender's decoding).
+  stop_control=$control control=""
+  start_pgtier
+  control=$stop_control
+  rf=$(with_reads "$port" tps)
+  lf=$(read_latency)
+  stop_pgtier
   start_pgtier --invalidation-source logical
   with_reads "$port" true # warm: the tables get cached
   rl=$(with_reads "$port" tps)
   ll=$(read_latency)
   stop_pgtier
-  "$bin" install-triggers --control-url "$control" >/dev/null
-  start_pgtier --config "$work/announce-all.toml" --watch eager
-  with_reads "$port" true
-  rn=$(with_reads "$port" tps)
-  ln=$(read_latency)
-  stop_pgtier
-  "$bin" uninstall-triggers --control-url "$control" >/dev/null
-  "$bin" install-triggers --invalidation-source poll --control-url "$control" >/dev/null
-  start_pgtier --config "$work/announce-all.toml" --watch eager --invalidation-source poll
-  with_reads "$port" true
-  rp=$(with_reads "$port" tps)
-  lp=$(read_latency)
-  stop_pgtier
-  "$bin" uninstall-triggers --control-url "$control" >/dev/null
-  echo "  round $r: pgtier stopped $ra | reads straight to Postgres $rd (read latency $ld) | logical, reads through pgtier $rl ($ll) | notify, every write announced $rn ($ln) | poll, every write announced $rp ($lp)"
-  a=$((a + ra)) d=$((d + rd)) l=$((l + rl)) n=$((n + rn)) p=$((p + rp))
+  rn=0 ln=- rp=0 lp=-
+  if [ "$only" != logical ]; then
+    "$bin" install-triggers --control-url "$control" >/dev/null
+    start_pgtier --config "$work/announce-all.toml" --watch eager
+    with_reads "$port" true
+    rn=$(with_reads "$port" tps)
+    ln=$(read_latency)
+    stop_pgtier
+    "$bin" uninstall-triggers --control-url "$control" >/dev/null
+    "$bin" install-triggers --invalidation-source poll --control-url "$control" >/dev/null
+    start_pgtier --config "$work/announce-all.toml" --watch eager --invalidation-source poll
+    with_reads "$port" true
+    rp=$(with_reads "$port" tps)
+    lp=$(read_latency)
+    stop_pgtier
+    "$bin" uninstall-triggers --control-url "$control" >/dev/null
+  fi
+  echo "  round $r: pgtier stopped $ra | reads straight to Postgres $rd (read latency $ld) | reads through pgtier, no cache $rf ($lf) | logical, reads through pgtier $rl ($ll) | notify, every write announced $rn ($ln) | poll, every write announced $rp ($lp)"
+  a=$((a + ra)) d=$((d + rd)) f=$((f + rf)) l=$((l + rl)) n=$((n + rn)) p=$((p + rp))
 done
-a=$((a / rounds)) d=$((d / rounds)) l=$((l / rounds)) n=$((n / rounds)) p=$((p / rounds))
-echo "average TPS (cost against the same cluster without pgtier):"
+a=$((a / rounds)) d=$((d / rounds)) f=$((f / rounds)) l=$((l / rounds)) n=$((n / rounds)) p=$((p / rounds))
+echo "average TPS (cost against the same cluster without pgtier; read load -M $read_mode):"
 printf "  logical, against pgtier stopped:                  %6d vs %6d  cost %5.1f%%\n" "$l" "$a" "$(pct "$l" "$a")"
 printf "  logical, against the reads straight to Postgres:  %6d vs %6d  cost %5.1f%%\n" "$l" "$d" "$(pct "$l" "$d")"
-printf "  notify announcing every write, same comparison:   %6d vs %6d  cost %5.1f%%\n" "$n" "$d" "$(pct "$n" "$d")"
-printf "  poll announcing every write, same comparison:     %6d vs %6d  cost %5.1f%%\n" "$p" "$d" "$(pct "$p" "$d")"
+printf "  the hop alone (no cache), same comparison:        %6d vs %6d  cost %5.1f%%\n" "$f" "$d" "$(pct "$f" "$d")"
+printf "  logical, against the hop alone (decoding):        %6d vs %6d  cost %5.1f%%\n" "$l" "$f" "$(pct "$l" "$f")"
+if [ "$only" != logical ]; then
+  printf "  notify announcing every write, same comparison:   %6d vs %6d  cost %5.1f%%\n" "$n" "$d" "$(pct "$n" "$d")"
+  printf "  poll announcing every write, same comparison:     %6d vs %6d  cost %5.1f%%\n" "$p" "$d" "$(pct "$p" "$d")"
+fi

@@ -79,6 +79,9 @@ reasons! {
     /// The key column sets a read by key was planned with changed before its
     /// generations were taken (rare: a registration or an epoch in between).
     KeysChanged => "keys_changed",
+    /// A table it reads has a commit the logical stream delivered that the
+    /// server may not show other sessions yet (see `invalidation::settle`).
+    CommitNotVisible => "commit_not_visible",
 
     // The session's state for this request.
     NoListener => "no_listener",

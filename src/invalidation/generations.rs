@@ -1,8 +1,14 @@
 //! Table generations: one counter per slot, tables hashed into slots. A
 //! cached entry records the generations of the tables it read; a write bumps
 //! the table's slot, and the entry is dead from that moment on.
+//!
+//! A slot can also be held unsettled: bumped for a commit that other sessions
+//! may not see yet (the logical source learns of a commit from its WAL record,
+//! which can come before the commit is visible). A result read meanwhile may
+//! predate the commit although it was planned after the bump, so it is not
+//! stored until the commit is seen visible and the slot released.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Number of generation counters. Tables hash into them; a collision only means
 /// that a write to one table also invalidates another's entries.
@@ -11,12 +17,15 @@ pub const SLOTS: usize = 1 << 16;
 /// Per-table generation counters, shared by all databases.
 pub struct Generations {
     slots: Box<[AtomicU64]>,
+    /// Commits bumped into each slot that are not known visible yet.
+    unsettled: Box<[AtomicU32]>,
 }
 
 impl Default for Generations {
     fn default() -> Self {
         Generations {
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            unsettled: (0..SLOTS).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 }
@@ -86,5 +95,48 @@ impl Generations {
 
     pub fn bump(&self, slot: u32) {
         self.slots[slot as usize % SLOTS].fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Hold `slot` unsettled. Before the bump it goes with: whoever reads
+    /// the bumped generation (acquire) then sees it held.
+    pub fn hold(&self, slot: u32) {
+        self.unsettled[slot as usize % SLOTS].fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// One commit held in `slot` is visible now.
+    pub fn release(&self, slot: u32) {
+        let held = &self.unsettled[slot as usize % SLOTS];
+        // Never below zero, whatever a caller does twice.
+        let _ = held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Whether a commit not yet known visible was bumped into any of these.
+    pub fn any_held(&self, slots: impl IntoIterator<Item = u32>) -> bool {
+        slots
+            .into_iter()
+            .any(|s| self.unsettled[s as usize % SLOTS].load(Ordering::Acquire) > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Generations;
+
+    #[test]
+    fn a_held_slot_is_held_until_each_hold_is_released() {
+        let g = Generations::default();
+        assert!(!g.any_held([7, 8]));
+        g.hold(7);
+        g.hold(7);
+        g.bump(7);
+        assert!(g.any_held([8, 7]));
+        assert!(!g.any_held([8]));
+        g.release(7);
+        assert!(g.any_held([7]), "one commit still unsettled");
+        g.release(7);
+        g.release(7);
+        assert!(!g.any_held([7]));
+        g.hold(7);
+        assert!(g.any_held([7]), "a release too many left no credit");
     }
 }

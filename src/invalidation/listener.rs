@@ -25,6 +25,7 @@ use super::logical::{self, conn::ReplConn, publication, register, stream};
 use super::payload::Payload;
 use super::poll;
 use super::probe_fences;
+use super::settle;
 use super::triggers::{self, Scope};
 use super::watch_policy::Holdoff;
 use super::DbState;
@@ -216,6 +217,18 @@ impl Listener {
             }
             // Every transaction committing after this is streamed: entries
             // filled from the new epoch on cannot miss one.
+            // Its own connection: a snapshot read must not queue behind the
+            // listener's catalog work.
+            let (visibility, driver) =
+                control::connect(&self.target, &self.tls, self.ssl, None).await?;
+            guard.0.push(driver);
+            let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
+            let db = self.db.clone();
+            guard.0.push(tokio::spawn(async move {
+                if let Err(e) = settle::run(visibility, db.clone(), settle_rx).await {
+                    tracing::warn!(database = %db.name, error = format!("{e:#}"), "visibility check of the logical stream ended");
+                }
+            }));
             let mut conn = ReplConn::connect(&self.target, &l.tls, l.ssl).await?;
             stream::start(&mut conn, &l.publication).await?;
             let feed = stream::Feed {
@@ -227,6 +240,7 @@ impl Listener {
                 ddl: feed_ddl
                     .take()
                     .ok_or_else(|| anyhow::anyhow!("no DDL channel"))?,
+                settle: settle_tx,
             };
             let db = self.db.clone();
             guard.0.push(tokio::spawn(async move {

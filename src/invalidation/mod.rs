@@ -33,6 +33,7 @@ pub mod lsn_fences;
 pub mod payload;
 pub mod poll;
 pub mod probe_fences;
+pub mod settle;
 pub mod triggers;
 pub mod warm;
 mod watch_policy;
@@ -218,28 +219,20 @@ impl DbState {
     }
 
     pub fn invalidate(&self, tables: &[payload::QualifiedName]) {
-        for (schema, table) in tables {
-            self.bump(Generations::slot(&self.name, schema, table));
-            self.bump(Generations::whole_slot(&self.name, schema, table));
-            // Whatever happened to this relation may change what its name means
-            // where it is written without a schema.
-            self.bump(Generations::name_slot(&self.name, table));
+        let mut slots = Vec::new();
+        self.write_slots(tables, &mut slots);
+        for s in slots {
+            self.bump(s);
         }
     }
 
     /// A write that reported its keys: reads that scan the table, and reads of
     /// these keys, are dead; reads of other keys live on.
     pub fn invalidate_keys(&self, table: &payload::QualifiedName, sets: &[payload::KeySet]) {
-        let (schema, name) = table;
-        self.bump(Generations::slot(&self.name, schema, name));
-        for (cols, tuples) in sets {
-            let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
-            for t in tuples {
-                let values: Vec<&str> = t.iter().map(String::as_str).collect();
-                self.bump(Generations::key_slot(
-                    &self.name, schema, name, &cols, &values,
-                ));
-            }
+        let mut slots = Vec::new();
+        self.key_write_slots(table, sets, &mut slots);
+        for s in slots {
+            self.bump(s);
         }
     }
 

@@ -46,7 +46,7 @@ pub fn apply(
         return;
     };
     if forward.close_unnamed {
-        track.expect(Expect::Close, true, ReplyTag::None);
+        track.expect(Expect::Close, true, ReplyTag::StrayClose);
     }
     for tag in forward.replayed {
         // Their ParseComplete replies come next and are not the client's.

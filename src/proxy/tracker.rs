@@ -26,6 +26,10 @@ pub enum ReplyTag {
     /// A Parse or Close whose change to the session's statements is undone
     /// if the server refuses or skips it (see `Statements::pending`).
     Statement(u64),
+    /// The Close of the unnamed statement pgtier sends ahead of a request
+    /// (see `SessionCache::stray_unnamed`): if the server skips it, the
+    /// statement it closes is still there.
+    StrayClose,
     /// pgtier's own query for the WAL position a read-your-writes fence waits
     /// for (logical source): its one value is read, nothing is relayed.
     FenceLsn,

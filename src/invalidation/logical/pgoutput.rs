@@ -26,7 +26,10 @@ pub enum Frame<'a> {
 /// What a pgoutput message says, as far as invalidation is concerned.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Change<'a> {
-    Begin,
+    /// A transaction's changes follow; `xid` is its (top-level) id.
+    Begin {
+        xid: u32,
+    },
     /// A transaction committed; `end` is the WAL position after its commit record.
     Commit {
         end: u64,
@@ -115,7 +118,13 @@ pub fn frame(payload: &[u8]) -> Result<Frame<'_>, Malformed> {
 pub fn change(data: &[u8]) -> Result<Change<'_>, Malformed> {
     let mut r = Reader(data);
     Ok(match r.u8("message kind")? {
-        b'B' => Change::Begin,
+        b'B' => {
+            r.u64("begin final lsn")?;
+            r.u64("begin commit time")?;
+            Change::Begin {
+                xid: r.u32("begin xid")?,
+            }
+        }
         b'C' => {
             r.u8("commit flags")?;
             r.u64("commit lsn")?;

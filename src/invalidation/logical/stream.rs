@@ -24,7 +24,7 @@ use super::pgoutput::{self, Change, Frame};
 use super::register;
 use crate::cache::Cache;
 use crate::invalidation::payload::{KeySet, Payload, QualifiedName};
-use crate::invalidation::{epoch, DbState};
+use crate::invalidation::{epoch, settle, DbState};
 use crate::signing::Signer;
 
 /// How often the slot hears how far we are (besides answering keepalives):
@@ -69,6 +69,8 @@ pub struct Feed {
     /// Told when the catalog must be read again (DDL announced, a relation
     /// that changed shape); closing it tells the listener the stream is gone.
     pub ddl: mpsc::UnboundedSender<()>,
+    /// Applied commits, to be released once visible (see `settle`).
+    pub settle: mpsc::UnboundedSender<settle::Applied>,
 }
 
 /// A relation as the stream last described it.
@@ -107,6 +109,7 @@ impl Feed {
         let mut keyed: Keyed = Vec::new();
         let mut messages: Vec<Vec<u8>> = Vec::new();
         let mut in_txn = false;
+        let mut xid: u32 = 0;
         // Everything before this WAL position has been applied.
         let mut done: u64 = 0;
         let mut status = tokio::time::interval(STATUS_EVERY);
@@ -115,6 +118,7 @@ impl Feed {
         loop {
             let data = tokio::select! {
                 d = conn.recv() => d?,
+                () = self.settle.closed() => bail!("the visibility check stopped"),
                 _ = status.tick() => {
                     out.clear();
                     pgoutput::status_update(done, SystemTime::now(), &mut out);
@@ -144,7 +148,8 @@ impl Feed {
                 Frame::XLogData { data, .. } => pgoutput::change(data)?,
             };
             match change {
-                Change::Begin => {
+                Change::Begin { xid: x } => {
+                    xid = x;
                     in_txn = true;
                     touched.clear();
                     keyed.clear();
@@ -223,8 +228,9 @@ impl Feed {
                             })
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;
+                    let mut slots = Vec::new();
                     if !tables.is_empty() {
-                        self.db.invalidate(&tables);
+                        self.db.write_slots(&tables, &mut slots);
                         invalidations.increment(tables.len() as u64);
                     }
                     for (oid, sets, n) in keyed.drain(..) {
@@ -234,8 +240,16 @@ impl Feed {
                         let rel = rels.get(&oid).ok_or_else(|| {
                             anyhow!("a change to relation {oid}, never described")
                         })?;
-                        self.db.invalidate_keys(&rel.name, &sets);
+                        self.db.key_write_slots(&rel.name, &sets, &mut slots);
                         key_invalidations.increment(n as u64);
+                    }
+                    if !slots.is_empty() {
+                        // Possibly before other sessions see the commit: held
+                        // until `settle` sees it visible.
+                        self.db.bump_unsettled(&slots);
+                        if self.settle.send((xid, slots)).is_err() {
+                            bail!("the visibility check stopped");
+                        }
                     }
                     for m in messages.drain(..) {
                         self.message(&m)?;

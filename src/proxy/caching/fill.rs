@@ -114,6 +114,11 @@ pub fn plan(
     if keyed.is_some() && db.keys.version.load(Ordering::Acquire) != resolved.keys_version {
         return Err(BypassReason::KeysChanged);
     }
+    // After the snapshot: a commit bumped into these slots that is not yet
+    // visible is seen held here, and this read may not see it.
+    if db.gens.any_held(slots.iter().copied()) {
+        return Err(BypassReason::CommitNotVisible);
+    }
     Ok(FillPlan {
         policy,
         decision,

@@ -5,7 +5,7 @@
 //! record of the session's statements must follow, or it would answer a Bind
 //! of a statement Postgres does not have, or of an older text.
 
-use super::dispatch_tests::{bind, execute, frame, parse, sync, Harness, READ};
+use super::dispatch_tests::{bind, execute, flush, frame, parse, sync, Harness, READ};
 use crate::proxy::replies::Route;
 
 fn error() -> Vec<u8> {
@@ -139,4 +139,39 @@ async fn an_undo_leaves_a_later_pipelined_change_in_force() {
     let s = h.session.statements.get(b"s1").expect("defined");
     assert_eq!(s.sql(), other.as_bytes());
     assert!(h.track.replies.is_empty());
+}
+
+#[tokio::test]
+async fn a_skipped_close_of_the_servers_stray_unnamed_statement_is_sent_again() {
+    let mut h = Harness::new();
+    h.request(&[parse("", "select 2"), sync()]).await;
+    h.serve(&[frame(b'1', b""), ready()]);
+    // Defined and closed for the client alone (both answered from the
+    // cache): the server still has "select 2" as its unnamed statement.
+    h.cache_result(READ);
+    let (answered, _) = h
+        .request(&[parse("", READ), bind(""), execute(), sync()])
+        .await;
+    assert!(answered > 0, "the control: a hit");
+    let (answered, forwarded) = h.request(&[frame(b'C', b"S\0"), sync()]).await;
+    assert!(answered > 0 && forwarded == 0);
+    // R1 fails and ends in a Flush: the server skips up to the next Sync,
+    // so the Close pgtier puts ahead of R2 (pipelined before R1's error
+    // arrives) is skipped too.
+    h.request(&[parse("x", "select 1/0"), bind("x"), execute(), flush()])
+        .await;
+    let r2 = [bind(""), execute(), sync()];
+    let (_, forwarded) = h.request(&r2).await;
+    let close = frame(b'C', b"S\0");
+    assert_eq!(
+        forwarded,
+        close.len() + r2.concat().len(),
+        "the control: a Close goes first"
+    );
+    h.serve(&failure_replies());
+    assert!(h.track.replies.is_empty(), "in step with the server");
+    // "select 2" is still the server's unnamed statement: a Bind of it must
+    // meet a Close first, or Postgres would run it where it says 26000.
+    let out = h.decide(&[bind(""), execute(), sync()]).await;
+    assert!(out.forward.expect("forwarded").close_unnamed);
 }

@@ -246,6 +246,11 @@ impl SessionCache {
             ReplyTag::Statement(id) => Some(*id),
             _ => None,
         };
+        // A Close of the server's stray unnamed statement that the server
+        // skipped closed nothing: it must go ahead of a later use again.
+        if tags.contains(&ReplyTag::StrayClose) {
+            self.stray_unnamed = true;
+        }
         let failed = tags.first().and_then(id);
         let skipped: SmallVec<[u64; 4]> = tags.iter().skip(1).filter_map(id).collect();
         if failed.is_some() || !skipped.is_empty() {
