@@ -10,19 +10,22 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::cluster::Cluster;
 use common::logical::{cluster, control_url, schema, setup_command, TTL};
 use common::sql::{first, warm};
 use common::{connect_str, Pgtier};
+use tokio_postgres::Client;
 
-#[tokio::test]
-async fn a_read_between_a_decoded_commit_and_its_visibility_is_not_kept() {
+/// A logical-source pgtier on a cluster whose commits wait for a standby
+/// that never comes (except the control role's and the application's), a
+/// superuser connection to it, an application connection through pgtier,
+/// and the read the tests use, cached.
+async fn setup() -> (Cluster, Pgtier, Client, Client, String) {
     let cluster = cluster();
     let port = cluster.port;
     let _ctl = schema(port).await;
     let direct_str = format!("host=127.0.0.1 port={port} user=postgres dbname=lg");
     let direct = connect_str(&direct_str).await;
-    // Commits wait for a standby that never comes, except the control
-    // role's and the application's (reads assign no transaction id anyway).
     for sql in [
         "ALTER ROLE ctl SET synchronous_commit = local",
         "ALTER ROLE app SET synchronous_commit = local",
@@ -48,16 +51,31 @@ async fn a_read_between_a_decoded_commit_and_its_visibility_is_not_kept() {
         p.port
     ))
     .await;
-    let read = "select v from t where id = 1";
-    warm(&p, &app, read, "1").await;
+    warm(&p, &app, READ, "1").await;
+    (cluster, p, direct, app, direct_str)
+}
 
-    // The writer's commit is flushed and decoded, then waits (not visible).
-    let writer = connect_str(&direct_str).await;
-    let writer_pid = first(&writer, "select pg_backend_pid()").await;
-    let applied = p
-        .metrics()
+const READ: &str = "select v from t where id = 1";
+
+async fn applied(p: &Pgtier) -> f64 {
+    p.metrics()
         .await
-        .get("pgtier_logical_transactions_total", &[("database", "lg")]);
+        .get("pgtier_logical_transactions_total", &[("database", "lg")])
+}
+
+/// Start `update t set v = 100 where id = 1` on a connection of its own; it
+/// returns once its wait for the standby is cancelled. Returns once pgtier
+/// has applied the commit (still invisible), with the writer's backend pid.
+async fn stuck_write(
+    p: &Pgtier,
+    direct_str: &str,
+) -> (
+    String,
+    tokio::task::JoinHandle<Result<Client, tokio_postgres::Error>>,
+) {
+    let writer = connect_str(direct_str).await;
+    let pid = first(&writer, "select pg_backend_pid()").await;
+    let before = applied(p).await;
     let update = tokio::spawn(async move {
         writer
             .batch_execute("update t set v = 100 where id = 1")
@@ -65,12 +83,7 @@ async fn a_read_between_a_decoded_commit_and_its_visibility_is_not_kept() {
             .map(|_| writer)
     });
     let t = Instant::now();
-    while p
-        .metrics()
-        .await
-        .get("pgtier_logical_transactions_total", &[("database", "lg")])
-        <= applied
-    {
+    while applied(p).await <= before {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "the stream never delivered the waiting commit"
@@ -78,30 +91,82 @@ async fn a_read_between_a_decoded_commit_and_its_visibility_is_not_kept() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!update.is_finished(), "the commit must still be waiting");
-    assert_eq!(first(&direct, read).await, "1", "not visible yet");
-    // Read twice: the first read's answer, if kept, answers the second.
-    let held_before = p.metrics().await.bypasses("commit_not_visible");
-    assert_eq!(first(&app, read).await, "1", "what Postgres says now");
-    assert_eq!(first(&app, read).await, "1");
-    assert!(
-        p.metrics().await.bypasses("commit_not_visible") >= held_before + 2.0,
-        "reads while the commit is not visible are counted"
-    );
+    (pid, update)
+}
 
-    // The wait is cancelled: the commit (already durable) becomes visible.
-    first(&direct, &format!("select pg_cancel_backend({writer_pid})")).await;
-    let writer = tokio::time::timeout(Duration::from_secs(10), update)
+/// Cancel the writer's wait: its commit (already durable) becomes visible.
+async fn release(
+    direct: &Client,
+    pid: &str,
+    update: tokio::task::JoinHandle<Result<Client, tokio_postgres::Error>>,
+) {
+    first(direct, &format!("select pg_cancel_backend({pid})")).await;
+    tokio::time::timeout(Duration::from_secs(10), update)
         .await
         .expect("the writer returns once cancelled")
         .expect("writer task")
         .expect("a cancelled wait for a standby still commits");
-    assert_eq!(first(&direct, read).await, "100");
+    assert_eq!(first(direct, READ).await, "100");
+}
+
+#[tokio::test]
+async fn a_read_between_a_decoded_commit_and_its_visibility_is_not_kept() {
+    let (_cluster, p, direct, app, direct_str) = setup().await;
+    let (pid, update) = stuck_write(&p, &direct_str).await;
+    assert_eq!(first(&direct, READ).await, "1", "not visible yet");
+    // Read twice: the first read's answer, if kept, answers the second.
+    let held_before = p.metrics().await.bypasses("commit_not_visible");
+    assert_eq!(first(&app, READ).await, "1", "what Postgres says now");
+    assert_eq!(first(&app, READ).await, "1");
+    assert!(
+        p.metrics().await.bypasses("commit_not_visible") >= held_before + 2.0,
+        "reads while the commit is not visible are counted"
+    );
+    release(&direct, &pid, update).await;
     assert_eq!(
-        first(&app, read).await,
+        first(&app, READ).await,
         "100",
         "a result read before the commit showed was kept"
     );
     // Once pgtier sees the commit visible, the read is cached again.
-    warm(&p, &app, read, "100").await;
-    drop(writer);
+    warm(&p, &app, READ, "100").await;
+}
+
+#[tokio::test]
+async fn losing_the_visibility_check_restarts_the_stream_and_releases_what_it_held() {
+    let (_cluster, p, direct, app, direct_str) = setup().await;
+    let (pid, update) = stuck_write(&p, &direct_str).await;
+    let reconnects = p
+        .metrics()
+        .await
+        .get("pgtier_listener_reconnects_total", &[("database", "lg")]);
+    // The connection that reads the server's snapshot dies with the commit
+    // still held.
+    let killed = first(
+        &direct,
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity
+         where usename = 'ctl' and query like '%pg_current_snapshot()::text'",
+    )
+    .await;
+    assert_eq!(killed, "1", "one visibility check connection");
+    let t = Instant::now();
+    while p
+        .metrics()
+        .await
+        .get("pgtier_listener_reconnects_total", &[("database", "lg")])
+        <= reconnects
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the stream did not restart without its visibility check"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new slot waits for the transactions still running, the stuck
+    // writer's included: it is released first.
+    release(&direct, &pid, update).await;
+    p.wait_listener("lg").await;
+    assert_eq!(first(&app, READ).await, "100");
+    // Nothing stays held: the table is cached again.
+    warm(&p, &app, READ, "100").await;
 }

@@ -223,9 +223,10 @@ impl Listener {
                 control::connect(&self.target, &self.tls, self.ssl, None).await?;
             guard.0.push(driver);
             let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
+            let check = s.check_interval;
             let db = self.db.clone();
             guard.0.push(tokio::spawn(async move {
-                if let Err(e) = settle::run(visibility, db.clone(), settle_rx).await {
+                if let Err(e) = settle::run(visibility, db.clone(), settle_rx, check).await {
                     tracing::warn!(database = %db.name, error = format!("{e:#}"), "visibility check of the logical stream ended");
                 }
             }));

@@ -29,6 +29,7 @@ use super::DbState;
 /// Least time between two snapshot reads while commits wait: bounds the
 /// queries this costs Postgres under a steady stream of writes.
 const PACE: Duration = Duration::from_millis(1);
+const MAX_PACE: Duration = Duration::from_millis(100);
 
 /// A commit applied from the stream: its transaction id and the slots held.
 pub type Applied = (u32, Vec<u32>);
@@ -121,16 +122,24 @@ impl Snapshot {
     }
 }
 
-/// Commits still held; on the way out the database goes down first (entries
-/// are not served while it is down), then they are released.
+/// Commits still held, and those sent but not yet received. On the way out
+/// the database goes down first (entries are not served while it is down),
+/// then every one of them is released: a slot left held would stop caching
+/// its table for good.
 struct Held {
     db: Arc<DbState>,
     commits: Vec<Applied>,
+    applied: mpsc::UnboundedReceiver<Applied>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.db.go_down();
+        // Closed first: a send after this fails, and the sender releases.
+        self.applied.close();
+        while let Ok(c) = self.applied.try_recv() {
+            self.commits.push(c);
+        }
         for (_, slots) in self.commits.drain(..) {
             self.db.settle(&slots);
         }
@@ -138,29 +147,40 @@ impl Drop for Held {
 }
 
 /// Release each commit received on `applied` once the server's snapshot sees
-/// it. Ends with an error when the connection fails (the stream must then
-/// stop: what it holds would never be released), or when the sender is gone.
+/// it. Reads the snapshot every `check` when idle too, so a dead connection
+/// is noticed before the next write needs it. Ends with an error when the
+/// connection fails or a read takes longer than `check` (the stream must then
+/// stop: what it holds could not be released), or when the sender is gone.
 pub async fn run(
     client: Client,
     db: Arc<DbState>,
-    mut applied: mpsc::UnboundedReceiver<Applied>,
+    applied: mpsc::UnboundedReceiver<Applied>,
+    check: Duration,
 ) -> anyhow::Result<()> {
     let mut held = Held {
         db: db.clone(),
         commits: Vec::new(),
+        applied,
     };
+    let mut pace = PACE;
     loop {
         if held.commits.is_empty() {
-            let first = applied
-                .recv()
-                .await
-                .ok_or_else(|| anyhow!("the stream is gone"))?;
-            held.commits.push(first);
+            match tokio::time::timeout(check, held.applied.recv()).await {
+                Ok(Some(first)) => held.commits.push(first),
+                Ok(None) => return Err(anyhow!("the stream is gone")),
+                Err(_) => {
+                    current(&client, check).await?;
+                    continue;
+                }
+            }
         }
-        while let Ok(more) = applied.try_recv() {
+        let mut arrived = false;
+        while let Ok(more) = held.applied.try_recv() {
             held.commits.push(more);
+            arrived = true;
         }
-        let snapshot = current(&client).await?;
+        let snapshot = current(&client, check).await?;
+        let before = held.commits.len();
         held.commits.retain(|(xid, slots)| {
             let seen = snapshot.sees(*xid);
             if seen {
@@ -168,15 +188,25 @@ pub async fn run(
             }
             !seen
         });
-        tokio::time::sleep(PACE).await;
+        // A commit that stays invisible (a synchronous standby that does not
+        // answer) is asked about less and less often.
+        pace = if arrived || held.commits.len() < before {
+            PACE
+        } else {
+            (pace * 2).min(MAX_PACE)
+        };
+        tokio::time::sleep(pace).await;
     }
 }
 
-async fn current(client: &Client) -> anyhow::Result<Snapshot> {
-    let rows = client
-        .simple_query("SELECT pg_catalog.pg_current_snapshot()::text")
-        .await
-        .context("reading the server's snapshot")?;
+async fn current(client: &Client, within: Duration) -> anyhow::Result<Snapshot> {
+    let rows = tokio::time::timeout(
+        within,
+        client.simple_query("SELECT pg_catalog.pg_current_snapshot()::text"),
+    )
+    .await
+    .map_err(|_| anyhow!("reading the server's snapshot timed out"))?
+    .context("reading the server's snapshot")?;
     rows.iter()
         .find_map(|m| match m {
             SimpleQueryMessage::Row(r) => r.get(0).and_then(Snapshot::parse),

@@ -247,7 +247,11 @@ impl Feed {
                         // Possibly before other sessions see the commit: held
                         // until `settle` sees it visible.
                         self.db.bump_unsettled(&slots);
-                        if self.settle.send((xid, slots)).is_err() {
+                        if let Err(refused) = self.settle.send((xid, slots)) {
+                            // Nobody will release them: down first, then
+                            // released (no read is stored while down).
+                            self.db.go_down();
+                            self.db.settle(&refused.0 .1);
                             bail!("the visibility check stopped");
                         }
                     }
