@@ -9,31 +9,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::logical::{cluster, control_url, schema, setup_command, TTL};
+use common::logical::{app, cluster, schema, setup_command, start_pgtier, TTL};
 use common::sql::{first, warm};
 use common::{connect_str, Pgtier};
 use tokio_postgres::Client;
 
-fn start(port: u16) -> Pgtier {
+async fn start(port: u16) -> Pgtier {
     let toml = format!("{TTL}[invalidation]\nfence_timeout = \"5s\"\n");
-    Pgtier::start_with(
-        port,
-        &toml,
-        &[
-            "--control-url",
-            &control_url(port),
-            "--invalidation-source",
-            "logical",
-        ],
-    )
-}
-
-async fn app(p: &Pgtier) -> Client {
-    connect_str(&format!(
-        "host=127.0.0.1 port={} user=app password=app-secret dbname=lg connect_timeout=10",
-        p.port
-    ))
-    .await
+    start_pgtier(port, &toml).await
 }
 
 /// The next transaction id the server will assign: how many transactions
@@ -54,8 +37,7 @@ async fn a_write_costs_one_commit_and_its_fence_passes_at_once_when_idle() {
     let port = cluster.port;
     let ctl = schema(port).await;
     setup_command(port, &["install-triggers"]);
-    let p = start(port);
-    p.wait_listener("lg").await;
+    let p = start(port).await;
     let direct = connect_str(&format!(
         "host=127.0.0.1 port={port} user=postgres dbname=lg"
     ))
@@ -134,8 +116,7 @@ async fn asynchronous_commit_still_reads_its_own_writes() {
     let port = cluster.port;
     let ctl = schema(port).await;
     setup_command(port, &["install-triggers"]);
-    let p = start(port);
-    p.wait_listener("lg").await;
+    let p = start(port).await;
     let app = app(&p).await;
 
     // Set for the session (outside a transaction): pgtier keeps caching, and

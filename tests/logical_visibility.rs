@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
-use common::logical::{cluster, control_url, schema, setup_command, TTL};
+use common::logical::{app, cluster, schema, setup_command, start_pgtier, TTL};
 use common::sql::{first, warm};
 use common::{connect_str, Pgtier};
 use tokio_postgres::Client;
@@ -35,22 +35,8 @@ async fn setup() -> (Cluster, Pgtier, Client, Client, String) {
         direct.batch_execute(sql).await.unwrap();
     }
     setup_command(port, &["install-triggers"]);
-    let p = Pgtier::start_with(
-        port,
-        TTL,
-        &[
-            "--control-url",
-            &control_url(port),
-            "--invalidation-source",
-            "logical",
-        ],
-    );
-    p.wait_listener("lg").await;
-    let app = connect_str(&format!(
-        "host=127.0.0.1 port={} user=app password=app-secret dbname=lg connect_timeout=10",
-        p.port
-    ))
-    .await;
+    let p = start_pgtier(port, TTL).await;
+    let app = app(&p).await;
     warm(&p, &app, READ, "1").await;
     (cluster, p, direct, app, direct_str)
 }

@@ -92,3 +92,29 @@ pub fn setup_command(port: u16, args: &[&str]) -> String {
     assert!(st.success(), "{args:?} failed: {out} {err}");
     out
 }
+
+/// pgtier on the logical source in front of the cluster on `port`, with the
+/// control role and `toml`, once its stream runs.
+pub async fn start_pgtier(port: u16, toml: &str) -> super::Pgtier {
+    let p = super::Pgtier::start_with(
+        port,
+        toml,
+        &[
+            "--control-url",
+            &control_url(port),
+            "--invalidation-source",
+            "logical",
+        ],
+    );
+    p.wait_listener("lg").await;
+    p
+}
+
+/// The application role's connection through pgtier.
+pub async fn app(p: &super::Pgtier) -> Client {
+    connect_str(&format!(
+        "host=127.0.0.1 port={} user=app password=app-secret dbname=lg connect_timeout=10",
+        p.port
+    ))
+    .await
+}
