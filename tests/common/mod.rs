@@ -98,16 +98,20 @@ impl Pgtier {
     pub async fn wait_listener(&self, db: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let up = self
-                .metrics()
-                .await
-                .get("pgtier_listener_connected", &[("database", db)]);
-            if up == 1.0 {
+            // Right after start the admin endpoint may take the connection
+            // and not answer yet (seen once under a full suite): not yet,
+            // rather than a failure, until the deadline.
+            let (status, body) = self.http_get("/metrics").await;
+            let up = (status == 200)
+                .then(|| prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))))
+                .and_then(Result::ok)
+                .map(|s| Metrics(s).get("pgtier_listener_connected", &[("database", db)]));
+            if up == Some(1.0) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "listener for {db} never connected:\n{}",
+                "listener for {db} never connected (last scrape: status {status}):\n{}",
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
