@@ -138,6 +138,9 @@ impl Listener {
         // With the logical source, the stream's feed reports DDL (and ends the
         // session by dropping `ddl_tx`); nothing is ever unwatched.
         let (mut feed_ddl, mut _no_unwatch) = (None, None);
+        // The logical stream's visibility check, to see it is still running
+        // once the database is up (see below).
+        let mut settle_alive = None;
         let listen = if self.settings.logical.is_none() {
             let applier = Applier::new(
                 self.db.clone(),
@@ -224,6 +227,7 @@ impl Listener {
             guard.0.push(driver);
             let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
             let check = s.check_interval;
+            settle_alive = Some(settle_tx.clone());
             let db = self.db.clone();
             guard.0.push(tokio::spawn(async move {
                 if let Err(e) = settle::run(visibility, db.clone(), settle_rx, check).await {
@@ -296,6 +300,13 @@ impl Listener {
         }
         // Entries filled before now may have missed notifications: a new epoch.
         self.db.come_up();
+        // A visibility check that stopped during the set-up took the database
+        // down before `come_up`; what it held is released, so the stream must
+        // not be trusted. (One that stops later takes it down itself.)
+        if settle_alive.as_ref().is_some_and(|t| t.is_closed()) {
+            self.db.go_down();
+            anyhow::bail!("the logical stream's visibility check stopped");
+        }
         // Put every instance's L2 versions back in step (ours included: L2 is
         // used for this database once our own epoch notification comes back).
         if let Some(signer) = &s.signer {

@@ -125,7 +125,9 @@ impl Snapshot {
 /// Commits still held, and those sent but not yet received. On the way out
 /// the database goes down first (entries are not served while it is down),
 /// then every one of them is released: a slot left held would stop caching
-/// its table for good.
+/// its table for good. A commit released this way while still invisible
+/// cannot outlive the reconnect: the new stream's slot is created only once
+/// the transactions running then have finished, and `come_up` follows it.
 struct Held {
     db: Arc<DbState>,
     commits: Vec<Applied>,
