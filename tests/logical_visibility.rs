@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::logical::{app, cluster, schema, setup_command, start_pgtier, TTL};
@@ -43,11 +43,9 @@ async fn setup() -> (Cluster, Pgtier, Client, Client, String) {
 
 const READ: &str = "select v from t where id = 1";
 
-async fn applied(p: &Pgtier) -> f64 {
-    p.metrics()
-        .await
-        .get("pgtier_logical_transactions_total", &[("database", "lg")])
-}
+const LG: &[(&str, &str)] = &[("database", "lg")];
+const APPLIED: &str = "pgtier_logical_transactions_total";
+const RECONNECTS: &str = "pgtier_listener_reconnects_total";
 
 /// Start `update t set v = 100 where id = 1` on a connection of its own; it
 /// returns once its wait for the standby is cancelled. Returns once pgtier
@@ -61,21 +59,21 @@ async fn stuck_write(
 ) {
     let writer = connect_str(direct_str).await;
     let pid = first(&writer, "select pg_backend_pid()").await;
-    let before = applied(p).await;
+    let before = p.metrics().await.get(APPLIED, LG);
     let update = tokio::spawn(async move {
         writer
             .batch_execute("update t set v = 100 where id = 1")
             .await
             .map(|_| writer)
     });
-    let t = Instant::now();
-    while applied(p).await <= before {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the stream never delivered the waiting commit"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    p.until_metric_above(
+        APPLIED,
+        LG,
+        before,
+        Duration::from_secs(10),
+        "the stream never delivered the waiting commit",
+    )
+    .await;
     assert!(!update.is_finished(), "the commit must still be waiting");
     (pid, update)
 }
@@ -122,10 +120,7 @@ async fn a_read_between_a_decoded_commit_and_its_visibility_is_not_kept() {
 async fn losing_the_visibility_check_restarts_the_stream_and_releases_what_it_held() {
     let (_cluster, p, direct, app, direct_str) = setup().await;
     let (pid, update) = stuck_write(&p, &direct_str).await;
-    let reconnects = p
-        .metrics()
-        .await
-        .get("pgtier_listener_reconnects_total", &[("database", "lg")]);
+    let reconnects = p.metrics().await.get(RECONNECTS, LG);
     // The connection that reads the server's snapshot dies with the commit
     // still held.
     let killed = first(
@@ -135,19 +130,14 @@ async fn losing_the_visibility_check_restarts_the_stream_and_releases_what_it_he
     )
     .await;
     assert_eq!(killed, "1", "one visibility check connection");
-    let t = Instant::now();
-    while p
-        .metrics()
-        .await
-        .get("pgtier_listener_reconnects_total", &[("database", "lg")])
-        <= reconnects
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "the stream did not restart without its visibility check"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    p.until_metric_above(
+        RECONNECTS,
+        LG,
+        reconnects,
+        Duration::from_secs(15),
+        "the stream did not restart without its visibility check",
+    )
+    .await;
     // A new slot waits for the transactions still running, the stuck
     // writer's included: it is released first.
     release(&direct, &pid, update).await;

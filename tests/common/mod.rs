@@ -285,6 +285,23 @@ impl Pgtier {
         Metrics(scrape)
     }
 
+    /// Wait (bounded by `within`) until metric `name{labels}` exceeds `above`;
+    /// `what` says what that would have shown.
+    pub async fn until_metric_above(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        above: f64,
+        within: Duration,
+        what: &str,
+    ) {
+        let t = Instant::now();
+        while self.metrics().await.get(name, labels) <= above {
+            assert!(t.elapsed() < within, "{what} (within {within:?})");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn conn_str(&self, db: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
