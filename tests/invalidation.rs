@@ -385,12 +385,18 @@ async fn writes_stop_being_announced_until_a_read_wants_the_table_again() {
     // switches announcing off, so later writes commit without a notification.
     write_until_unwatched(&d, "k", "update k set v = $1").await;
     until_announced(&d, "k", 1).await;
+    // A write through pgtier (changing nothing) is fenced: its reply comes
+    // once the listener has taken every notification sent before, the `u`
+    // and the last announced writes (two were seen still on their way).
+    c.execute("update k set v = v where id = -1", &[])
+        .await
+        .unwrap();
     let before = p.metrics().await.get(
         "pgtier_invalidation_notifications_total",
         &[("database", &db)],
     );
-    // One notification more at most (the `u` may still be on its way); none
-    // for these writes (no read through pgtier wants `k` watched meanwhile).
+    // One notification more at most; none for these writes (no read through
+    // pgtier wants `k` watched meanwhile).
     for v in 3..=5 {
         d.execute("update k set v = $1", &[&v]).await.unwrap();
     }
