@@ -4,6 +4,9 @@
 # rounds of:
 #   - pgtier stopped (TPC-B alone), and with the read load sent straight to
 #     Postgres;
+#   - Postgres's own logical client, pg_recvlogical, decoding the same
+#     publication with pgoutput (output to /dev/null), the read load straight
+#     to Postgres: what decoding costs the writers with no pgtier at all;
 #   - pgtier with invalidation.source = logical, the read load through pgtier
 #     keeping the four pgbench tables cached (its walsender decodes every write);
 #   - pgtier with the NOTIFY source announcing every write (triggers,
@@ -102,11 +105,36 @@ with_reads() { # port command...
 # The read load's average latency (pgtier's admin endpoint is off here).
 read_latency() { awk '/latency average/{print $4 " ms"}' "$work/reads.log"; }
 
+# TPC-B with the read load straight to Postgres while pg_recvlogical streams
+# the publication $1 with pgoutput to /dev/null (a slot of its own, dropped
+# after).
+recvlogical() {
+  local recv
+  "$pgbin/pg_recvlogical" -h 127.0.0.1 -p "$pgport" -U postgres -d "$db" -S pgtier_floor \
+    --create-slot -P pgoutput >/dev/null
+  "$pgbin/pg_recvlogical" -h 127.0.0.1 -p "$pgport" -U postgres -d "$db" -S pgtier_floor --start \
+    -o proto_version=1 -o "publication_names=$1" -o messages=true -f /dev/null 2>>"$work/recvlogical.log" &
+  recv=$!
+  with_reads "$pgport" tps
+  kill "$recv" 2>/dev/null || true
+  wait "$recv" 2>/dev/null || true
+  # The walsender may outlive its client for a moment: the slot is dropped
+  # once it is free.
+  for _ in $(seq 50); do
+    "$pgbin/pg_recvlogical" -h 127.0.0.1 -p "$pgport" -U postgres -d "$db" -S pgtier_floor --drop-slot 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "could not drop the slot pgtier_floor" >&2
+  exit 1
+}
+
 pct() { echo "(1 - $1 / $2) * 100" | bc -l; }
 
 "$bin" install-triggers --invalidation-source logical --control-url "$control" >/dev/null
+psql -h 127.0.0.1 -p "$pgport" -U postgres -d "$db" -qc "create publication pgtier_empty" \
+  -c "create publication pgtier_keys for table pgbench_accounts (aid), pgbench_tellers (tid), pgbench_branches (bid)"
 echo "TPC-B, scale $scale, $clients clients, $threads threads, ${duration}s runs, $rounds rounds (alternating), wal_level = logical"
-a=0 d=0 f=0 l=0 n=0 p=0
+a=0 d=0 f=0 l=0 n=0 p=0 g=0 e=0 k=0
 for r in $(seq "$rounds"); do
   ra=$(tps)
   rd=$(with_reads "$pgport" tps)
@@ -120,6 +148,14 @@ for r in $(seq "$rounds"); do
   rf=$(with_reads "$port" tps)
   lf=$(read_latency)
   stop_pgtier
+  # Postgres's own client decoding the same stream (pgtier's options): the
+  # floor any change-feed consumer pays on these cores; on a publication with
+  # no table, what reading and decoding the WAL costs before any row is sent;
+  # and on one whose column lists keep only the primary keys, what sending
+  # whole rows adds.
+  rr=$(recvlogical pgtier)
+  re=$(recvlogical pgtier_empty)
+  rk=$(recvlogical pgtier_keys)
   start_pgtier --invalidation-source logical
   with_reads "$port" true # warm: the tables get cached
   rl=$(with_reads "$port" tps)
@@ -142,14 +178,17 @@ for r in $(seq "$rounds"); do
     stop_pgtier
     "$bin" uninstall-triggers --control-url "$control" >/dev/null
   fi
-  echo "  round $r: pgtier stopped $ra | reads straight to Postgres $rd (read latency $ld) | reads through pgtier, no cache $rf ($lf) | logical, reads through pgtier $rl ($ll) | notify, every write announced $rn ($ln) | poll, every write announced $rp ($lp)"
-  a=$((a + ra)) d=$((d + rd)) f=$((f + rf)) l=$((l + rl)) n=$((n + rn)) p=$((p + rp))
+  echo "  round $r: pgtier stopped $ra | reads straight to Postgres $rd (read latency $ld) | reads through pgtier, no cache $rf ($lf) | pg_recvlogical, reads straight $rr (empty publication $re, keys only $rk) | logical, reads through pgtier $rl ($ll) | notify, every write announced $rn ($ln) | poll, every write announced $rp ($lp)"
+  a=$((a + ra)) d=$((d + rd)) g=$((g + rr)) e=$((e + re)) k=$((k + rk)) f=$((f + rf)) l=$((l + rl)) n=$((n + rn)) p=$((p + rp))
 done
-a=$((a / rounds)) d=$((d / rounds)) f=$((f / rounds)) l=$((l / rounds)) n=$((n / rounds)) p=$((p / rounds))
+a=$((a / rounds)) d=$((d / rounds)) g=$((g / rounds)) e=$((e / rounds)) k=$((k / rounds)) f=$((f / rounds)) l=$((l / rounds)) n=$((n / rounds)) p=$((p / rounds))
 echo "average TPS (cost against the same cluster without pgtier; read load -M $read_mode):"
 printf "  logical, against pgtier stopped:                  %6d vs %6d  cost %5.1f%%\n" "$l" "$a" "$(pct "$l" "$a")"
 printf "  logical, against the reads straight to Postgres:  %6d vs %6d  cost %5.1f%%\n" "$l" "$d" "$(pct "$l" "$d")"
 printf "  the hop alone (no cache), same comparison:        %6d vs %6d  cost %5.1f%%\n" "$f" "$d" "$(pct "$f" "$d")"
+printf "  pg_recvlogical, reads straight (decoding floor): %6d vs %6d  cost %5.1f%%\n" "$g" "$d" "$(pct "$g" "$d")"
+printf "  the same, publication with no table (WAL decoding): %4d vs %6d  cost %5.1f%%\n" "$e" "$d" "$(pct "$e" "$d")"
+printf "  the same, column lists of primary keys only:     %6d vs %6d  cost %5.1f%%\n" "$k" "$d" "$(pct "$k" "$d")"
 printf "  logical, against the hop alone (decoding):        %6d vs %6d  cost %5.1f%%\n" "$l" "$f" "$(pct "$l" "$f")"
 if [ "$only" != logical ]; then
   printf "  notify announcing every write, same comparison:   %6d vs %6d  cost %5.1f%%\n" "$n" "$d" "$(pct "$n" "$d")"

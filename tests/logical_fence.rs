@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::logical::{app, cluster, schema, setup_command, start_pgtier, TTL};
 use common::sql::{first, warm};
+use common::wire::{same_replies_at, unnamed_write_reused};
 use common::{connect_str, Pgtier};
 use tokio_postgres::Client;
 
@@ -157,4 +158,37 @@ async fn asynchronous_commit_still_reads_its_own_writes() {
         "read from Postgres"
     );
     drop(ctl);
+}
+
+/// The fence's position query (and, after a change of roles, the logical messages that
+/// announce it) goes on the session's connection after the write: the
+/// client's unnamed statement survives it, as it does on Postgres.
+#[tokio::test]
+async fn the_unnamed_statement_survives_the_fence_query() {
+    let cluster = cluster();
+    let port = cluster.port;
+    let _ctl = schema(port).await;
+    setup_command(port, &["install-triggers"]);
+    let p = start(port).await;
+    let read = "select v from t where id = 1";
+    for write in [
+        "update t set v = v + 1 where id = 2",
+        "alter role postgres bypassrls",
+    ] {
+        same_replies_at(
+            port,
+            p.port,
+            "lg",
+            write,
+            &unnamed_write_reused(read, write),
+            false,
+        );
+    }
+    let m = p.metrics().await;
+    let lsn = m.get("pgtier_fences_total", &[("kind", "lsn")]);
+    let notify = m.get("pgtier_fences_total", &[("kind", "notify")]);
+    assert!(
+        lsn >= 3.0 && notify >= 3.0,
+        "fences: {lsn} by position, {notify} by message"
+    );
 }

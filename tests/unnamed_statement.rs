@@ -8,7 +8,7 @@ mod common;
 
 use common::wire::{
     bind, close_statement, concat, describe_portal, describe_statement, execute, extended_query,
-    flush, parse, probe, query, same_replies, step, sync, Step, Until,
+    flush, parse, probe, query, same_replies, step, sync, unnamed_write_reused, Step, Until,
 };
 use common::{direct, fresh_db, Pgtier};
 
@@ -151,4 +151,34 @@ async fn statements_parsed_or_closed_behind_an_error_are_as_postgres_has_them() 
     let code = |i: usize| got[i].msgs.iter().find_map(|m| m.code());
     assert_eq!(code(2).as_deref(), Some("26000"), "{:?}", got[2].msgs);
     assert_eq!(code(12).as_deref(), Some("26000"), "{:?}", got[12].msgs);
+}
+
+/// After a write, pgtier fences on the session's connection: with NOTIFY on
+/// this server, a query only after a change of roles (an ALTER ROLE, which also
+/// invalidates everything). The client's unnamed statement survives it, as
+/// it does on Postgres.
+#[tokio::test]
+async fn the_unnamed_statement_survives_a_read_your_writes_fence() {
+    let (db, p) = cached("unnamed_fence").await;
+    for write in [
+        "update t set v = v || '+' where id = 2",
+        "alter role postgres bypassrls",
+    ] {
+        let before = p.metrics().await;
+        same_replies(p.port, &db, write, &unnamed_write_reused(READ, write));
+        let after = p.metrics().await;
+        let fences = |m: &common::Metrics| {
+            m.get("pgtier_fences_total", &[("kind", "probe")])
+                + m.get("pgtier_fences_total", &[("kind", "notify")])
+        };
+        assert!(
+            fences(&after) - fences(&before) >= 3.0,
+            "{write}: every write was fenced"
+        );
+    }
+    let m = p.metrics().await;
+    assert!(
+        m.get("pgtier_fences_total", &[("kind", "notify")]) >= 3.0,
+        "the role changes were fenced with a query on the session's connection"
+    );
 }

@@ -470,7 +470,20 @@ pub fn same_replies_with(
     steps: &[Step],
     with_startup: bool,
 ) -> Vec<Reply> {
-    let want = run_script(super::PG_PORT, db, steps, with_startup);
+    same_replies_at(super::PG_PORT, port, db, what, steps, with_startup)
+}
+
+/// [`same_replies_with`] against the Postgres on `direct` (a test's own
+/// cluster).
+pub fn same_replies_at(
+    direct: u16,
+    port: u16,
+    db: &str,
+    what: &str,
+    steps: &[Step],
+    with_startup: bool,
+) -> Vec<Reply> {
+    let want = run_script(direct, db, steps, with_startup);
     let got = run_script(port, db, steps, with_startup);
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_ne!(
@@ -497,4 +510,35 @@ pub fn same_replies_with(
         );
     }
     got
+}
+
+/// A write run as the unnamed statement, then that statement used again with
+/// no Parse; then the write again with a read parsed as the unnamed statement
+/// pipelined behind it (on the server before the write's fence), and that
+/// read used again. Whatever pgtier sends on the session's connection after a
+/// write (a read-your-writes fence) must leave the client's unnamed statement
+/// as Postgres has it. `read` runs first, so the written table is one pgtier
+/// caches; the write must not change what `read` returns.
+pub fn unnamed_write_reused(read: &str, write: &str) -> Vec<Step> {
+    let again = concat(&[bind("", "", &[]), execute("", 0), sync()]);
+    vec![
+        step(extended_query(read, &[]), Until::Ready(1)),
+        step(
+            concat(&[
+                parse("", write, &[]),
+                bind("", "", &[]),
+                execute("", 0),
+                sync(),
+            ]),
+            Until::Ready(1),
+        ),
+        step(again.clone(), Until::Ready(1)),
+        step(
+            concat(&[again.clone(), extended_query(read, &[])]),
+            Until::Ready(2),
+        ),
+        step(again, Until::Ready(1)),
+        step(concat(&[describe_statement(""), sync()]), Until::Ready(1)),
+        probe(),
+    ]
 }

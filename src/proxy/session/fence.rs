@@ -194,6 +194,12 @@ pub(super) fn start(
     }
     .encode(&mut buf);
     sout.push(buf.freeze());
+    // A Query destroys the server's unnamed statement, which the client may
+    // still use (a Bind of "" with no Parse): replayed before that use, as
+    // after a warm refresh.
+    if let Some(s) = caching.statements.get_mut(b"") {
+        s.on_server = false;
+    }
     track.expect(Expect::Query, true, tag);
     caching.fencing = true;
     Some(Fence {
