@@ -444,3 +444,68 @@ async fn case_16_time_words_built_at_run_time() {
     }
     assert!(p.metrics().await.bypasses("time_cast") > 0.0);
 }
+
+/// A role may set its own defaults, and pgtier reads the digest of a new
+/// session's settings under them. One that renders floats its own way and
+/// puts a schema of its own before `pg_catalog`, with an `md5` there answering
+/// the digest of an ordinary session (and a `<>` that hides its settings from
+/// the digest), must not be keyed as that session: an
+/// ordinary session must never be served its rendering, even where a rule
+/// shares the table's entries between users (and before pgtier's catalog
+/// has seen that the role has settings, which stops such sharing).
+#[tokio::test]
+async fn case_24_a_role_cannot_forge_the_digest_of_its_settings() {
+    let db = fresh_db("hs_forged_digest").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "DO $$ BEGIN CREATE ROLE hs_forger LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN CREATE ROLE hs_reader LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         create table public.f(x float8); insert into public.f values (1.0 / 3);
+         grant select on public.f to public;
+         create schema forger authorization hs_forger;",
+    )
+    .await
+    .unwrap();
+    let toml = format!(
+        "{TTL}[[cache.rules]]\ntable = \"public.f\"\npublic = true\n[invalidation]\nrescan_interval = \"1h\"\n"
+    );
+    let p = Pgtier::cached(&db, &toml, &[]).await;
+    let url = |port: u16, user: &str| format!("host=127.0.0.1 port={port} user={user} dbname={db}");
+    // What an ordinary session's digest is (the query pgtier sends, qualified).
+    let reader_direct = common::connect_str(&url(common::PG_PORT, "hs_reader")).await;
+    let digest = first(
+        &reader_direct,
+        "SELECT pg_catalog.md5(pg_catalog.string_agg(name OPERATOR(pg_catalog.||) '=' \
+           OPERATOR(pg_catalog.||) setting, ',' ORDER BY name)) \
+         FROM pg_catalog.pg_settings \
+         WHERE source NOT IN ('default', 'override', 'client') \
+           AND name NOT IN ('application_name', 'session_authorization', 'is_superuser')",
+    )
+    .await;
+    let forger_direct = common::connect_str(&url(common::PG_PORT, "hs_forger")).await;
+    forger_direct
+        .batch_execute(&format!(
+            "create function forger.md5(text) returns text language sql as $$ select '{digest}'::text $$;
+             create function forger.ne(text, text) returns boolean language sql as
+               $$ select $1 OPERATOR(pg_catalog.<>) $2
+                     and $1 OPERATOR(pg_catalog.<>) ALL (ARRAY['extra_float_digits', 'search_path']) $$;
+             create operator forger.<> (leftarg = text, rightarg = text, function = forger.ne);
+             alter role hs_forger in database {db} set search_path = forger, pg_catalog, public;
+             alter role hs_forger in database {db} set extra_float_digits = -3;"
+        ))
+        .await
+        .unwrap();
+    let q = "select x from public.f";
+    let forger = common::connect_str(&url(p.port, "hs_forger")).await;
+    for _ in 0..3 {
+        assert_eq!(first(&forger, q).await, "0.333333333333");
+    }
+    let reader = common::connect_str(&url(p.port, "hs_reader")).await;
+    for _ in 0..3 {
+        assert_eq!(
+            first(&reader, q).await,
+            "0.3333333333333333",
+            "served another role's rendering"
+        );
+    }
+}

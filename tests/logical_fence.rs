@@ -192,3 +192,74 @@ async fn the_unnamed_statement_survives_the_fence_query() {
         "fences: {lsn} by position, {notify} by message"
     );
 }
+
+/// The fence runs under the session's `search_path`. A session that puts
+/// functions and an operator of its own before `pg_catalog` (here, ones that
+/// would release every fence at once and log that they ran) does not have
+/// them called by pgtier: after its writes and a change of roles, the log is
+/// empty and every read shows the session's own write.
+#[tokio::test]
+async fn the_fence_calls_only_the_servers_functions() {
+    let cluster = cluster();
+    let port = cluster.port;
+    let _ctl = schema(port).await;
+    setup_command(port, &["install-triggers"]);
+    let p = start(port).await;
+    let direct = connect_str(&format!(
+        "host=127.0.0.1 port={port} user=postgres dbname=lg"
+    ))
+    .await;
+    direct
+        .batch_execute(
+            "create schema evil;
+             create table evil.calls(f text);
+             create function evil.pg_current_wal_flush_lsn() returns pg_lsn language sql
+               as $$ insert into evil.calls values ('flush') returning '0/0'::pg_lsn $$;
+             create function evil.pg_current_wal_insert_lsn() returns pg_lsn language sql
+               as $$ insert into evil.calls values ('insert') returning '0/0'::pg_lsn $$;
+             create function evil.current_setting(text) returns text language sql
+               as $$ insert into evil.calls values ('setting') returning 'off' $$;
+             create function evil.pg_logical_emit_message(boolean, text, text) returns pg_lsn
+               language sql as $$ insert into evil.calls values ('emit') returning '0/0'::pg_lsn $$;
+             create function evil.eq(text, text) returns boolean language sql
+               as $$ insert into evil.calls values ('eq') returning true $$;
+             create operator evil.= (leftarg = text, rightarg = text, function = evil.eq);",
+        )
+        .await
+        .unwrap();
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=postgres dbname=lg", p.port),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute("set search_path = evil, pg_catalog, public")
+        .await
+        .unwrap();
+    let q = "select v from public.t where id = 1";
+    let start_v: i32 = first(&c, q).await.parse().unwrap();
+    for i in 1..=5 {
+        c.batch_execute("update public.t set v = v + 1 where id = 1")
+            .await
+            .unwrap();
+        assert_eq!(
+            first(&c, q).await,
+            (start_v + i).to_string(),
+            "the session's own write"
+        );
+    }
+    c.batch_execute("alter role postgres bypassrls")
+        .await
+        .unwrap();
+    let calls = first(&direct, "select count(*) from evil.calls").await;
+    assert_eq!(calls, "0", "pgtier called the session's functions");
+    let m = p.metrics().await;
+    let lsn = m.get("pgtier_fences_total", &[("kind", "lsn")]);
+    let notify = m.get("pgtier_fences_total", &[("kind", "notify")]);
+    assert!(
+        lsn >= 5.0 && notify >= 1.0,
+        "fences: {lsn} by position, {notify} by message"
+    );
+    assert_eq!(m.get("pgtier_fence_timeouts_total", &[]), 0.0);
+}

@@ -18,11 +18,17 @@ use super::upstream::ServerConn;
 use crate::protocol::backend;
 
 /// Settings set for the client's connection by its startup packet are keyed
-/// from the packet itself; these never change a result.
-const QUERY: &str = "SELECT md5(string_agg(name || '=' || setting, ',' ORDER BY name)) \
+/// from the packet itself; these never change a result. Every function and
+/// operator is qualified: the query runs under the session's own
+/// `search_path`, which a role may set for itself, and a role whose own `md5`
+/// or `<>` came first could make the digest of its settings that of another
+/// session's, and share its entries (`tests/hardening_session.rs`, case 24).
+const QUERY: &str = "SELECT pg_catalog.md5(pg_catalog.string_agg(\
+       name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, ',' ORDER BY name)) \
      FROM pg_catalog.pg_settings \
-     WHERE source NOT IN ('default', 'override', 'client') \
-       AND name NOT IN ('application_name', 'session_authorization', 'is_superuser')";
+     WHERE source OPERATOR(pg_catalog.<>) ALL (ARRAY['default', 'override', 'client']) \
+       AND name OPERATOR(pg_catalog.<>) ALL \
+         (ARRAY['application_name', 'session_authorization', 'is_superuser'])";
 
 /// Small replies only: anything bigger is not the answer to our query.
 const LIMIT: usize = 64 * 1024;

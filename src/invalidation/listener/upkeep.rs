@@ -177,7 +177,7 @@ impl Listener {
             // Into the stream, where every change is applied in commit order.
             client
                 .execute(
-                    "SELECT pg_logical_emit_message(true, $1, $2)",
+                    "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
                     &[&self.settings.channel, &payload],
                 )
                 .await?;

@@ -72,7 +72,7 @@ impl Settings {
 pub fn emit_sql(prefix: &str, payload: &str) -> String {
     let q = |s: &str| format!("'{}'", s.replace('\'', "''"));
     format!(
-        "SELECT pg_logical_emit_message(true, {}, {})",
+        "SELECT pg_catalog.pg_logical_emit_message(true, {}, {})",
         q(prefix),
         q(payload)
     )

@@ -245,7 +245,7 @@ pub async fn send(
         // once (a non-transactional one waits for the WAL writer).
         let res = client
             .execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
+                "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
                 &[&channel, &r.payload()],
             )
             .await;

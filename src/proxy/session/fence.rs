@@ -32,9 +32,12 @@ use crate::proxy::Proxy;
 /// or after it (and readable by the walsender at once); an asynchronous one
 /// may not have, so then the insert position is the target and the wait lasts
 /// until the WAL writer flushes it. Runs in its own implicit transaction after
-/// the write's: it assigns no xid and writes no WAL.
-pub const LSN_QUERY: &str = "SELECT CASE WHEN current_setting('synchronous_commit') = 'off' \
-     THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END";
+/// the write's: it assigns no xid and writes no WAL. Every name is qualified:
+/// it runs under the session's `search_path`, which may put the client's own
+/// functions and operators before the server's.
+pub const LSN_QUERY: &str = "SELECT CASE \
+     WHEN pg_catalog.current_setting('synchronous_commit') OPERATOR(pg_catalog.=) 'off' \
+     THEN pg_catalog.pg_current_wal_insert_lsn() ELSE pg_catalog.pg_current_wal_flush_lsn() END";
 
 /// An outstanding read-your-writes fence: the client's output is held until
 /// it completes (or the timeout passes).
