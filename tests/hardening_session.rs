@@ -475,8 +475,9 @@ async fn case_24_a_role_cannot_forge_the_digest_of_its_settings() {
     let reader_direct = common::connect_str(&url(common::PG_PORT, "hs_reader")).await;
     let digest = first(
         &reader_direct,
-        "SELECT pg_catalog.md5(pg_catalog.string_agg(name OPERATOR(pg_catalog.||) '=' \
-           OPERATOR(pg_catalog.||) setting, ',' ORDER BY name)) \
+        "SELECT pg_catalog.md5(pg_catalog.concat(pg_catalog.string_agg(\
+           name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, ',' ORDER BY name), \
+           ';current_user=', current_user)) \
          FROM pg_catalog.pg_settings \
          WHERE source NOT IN ('default', 'override', 'client') \
            AND name NOT IN ('application_name', 'session_authorization', 'is_superuser')",
@@ -508,4 +509,49 @@ async fn case_24_a_role_cannot_forge_the_digest_of_its_settings() {
             "served another role's rendering"
         );
     }
+}
+
+/// `ALTER ROLE ... SET role` makes a role's new sessions run as another role,
+/// a setting `pg_settings` does not show. A session opened before it still
+/// runs as the role itself: it must never be served what a newer session,
+/// running as the other role, read.
+#[tokio::test]
+async fn case_25_a_role_set_by_default_is_keyed() {
+    let db = fresh_db("hs_role_default_role").await;
+    let d = direct(&db).await;
+    d.batch_execute(&format!(
+        "DO $$ BEGIN CREATE ROLE hs_alice7 LOGIN NOINHERIT; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN CREATE ROLE hs_bob7 NOLOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         grant hs_bob7 to hs_alice7;
+         alter role hs_alice7 in database {db} reset all;
+         create table secret(id int primary key, v text);
+         insert into secret values (1, 'bob only');
+         grant select on secret to hs_bob7;"
+    ))
+    .await
+    .unwrap();
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let url = format!("host=127.0.0.1 port={} user=hs_alice7 dbname={db}", p.port);
+    let old = common::connect_str(&url).await;
+    d.batch_execute(&format!(
+        "alter role hs_alice7 in database {db} set role = 'hs_bob7'"
+    ))
+    .await
+    .unwrap();
+    let new = common::connect_str(&url).await;
+    assert_eq!(first(&new, "select current_user::text").await, "hs_bob7");
+    let q = "select v from secret where id = 1";
+    warm(&p, &new, q, "bob only").await;
+    let err = old
+        .simple_query(q)
+        .await
+        .expect_err("the old session runs as hs_alice7, who may not read secret");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("42501"),
+        "{err}"
+    );
+    d.batch_execute(&format!("alter role hs_alice7 in database {db} reset all"))
+        .await
+        .unwrap();
 }

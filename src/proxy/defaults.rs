@@ -18,13 +18,16 @@ use super::upstream::ServerConn;
 use crate::protocol::backend;
 
 /// Settings set for the client's connection by its startup packet are keyed
-/// from the packet itself; these never change a result. Every function and
+/// from the packet itself; these never change a result. `pg_settings` hides
+/// `role`, which `ALTER ROLE ... SET role` makes a session start under: the
+/// role the session runs as is part of the digest. Every function and
 /// operator is qualified: the query runs under the session's own
 /// `search_path`, which a role may set for itself, and a role whose own `md5`
 /// or `<>` came first could make the digest of its settings that of another
 /// session's, and share its entries (`tests/hardening_session.rs`, case 24).
-const QUERY: &str = "SELECT pg_catalog.md5(pg_catalog.string_agg(\
-       name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, ',' ORDER BY name)) \
+const QUERY: &str = "SELECT pg_catalog.md5(pg_catalog.concat(pg_catalog.string_agg(\
+       name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, ',' ORDER BY name), \
+       ';current_user=', current_user)) \
      FROM pg_catalog.pg_settings \
      WHERE source OPERATOR(pg_catalog.<>) ALL (ARRAY['default', 'override', 'client']) \
        AND name OPERATOR(pg_catalog.<>) ALL \
