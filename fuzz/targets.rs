@@ -336,6 +336,7 @@ fn label(e: &SessionEffect) -> &'static str {
         SessionEffect::DiscardAll => "discard_all",
         SessionEffect::Deallocate(_) => "deallocate",
         SessionEffect::Taint(t) => t.label(),
+        SessionEffect::CreatesUnqualified => "creates_unqualified",
     }
 }
 

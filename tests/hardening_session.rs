@@ -555,3 +555,107 @@ async fn case_25_a_role_set_by_default_is_keyed() {
         .await
         .unwrap();
 }
+
+/// With `pg_temp` first in the search_path, an unqualified CREATE TABLE makes
+/// a temporary table, private to the session: its rows must never be served
+/// to another session with the same settings, nor stay cached for its own.
+#[tokio::test]
+async fn case_26_an_unqualified_create_under_a_pg_temp_path_is_temporary() {
+    let db = fresh_db("hs_pg_temp_first").await;
+    direct(&db)
+        .await
+        .batch_execute(
+            "create table t(id int primary key, v text); insert into t values (1, 'public row');",
+        )
+        .await
+        .unwrap();
+    let p = Pgtier::cached(&db, TTL, &[]).await;
+    let a = p.connect(&db).await;
+    a.batch_execute("set search_path = pg_temp, public")
+        .await
+        .unwrap();
+    let q = "select v || '' from t where id = 1";
+    warm(&p, &a, q, "public row").await;
+    a.batch_execute("create table t(id int, v text); insert into t values (1, 'temp row of a')")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(first(&a, q).await, "temp row of a");
+    }
+    a.batch_execute("update t set v = 'changed'").await.unwrap();
+    assert_eq!(first(&a, q).await, "changed", "its own temporary table");
+    let b = p.connect(&db).await;
+    b.batch_execute("set search_path = pg_temp, public")
+        .await
+        .unwrap();
+    assert_eq!(first(&b, q).await, "public row", "another session's table");
+    assert!(p.metrics().await.bypasses("temporary_objects") >= 1.0);
+
+    // The same path given to a role as its default (not seen by pgtier but
+    // through the digest of the session's settings).
+    let d = direct(&db).await;
+    d.batch_execute(&format!(
+        "DO $$ BEGIN CREATE ROLE hs_temp_path LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         grant select on t to hs_temp_path; grant create on schema public to hs_temp_path;
+         alter role hs_temp_path in database {db} set search_path = pg_temp, public;"
+    ))
+    .await
+    .unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=hs_temp_path dbname={db}",
+        p.port
+    );
+    let c = common::connect_str(&url).await;
+    warm(&p, &c, q, "public row").await;
+    c.batch_execute("create table t(id int, v text); insert into t values (1, 'temp row of c')")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(first(&c, q).await, "temp row of c");
+    }
+    let other = common::connect_str(&url).await;
+    assert_eq!(
+        first(&other, q).await,
+        "public row",
+        "another session's table"
+    );
+}
+
+/// `UPDATE pg_settings` changes a setting through a rule that calls
+/// set_config(): a session that does it no longer shares keys with sessions
+/// whose output it no longer renders alike.
+#[tokio::test]
+async fn case_27_settings_changed_through_pg_settings_are_not_missed() {
+    let db = fresh_db("hs_pg_settings_update").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "DO $$ BEGIN CREATE ROLE hs_mallory LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN CREATE ROLE hs_alice LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         create table items(id int primary key, b bytea);
+         insert into items values (1, '\\x41');
+         grant select on items to public;",
+    )
+    .await
+    .unwrap();
+    let toml = format!("{TTL}[[cache.rules]]\ntable = \"public.items\"\npublic = true\n");
+    let p = Pgtier::cached(&db, &toml, &[]).await;
+    let url = |user: &str| format!("host=127.0.0.1 port={} user={user} dbname={db}", p.port);
+    let q = "select b::text from public.items where id = 1";
+    let mallory = common::connect_str(&url("hs_mallory")).await;
+    mallory
+        .batch_execute("update pg_settings set setting = 'escape' where name = 'bytea_output'")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        assert_eq!(first(&mallory, q).await, "A");
+    }
+    let alice = common::connect_str(&url("hs_alice")).await;
+    for _ in 0..2 {
+        assert_eq!(
+            first(&alice, q).await,
+            "\\x41",
+            "another session's rendering"
+        );
+    }
+    assert!(p.metrics().await.bypasses("set_config") >= 1.0);
+}

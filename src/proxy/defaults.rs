@@ -25,13 +25,27 @@ use crate::protocol::backend;
 /// `search_path`, which a role may set for itself, and a role whose own `md5`
 /// or `<>` came first could make the digest of its settings that of another
 /// session's, and share its entries (`tests/hardening_session.rs`, case 24).
-const QUERY: &str = "SELECT pg_catalog.md5(pg_catalog.concat(pg_catalog.string_agg(\
-       name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, ',' ORDER BY name), \
-       ';current_user=', current_user)) \
+/// The digest ends in [`TEMP_MARK`] when the starting `search_path` names
+/// `pg_temp`: an unqualified CREATE may then make a temporary object.
+const QUERY: &str = "SELECT pg_catalog.concat(pg_catalog.md5(pg_catalog.concat(\
+       pg_catalog.string_agg(\
+         name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, ',' ORDER BY name), \
+       ';current_user=', current_user)), \
+       CASE WHEN pg_catalog.strpos(pg_catalog.current_setting('search_path'), 'pg_temp') \
+         OPERATOR(pg_catalog.>) 0 THEN ' pg_temp' END) \
      FROM pg_catalog.pg_settings \
      WHERE source OPERATOR(pg_catalog.<>) ALL (ARRAY['default', 'override', 'client']) \
        AND name OPERATOR(pg_catalog.<>) ALL \
          (ARRAY['application_name', 'session_authorization', 'is_superuser'])";
+
+/// See [`QUERY`].
+const TEMP_MARK: &str = " pg_temp";
+
+/// Whether a session whose defaults have this digest started with `pg_temp`
+/// in its `search_path`.
+pub fn path_names_pg_temp(digest: &str) -> bool {
+    digest.ends_with(TEMP_MARK)
+}
 
 /// Small replies only: anything bigger is not the answer to our query.
 const LIMIT: usize = 64 * 1024;

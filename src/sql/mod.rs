@@ -114,6 +114,9 @@ pub enum SessionEffect {
     /// Something pgtier cannot model (SET ROLE, set_config(), temp tables): the
     /// session is never served from cache again.
     Taint(BypassReason),
+    /// Creates a relation or type under a name without a schema: a temporary
+    /// one, session-private, where `pg_temp` comes first in the search_path.
+    CreatesUnqualified,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -599,6 +602,17 @@ fn session_effects(top: &str, tree: &Value, facts: &Facts) -> Vec<SessionEffect>
     let node = tree
         .pointer(&format!("/node/{top}"))
         .unwrap_or(&Value::Null);
+    if !facts.temp_into && creates_unqualified(top, node) {
+        out.push(SessionEffect::CreatesUnqualified);
+    }
+    if facts
+        .written
+        .iter()
+        .any(|t| t.name == "pg_settings" && t.schema.as_deref().is_none_or(|s| s == "pg_catalog"))
+    {
+        // Its update rule calls set_config() out of sight.
+        out.push(SessionEffect::Taint(BypassReason::SetConfig));
+    }
     match top {
         "VariableSetStmt" => {
             let name = str_of(node, "name").to_ascii_lowercase();
@@ -641,6 +655,31 @@ fn session_effects(top: &str, tree: &Value, facts: &Facts) -> Vec<SessionEffect>
         _ => {}
     }
     out
+}
+
+/// Whether a statement creates a relation or type under a name without a
+/// schema: where it lands depends on the session's search_path.
+fn creates_unqualified(top: &str, node: &Value) -> bool {
+    let rel = |path: &str| {
+        node.pointer(path)
+            .is_some_and(|r| r.is_object() && str_of(r, "schemaname").is_empty())
+    };
+    let one_name = |key: &str| {
+        node.get(key)
+            .and_then(Value::as_array)
+            .is_some_and(|l| l.len() == 1)
+    };
+    match top {
+        "CreateStmt" => rel("/relation"),
+        "CreateTableAsStmt" => rel("/into/rel"),
+        "SelectStmt" => rel("/into_clause/rel"),
+        "ViewStmt" => rel("/view"),
+        "CreateSeqStmt" => rel("/sequence"),
+        "CompositeTypeStmt" => rel("/typevar"),
+        "CreateEnumStmt" | "CreateRangeStmt" => one_name("type_name"),
+        "CreateDomainStmt" => one_name("domainname"),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

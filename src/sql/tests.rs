@@ -152,6 +152,31 @@ fn session_effects_are_found() {
         e("create temp table x (a int)"),
         vec![SessionEffect::Taint(BypassReason::TemporaryObjects)]
     );
+    for sql in [
+        "create table x (a int)",
+        "create table x as select 1",
+        "select 1 into x",
+        "create view x as select 1",
+        "create sequence x",
+        "create type x as (a int)",
+        "create type x as enum ('a')",
+        "create type x as range (subtype = int4)",
+        "create domain x as int",
+    ] {
+        assert_eq!(e(sql), vec![SessionEffect::CreatesUnqualified], "{sql}");
+        let qualified = sql.replacen(" x", " public.x", 1);
+        assert_eq!(e(&qualified), vec![], "{qualified}");
+    }
+    for sql in [
+        "update pg_settings set setting = 'escape' where name = 'bytea_output'",
+        "update pg_catalog.pg_settings set setting = '1' where name = 'extra_float_digits'",
+    ] {
+        assert_eq!(
+            e(sql),
+            vec![SessionEffect::Taint(BypassReason::SetConfig)],
+            "{sql}"
+        );
+    }
     assert_eq!(e("discard all"), vec![SessionEffect::DiscardAll]);
     assert_eq!(e("deallocate all"), vec![SessionEffect::Deallocate(None)]);
     assert_eq!(
@@ -203,7 +228,11 @@ fn session_private_code_and_objects_taint() {
         vec![SessionEffect::Taint(BypassReason::ProcedureCall)]
     );
     assert!(e("select * from pg_temp.t").is_empty());
-    assert!(e("create table t (a int)").is_empty());
+    assert_eq!(
+        e("create table t (a int)"),
+        vec![SessionEffect::CreatesUnqualified],
+        "temporary if pg_temp comes first in the search_path"
+    );
 }
 
 #[test]

@@ -88,6 +88,26 @@ impl Settings {
         self.defaults = defaults;
     }
 
+    /// Whether the session's search_path may name `pg_temp` (so an
+    /// unqualified CREATE may make a temporary object): as it started, or as
+    /// set since (in this request or an earlier one).
+    pub fn path_may_name_pg_temp(&self) -> bool {
+        let names = |v: &str| v.to_ascii_lowercase().contains("pg_temp");
+        let set_here = self.next.iter().any(|e| {
+            matches!(e, SessionEffect::Set { name, value } if name == "search_path" && names(value))
+        });
+        set_here
+            || self.set.get("search_path").is_some_and(|v| names(v))
+            || self
+                .startup
+                .iter()
+                .any(|(k, v)| (k == "search_path" || k == "options") && names(v))
+            || self
+                .defaults
+                .as_deref()
+                .is_some_and(crate::proxy::defaults::path_names_pg_temp)
+    }
+
     /// Whether settings changed since the last call (the seed must follow).
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
@@ -139,6 +159,7 @@ impl Settings {
                 SessionEffect::Deallocate(Some(name)) => statements.remove(name.as_bytes()),
                 SessionEffect::Deallocate(None) => statements.clear(),
                 SessionEffect::Taint(why) => taint = Err(why),
+                SessionEffect::CreatesUnqualified => {}
             }
         }
         self.changed = true;

@@ -213,6 +213,13 @@ impl SessionCache {
         for e in &decision.analysis.effects {
             match e {
                 SessionEffect::Taint(why) => self.taint(*why),
+                // Possibly a temporary object, which only this session's names
+                // resolve to, while its key is that of sessions without it.
+                SessionEffect::CreatesUnqualified => {
+                    if self.settings.path_may_name_pg_temp() {
+                        self.taint(BypassReason::TemporaryObjects);
+                    }
+                }
                 other => self.settings.note(other.clone()),
             }
         }
