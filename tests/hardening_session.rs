@@ -477,7 +477,8 @@ async fn case_24_a_role_cannot_forge_the_digest_of_its_settings() {
         &reader_direct,
         "SELECT pg_catalog.md5(pg_catalog.concat(pg_catalog.string_agg(\
            name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, ',' ORDER BY name), \
-           ';current_user=', current_user)) \
+           CASE WHEN current_user OPERATOR(pg_catalog.<>) session_user \
+             THEN ';current_user=' OPERATOR(pg_catalog.||) current_user END)) \
          FROM pg_catalog.pg_settings \
          WHERE source NOT IN ('default', 'override', 'client') \
            AND name NOT IN ('application_name', 'session_authorization', 'is_superuser')",
@@ -658,4 +659,54 @@ async fn case_27_settings_changed_through_pg_settings_are_not_missed() {
         );
     }
     assert!(p.metrics().await.bypasses("set_config") >= 1.0);
+}
+
+/// Postgres lets an IMMUTABLE function call set_config(). A role that calls
+/// one of its own that does must not have what its session then reads shared
+/// with other roles by a `public` rule.
+#[tokio::test]
+async fn case_28_a_roles_own_immutable_function_cannot_poison_shared_entries() {
+    let db = fresh_db("hs_immutable_set_config").await;
+    let d = direct(&db).await;
+    d.batch_execute(
+        "DO $$ BEGIN CREATE ROLE hs_mallory LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         DO $$ BEGIN CREATE ROLE hs_alice LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+         create table items(id int primary key, b bytea);
+         insert into items values (1, '\\x41');
+         grant select on items to public;
+         create schema m authorization hs_mallory;",
+    )
+    .await
+    .unwrap();
+    let url = |port: u16, user: &str| format!("host=127.0.0.1 port={port} user={user} dbname={db}");
+    common::connect_str(&url(common::PG_PORT, "hs_mallory"))
+        .await
+        .batch_execute(
+            "create function m.poison() returns text immutable language sql as
+               $$ select pg_catalog.set_config('bytea_output', 'escape', false) $$",
+        )
+        .await
+        .unwrap();
+    let toml = format!("{TTL}[[cache.rules]]\ntable = \"public.items\"\npublic = true\n");
+    let p = Pgtier::cached(&db, &toml, &[]).await;
+    let q = "select b::text from public.items where id = 1";
+    let mallory = common::connect_str(&url(p.port, "hs_mallory")).await;
+    assert_eq!(first(&mallory, "select m.poison()").await, "escape");
+    for _ in 0..2 {
+        assert_eq!(first(&mallory, q).await, "A");
+    }
+    let alice = common::connect_str(&url(p.port, "hs_alice")).await;
+    for _ in 0..2 {
+        assert_eq!(first(&alice, q).await, "\\x41", "another role's rendering");
+    }
+    // Entries stay shared between roles that ran no code of their own.
+    d.batch_execute(
+        "DO $$ BEGIN CREATE ROLE hs_carol LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;",
+    )
+    .await
+    .unwrap();
+    let bob = common::connect_str(&url(p.port, "hs_carol")).await;
+    let before = p.metrics().await.hits();
+    assert_eq!(first(&bob, q).await, "\\x41");
+    assert!(p.metrics().await.hits() > before, "alice's entry, shared");
 }

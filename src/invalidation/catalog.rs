@@ -240,6 +240,10 @@ impl Catalog {
         functions.iter().all(|f| self.routines.immutable(f))
     }
 
+    pub fn any_user_defined(&self, functions: &[String]) -> bool {
+        functions.iter().any(|f| self.routines.user_defined(f))
+    }
+
     /// The generation slots a cacheable statement depends on, or why it cannot be
     /// cached in this database. Tables with a trigger that this pgtier does not
     /// watch yet are added to `unwatched` (and the statement is not cacheable

@@ -369,6 +369,11 @@ impl DbState {
         functions.is_empty() || self.catalog.load().all_immutable(functions)
     }
 
+    /// Whether any of these calls may run a role's own code.
+    pub fn any_user_defined(&self, functions: &[String]) -> bool {
+        !functions.is_empty() && self.catalog.load().any_user_defined(functions)
+    }
+
     /// Can a cacheable statement be cached in this database, and on what does
     /// its result depend? Decided against the current catalog, once per text.
     pub fn resolve(

@@ -20,7 +20,9 @@ use crate::protocol::backend;
 /// Settings set for the client's connection by its startup packet are keyed
 /// from the packet itself; these never change a result. `pg_settings` hides
 /// `role`, which `ALTER ROLE ... SET role` makes a session start under: the
-/// role the session runs as is part of the digest. Every function and
+/// role the session runs as is part of the digest when it is not the one it
+/// logged in as (otherwise the key has it already, and entries a `public`
+/// rule shares stay shared between roles). Every function and
 /// operator is qualified: the query runs under the session's own
 /// `search_path`, which a role may set for itself, and a role whose own `md5`
 /// or `<>` came first could make the digest of its settings that of another
@@ -30,7 +32,8 @@ use crate::protocol::backend;
 const QUERY: &str = "SELECT pg_catalog.concat(pg_catalog.md5(pg_catalog.concat(\
        pg_catalog.string_agg(\
          name OPERATOR(pg_catalog.||) '=' OPERATOR(pg_catalog.||) setting, ',' ORDER BY name), \
-       ';current_user=', current_user)), \
+       CASE WHEN current_user OPERATOR(pg_catalog.<>) session_user \
+         THEN ';current_user=' OPERATOR(pg_catalog.||) current_user END)), \
        CASE WHEN pg_catalog.strpos(pg_catalog.current_setting('search_path'), 'pg_temp') \
          OPERATOR(pg_catalog.>) 0 THEN ' pg_temp' END) \
      FROM pg_catalog.pg_settings \

@@ -289,6 +289,15 @@ impl Routines {
         self.check_function(name, false).is_ok()
     }
 
+    /// Whether a call by this name may run code a role defined (outside
+    /// `pg_catalog`). Postgres lets an IMMUTABLE function call set_config().
+    pub fn user_defined(&self, name: &str) -> bool {
+        match name.rsplit_once('.') {
+            Some((schema, _)) => schema != "pg_catalog",
+            None => self.by_name.contains_key(name),
+        }
+    }
+
     fn check_function(&self, name: &str, public: bool) -> Result<(), BypassReason> {
         match name.rsplit_once('.') {
             Some(("pg_catalog", bare)) if is_safe_builtin(bare) => Ok(()),

@@ -52,6 +52,9 @@ pub struct SessionCache {
     /// or a warm refresh parsed its own. Closed on the server before the
     /// client's next use of the unnamed statement that does not define it.
     pub(super) stray_unnamed: bool,
+    /// A forwarded statement called a function a role defined (see
+    /// `note_effects`): `public` rules no longer share this session's reads.
+    pub(super) ran_user_code: bool,
     pub(super) captures: Captures,
     pub(super) timing: Timing,
     /// The request number captures opened now belong to.
@@ -86,6 +89,7 @@ impl SessionCache {
             settings: Settings::new(database, user, startup_params),
             statements: Statements::default(),
             stray_unnamed: false,
+            ran_user_code: false,
             captures: Captures::default(),
             timing: Timing::default(),
             current_request: 0,
@@ -99,6 +103,9 @@ impl SessionCache {
     /// effect).
     pub fn reseed(&mut self, server_params: &[(String, String)]) {
         self.seed = self.settings.seed(server_params);
+        if self.ran_user_code {
+            self.seed.public = self.seed.user;
+        }
         let is_utf8 = |name: &str| {
             server_params
                 .iter()
@@ -209,6 +216,15 @@ impl SessionCache {
             // which pgtier would see.
             self.wrote_in = Some(self.current_request);
             self.taint(BypassReason::FunctionCall);
+        } else if self
+            .catalog_db
+            .as_ref()
+            .is_some_and(|d| d.any_user_defined(calls))
+        {
+            // A role's own IMMUTABLE function may still call set_config():
+            // what this session reads is no longer shared with other roles.
+            self.ran_user_code = true;
+            self.seed.public = self.seed.user;
         }
         for e in &decision.analysis.effects {
             match e {
