@@ -182,3 +182,53 @@ async fn the_unnamed_statement_survives_a_read_your_writes_fence() {
         "the role changes were fenced with a query on the session's connection"
     );
 }
+
+/// A named statement keeps what it meant when it was parsed: after a column
+/// is added, Postgres refuses to run it (`0A000`, cached plan must not change
+/// result type), and so does pgtier when its first execution was a cache
+/// hit. An unnamed statement with a read-your-writes fence (a role change)
+/// between its Parse and its use is still there, as on Postgres.
+#[tokio::test]
+async fn statements_parsed_before_ddl_keep_what_they_meant() {
+    let (db, p) = cached("unnamed_ddl").await;
+    const ALL: &str = "select * from t where id = 1";
+    let named = |sql: &str, name: &str| {
+        concat(&[
+            parse(name, sql, &[]),
+            bind("", name, &[]),
+            execute("", 0),
+            sync(),
+        ])
+    };
+    let add = named("alter table t add column c int default 7", "ddl1");
+    let drop = named("alter table t drop column c", "ddl2");
+    let run = |name: &str| {
+        concat(&[
+            bind("", name, &[]),
+            describe_portal(""),
+            execute("", 0),
+            sync(),
+        ])
+    };
+    let steps = vec![
+        // fills the cache: the named Parse below is a hit's
+        step(extended_query(ALL, &[]), Until::Ready(1)),
+        step(concat(&[parse("s1", ALL, &[]), run("s1")]), Until::Ready(1)),
+        step(add.clone(), Until::Ready(1)),
+        step(run("s1"), Until::Ready(1)),
+        step(drop.clone(), Until::Ready(1)),
+        // the unnamed statement, then a fenced role change
+        step(concat(&[parse("", ALL, &[]), sync()]), Until::Ready(1)),
+        step(named("alter role postgres bypassrls", "g"), Until::Ready(1)),
+        step(add, Until::Ready(1)),
+        step(run(""), Until::Ready(1)),
+        step(drop, Until::Ready(1)),
+        probe(),
+    ];
+    let got = same_replies(p.port, &db, "statements parsed before DDL", &steps);
+    let code = |i: usize| got[i].msgs.iter().find_map(|m| m.code());
+    assert_eq!(code(3).as_deref(), Some("0A000"), "{:?}", got[3].msgs);
+    // The unnamed statement's result type may change (Postgres analyses it
+    // again): what matters is that it is still there, as on Postgres.
+    assert_eq!(code(8), None, "{:?}", got[8].msgs);
+}

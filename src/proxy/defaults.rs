@@ -26,7 +26,7 @@ use crate::protocol::backend;
 /// operator is qualified: the query runs under the session's own
 /// `search_path`, which a role may set for itself, and a role whose own `md5`
 /// or `<>` came first could make the digest of its settings that of another
-/// session's, and share its entries (`tests/hardening_session.rs`, case 24).
+/// session's, and share its entries (`tests/hardening_role_code.rs`, case 24).
 /// The digest ends in [`TEMP_MARK`] when the starting `search_path` names
 /// `pg_temp`: an unqualified CREATE may then make a temporary object.
 const QUERY: &str = "SELECT pg_catalog.concat(pg_catalog.md5(pg_catalog.concat(\

@@ -443,14 +443,32 @@ async fn captures_keep_their_ids_when_an_earlier_one_ends() {
 }
 
 #[tokio::test]
-async fn a_statement_only_pgtier_parsed_is_replayed_before_its_first_forward() {
+async fn a_named_statement_goes_to_the_server_when_it_is_defined() {
     let mut h = Harness::new();
     h.cache_result("select 1");
-    let p = parse("s1", "select 1");
-    let (answered, forwarded) = h.request(&[p.clone(), bind("s1"), execute(), sync()]).await;
+    // Parsed later, it would be analysed against the catalog of that moment.
+    let (answered, forwarded) = h
+        .request(&[parse("s1", "select 1"), bind("s1"), execute(), sync()])
+        .await;
+    assert!(answered == 0 && forwarded > 0, "forwarded, not answered");
+    h.track = Tracker::new(&ServerHello::default());
+    // Defined on the server: its executions are hits, and it is never replayed.
+    let (answered, forwarded) = h.request(&[bind("s1"), execute(), sync()]).await;
     assert!(answered > 0 && forwarded == 0, "answered from the cache");
     h.cache.l1.clear();
     let out = h.decide(&[bind("s1"), execute(), sync()]).await;
+    assert_eq!(out.forward.expect("forwarded").replayed.len(), 0);
+}
+
+#[tokio::test]
+async fn an_unnamed_statement_only_pgtier_parsed_is_replayed_before_its_first_forward() {
+    let mut h = Harness::new();
+    h.cache_result("select 1");
+    let p = parse("", "select 1");
+    let (answered, forwarded) = h.request(&[p.clone(), bind(""), execute(), sync()]).await;
+    assert!(answered > 0 && forwarded == 0, "answered from the cache");
+    h.cache.l1.clear();
+    let out = h.decide(&[bind(""), execute(), sync()]).await;
     let forward = out.forward.expect("forwarded");
     assert_eq!(forward.replayed.len(), 1);
     assert_eq!(
@@ -459,7 +477,7 @@ async fn a_statement_only_pgtier_parsed_is_replayed_before_its_first_forward() {
         "the client's own Parse"
     );
     // Applied: the replayed Parse's reply is expected first, and swallowed.
-    let bytes = Bytes::from([bind("s1"), execute(), sync()].concat());
+    let bytes = Bytes::from([bind(""), execute(), sync()].concat());
     let mut h2 = Harness::new();
     apply::apply(
         Outcome::forward(forward),
@@ -472,7 +490,7 @@ async fn a_statement_only_pgtier_parsed_is_replayed_before_its_first_forward() {
     assert_eq!((front.expect, front.swallow), (Expect::Parse, true));
     assert_eq!(h2.sout.len(), p.len() + bytes.len());
     // Known to the server now: not replayed again.
-    let out = h.decide(&[bind("s1"), execute(), sync()]).await;
+    let out = h.decide(&[bind(""), execute(), sync()]).await;
     assert_eq!(out.forward.expect("forwarded").replayed.len(), 0);
 }
 

@@ -149,8 +149,13 @@ impl SessionCache {
             };
             match msg {
                 Frontend::Parse(p) => {
-                    // Parsing a name that exists is an error Postgres must report.
-                    if !p.name.is_empty() && self.statement_hash(&defined, p.name).is_some() {
+                    // A named statement goes to the server when the client
+                    // defines it: parsed later (replayed before its first use
+                    // there), it would be analysed against a catalog that may
+                    // have changed since, where Postgres keeps what it parsed
+                    // (its result type, the relations its names meant). Only
+                    // the first execution of each per connection pays this.
+                    if !p.name.is_empty() {
                         return Plan::No;
                     }
                     defined.push(Defined {

@@ -159,9 +159,15 @@ pub(super) fn start(
         });
     }
     let channel = inv.channel.replace('"', "\"\"");
-    let (seq, pending, done, sql, tag) = if logical && !announce_all {
+    let (seq, pending, done, statements, tag) = if logical && !announce_all {
         let (seq, tx, rx) = db.new_lsn_fence();
-        (seq, Some(tx), rx, LSN_QUERY.to_string(), ReplyTag::FenceLsn)
+        (
+            seq,
+            Some(tx),
+            rx,
+            vec![LSN_QUERY.to_string()],
+            ReplyTag::FenceLsn,
+        )
     } else {
         // NOTIFY, or DDL through pgtier on the logical source: a message
         // after the session's commit (delivered in commit order), with
@@ -170,20 +176,19 @@ pub(super) fn start(
         // one more commit: DDL is rare.
         let (seq, nonce, rx) = db.new_fence();
         let payload = crate::invalidation::Payload::fence(inv.instance, seq, nonce);
-        let mut sql = if logical {
-            crate::invalidation::logical::emit_sql(&inv.channel, &payload)
-        } else {
-            format!("NOTIFY \"{channel}\", '{payload}'")
-        };
-        if announce_all {
-            let all = if logical {
-                crate::invalidation::logical::emit_sql(&inv.channel, "*")
+        let announce = |payload: &str| {
+            if logical {
+                crate::invalidation::logical::emit_sql(&inv.channel, payload)
             } else {
-                format!("NOTIFY \"{channel}\", '*'")
-            };
-            sql = format!("{all}; {sql}");
+                format!("NOTIFY \"{channel}\", '{payload}'")
+            }
+        };
+        let mut statements = Vec::new();
+        if announce_all {
+            statements.push(announce("*"));
         }
-        (seq, None, rx, sql, ReplyTag::None)
+        statements.push(announce(&payload));
+        (seq, None, rx, statements, ReplyTag::None)
     };
     let kind = if tag == ReplyTag::FenceLsn {
         "lsn"
@@ -192,18 +197,12 @@ pub(super) fn start(
     };
     ::metrics::counter!("pgtier_fences_total", "kind" => kind).increment(1);
     let mut buf = BytesMut::new();
-    crate::protocol::frontend::Query {
-        sql: sql.as_bytes(),
+    for statement in &statements {
+        extended(statement.as_bytes(), &mut buf, track, tag);
     }
-    .encode(&mut buf);
+    buf.extend_from_slice(crate::protocol::frontend::SYNC_BYTES);
+    track.expect(Expect::Sync, true, tag);
     sout.push(buf.freeze());
-    // A Query destroys the server's unnamed statement, which the client may
-    // still use (a Bind of "" with no Parse): replayed before that use, as
-    // after a warm refresh.
-    if let Some(s) = caching.statements.get_mut(b"") {
-        s.on_server = false;
-    }
-    track.expect(Expect::Query, true, tag);
     caching.fencing = true;
     Some(Fence {
         seq,
@@ -212,6 +211,47 @@ pub(super) fn start(
         done,
         deadline: Box::pin(tokio::time::sleep(timeout)),
     })
+}
+
+/// The name of the statement a fence runs as: a Query, or a Parse of the
+/// unnamed statement, would destroy the client's unnamed statement (and one
+/// parsed again later may no longer mean what the client parsed). Closed in
+/// the same request; a client statement of this name makes the Parse fail, the
+/// rest is skipped (the client's statement stays) and the fence fails.
+const STATEMENT: &[u8] = b"pgtier_fence";
+
+/// Queue `sql` as Parse, Bind, Execute and Close of [`STATEMENT`] (the
+/// caller ends the request with Sync), its replies expected and swallowed.
+fn extended(sql: &[u8], buf: &mut BytesMut, track: &mut Tracker, tag: ReplyTag) {
+    use crate::protocol::frontend::{Bind, Close, Execute, Parse, Target};
+    Parse {
+        name: STATEMENT,
+        query: sql,
+        param_types: &[],
+    }
+    .encode(buf);
+    // No parameter formats, no parameters, no result formats (text).
+    Bind {
+        portal: b"",
+        statement: STATEMENT,
+        args: &[0; 6],
+        result_formats: &[],
+        param_count: 0,
+    }
+    .encode(buf);
+    Execute {
+        portal: b"",
+        max_rows: 0,
+    }
+    .encode(buf);
+    Close {
+        target: Target::Statement,
+        name: STATEMENT,
+    }
+    .encode(buf);
+    for e in [Expect::Parse, Expect::Bind, Expect::Execute, Expect::Close] {
+        track.expect(e, true, tag);
+    }
 }
 
 #[cfg(test)]
@@ -242,26 +282,55 @@ mod tests {
         frame(b'D', &b)
     }
 
-    /// The raw bytes Postgres answers the position query with, through the
-    /// tracker as the session sees them: every message is swallowed, the
-    /// DataRow's value is the position, and the client's request behind it
-    /// still gets its own replies.
+    /// The fence request as sent (a named statement, parsed, run and closed:
+    /// nothing of the client's is touched) and the raw bytes Postgres answers
+    /// it with, through the tracker as the session sees them: every message is
+    /// swallowed, the DataRow's value is the position, and the client's
+    /// request behind it still gets its own replies.
     #[test]
     fn the_fence_position_is_read_from_a_swallowed_reply() {
+        use crate::protocol::batch::Batch;
+        use crate::protocol::frontend::Frontend;
         let mut track = Tracker::new(&ServerHello::default());
-        track.expect(Expect::Query, true, ReplyTag::FenceLsn);
+        let mut buf = BytesMut::new();
+        extended(
+            LSN_QUERY.as_bytes(),
+            &mut buf,
+            &mut track,
+            ReplyTag::FenceLsn,
+        );
+        buf.extend_from_slice(crate::protocol::frontend::SYNC_BYTES);
+        track.expect(Expect::Sync, true, ReplyTag::FenceLsn);
         track.expect(Expect::Query, false, ReplyTag::None);
-        let mut row_desc = 1i16.to_be_bytes().to_vec();
-        row_desc.extend_from_slice(b"pg_current_wal_flush_lsn\0");
-        row_desc.extend_from_slice(&[0; 6]);
-        row_desc.extend_from_slice(&3220u32.to_be_bytes()); // pg_lsn
-        row_desc.extend_from_slice(&8i16.to_be_bytes());
-        row_desc.extend_from_slice(&(-1i32).to_be_bytes());
-        row_desc.extend_from_slice(&0i16.to_be_bytes());
+        let sent = buf.freeze();
+        let batch = Batch::new(&sent);
+        let names: Vec<String> = batch
+            .views()
+            .map(|m| match m {
+                Frontend::Parse(p) => format!("P {}", String::from_utf8_lossy(p.name)),
+                Frontend::Bind(b) => format!("B {}", String::from_utf8_lossy(b.statement)),
+                Frontend::Execute(e) => format!("E {}", String::from_utf8_lossy(e.portal)),
+                Frontend::Close(c) => format!("C {}", String::from_utf8_lossy(c.name)),
+                Frontend::Sync => "S".into(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "P pgtier_fence",
+                "B pgtier_fence",
+                "E ",
+                "C pgtier_fence",
+                "S"
+            ]
+        );
         let reply = [
-            frame(b'T', &row_desc),
+            frame(b'1', b""),
+            frame(b'2', b""),
             data_row(&[Some(b"1/A0B3C4D8")]),
             frame(b'C', b"SELECT 1\0"),
+            frame(b'3', b""),
             frame(b'Z', b"I"),
         ];
         let mut captured = None;
