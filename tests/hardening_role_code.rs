@@ -12,6 +12,19 @@ use common::{direct, fresh_db, Pgtier};
 
 const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
 
+/// Roles are cluster-wide and tests of one binary run at once: each is
+/// created unless it exists (name, attributes).
+async fn roles(d: &tokio_postgres::Client, roles: &[(&str, &str)]) {
+    for (name, attributes) in roles {
+        d.batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {name} {attributes}; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        ))
+        .await
+        .unwrap();
+    }
+}
+
 /// A role may set its own defaults, and pgtier reads the digest of a new
 /// session's settings under them. One that renders floats its own way and
 /// puts a schema of its own before `pg_catalog`, with an `md5` there answering
@@ -24,10 +37,9 @@ const TTL: &str = "[cache]\ndefault_ttl = \"10m\"\n";
 async fn case_24_a_role_cannot_forge_the_digest_of_its_settings() {
     let db = fresh_db("hs_forged_digest").await;
     let d = direct(&db).await;
+    roles(&d, &[("hs_forger", "LOGIN"), ("hs_reader", "LOGIN")]).await;
     d.batch_execute(
-        "DO $$ BEGIN CREATE ROLE hs_forger LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         DO $$ BEGIN CREATE ROLE hs_reader LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         create table public.f(x float8); insert into public.f values (1.0 / 3);
+        "create table public.f(x float8); insert into public.f values (1.0 / 3);
          grant select on public.f to public;
          create schema forger authorization hs_forger;",
     )
@@ -87,10 +99,13 @@ async fn case_24_a_role_cannot_forge_the_digest_of_its_settings() {
 async fn case_25_a_role_set_by_default_is_keyed() {
     let db = fresh_db("hs_role_default_role").await;
     let d = direct(&db).await;
+    roles(
+        &d,
+        &[("hs_alice7", "LOGIN NOINHERIT"), ("hs_bob7", "NOLOGIN")],
+    )
+    .await;
     d.batch_execute(&format!(
-        "DO $$ BEGIN CREATE ROLE hs_alice7 LOGIN NOINHERIT; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         DO $$ BEGIN CREATE ROLE hs_bob7 NOLOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         grant hs_bob7 to hs_alice7;
+        "grant hs_bob7 to hs_alice7;
          alter role hs_alice7 in database {db} reset all;
          create table secret(id int primary key, v text);
          insert into secret values (1, 'bob only');
@@ -162,9 +177,9 @@ async fn case_26_an_unqualified_create_under_a_pg_temp_path_is_temporary() {
     // The same path given to a role as its default (not seen by pgtier but
     // through the digest of the session's settings).
     let d = direct(&db).await;
+    roles(&d, &[("hs_temp_path", "LOGIN")]).await;
     d.batch_execute(&format!(
-        "DO $$ BEGIN CREATE ROLE hs_temp_path LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         grant select on t to hs_temp_path; grant create on schema public to hs_temp_path;
+        "grant select on t to hs_temp_path; grant create on schema public to hs_temp_path;
          alter role hs_temp_path in database {db} set search_path = pg_temp, public;"
     ))
     .await
@@ -196,10 +211,9 @@ async fn case_26_an_unqualified_create_under_a_pg_temp_path_is_temporary() {
 async fn case_27_settings_changed_through_pg_settings_are_not_missed() {
     let db = fresh_db("hs_pg_settings_update").await;
     let d = direct(&db).await;
+    roles(&d, &[("hs_mallory", "LOGIN"), ("hs_alice", "LOGIN")]).await;
     d.batch_execute(
-        "DO $$ BEGIN CREATE ROLE hs_mallory LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         DO $$ BEGIN CREATE ROLE hs_alice LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         create table items(id int primary key, b bytea);
+        "create table items(id int primary key, b bytea);
          insert into items values (1, '\\x41');
          grant select on items to public;",
     )
@@ -235,10 +249,9 @@ async fn case_27_settings_changed_through_pg_settings_are_not_missed() {
 async fn case_28_a_roles_own_immutable_function_cannot_poison_shared_entries() {
     let db = fresh_db("hs_immutable_set_config").await;
     let d = direct(&db).await;
+    roles(&d, &[("hs_mallory", "LOGIN"), ("hs_alice", "LOGIN")]).await;
     d.batch_execute(
-        "DO $$ BEGIN CREATE ROLE hs_mallory LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         DO $$ BEGIN CREATE ROLE hs_alice LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-         create table items(id int primary key, b bytea);
+        "create table items(id int primary key, b bytea);
          insert into items values (1, '\\x41');
          grant select on items to public;
          create schema m authorization hs_mallory;",
@@ -267,13 +280,9 @@ async fn case_28_a_roles_own_immutable_function_cannot_poison_shared_entries() {
         assert_eq!(first(&alice, q).await, "\\x41", "another role's rendering");
     }
     // Entries stay shared between roles that ran no code of their own.
-    d.batch_execute(
-        "DO $$ BEGIN CREATE ROLE hs_carol LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;",
-    )
-    .await
-    .unwrap();
-    let bob = common::connect_str(&url(p.port, "hs_carol")).await;
+    roles(&d, &[("hs_carol", "LOGIN")]).await;
+    let carol = common::connect_str(&url(p.port, "hs_carol")).await;
     let before = p.metrics().await.hits();
-    assert_eq!(first(&bob, q).await, "\\x41");
+    assert_eq!(first(&carol, q).await, "\\x41");
     assert!(p.metrics().await.hits() > before, "alice's entry, shared");
 }
