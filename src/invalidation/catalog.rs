@@ -38,8 +38,9 @@ pub struct Relation {
     pub children: Vec<u32>,
     /// Columns: (name, type oid, collation deterministic), for key lookups.
     pub columns: Vec<(String, u32, bool)>,
-    /// Triggers other than pgtier's (foreign-key actions included) or rules:
-    /// a write to it may write other tables too.
+    /// Triggers other than pgtier's (foreign-key actions included), rules, or
+    /// defaults, CHECKs and policies calling a role's functions: a write to it
+    /// may write other tables too.
     pub side_effects: bool,
 }
 
@@ -82,6 +83,20 @@ SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relrows
                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), '[]'),
        c.relhasrules OR EXISTS (SELECT 1 FROM pg_trigger t
                                 WHERE t.tgrelid = c.oid AND t.tgname NOT LIKE 'pgtier\\_%')
+       -- A column default, a CHECK (of the table or of a column's domain) or a
+       -- policy that calls a function of a role's may write other tables too.
+       OR EXISTS (SELECT 1 FROM pg_depend d JOIN pg_proc f ON f.oid = d.refobjid
+                  WHERE d.refclassid = 'pg_proc'::regclass
+                    AND f.pronamespace <> 'pg_catalog'::regnamespace
+                    AND ((d.classid = 'pg_attrdef'::regclass
+                          AND d.objid IN (SELECT ad.oid FROM pg_attrdef ad WHERE ad.adrelid = c.oid))
+                      OR (d.classid = 'pg_constraint'::regclass
+                          AND d.objid IN (SELECT co.oid FROM pg_constraint co
+                                          WHERE co.conrelid = c.oid
+                                             OR co.contypid IN (SELECT a.atttypid FROM pg_attribute a
+                                                                WHERE a.attrelid = c.oid AND a.attnum > 0)))
+                      OR (d.classid = 'pg_policy'::regclass
+                          AND d.objid IN (SELECT po.oid FROM pg_policy po WHERE po.polrelid = c.oid))))
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtier')
@@ -198,38 +213,34 @@ impl Catalog {
         self.by_oid.get(&oid).map(|&i| &self.relations[i])
     }
 
-    /// Every relation related by inheritance (ancestors and descendants): a write
-    /// to any of them can change what a query on `oid` returns, or vice versa.
+    /// The relations whose writes can change what a query on `oid` returns,
+    /// and whose rows it reads: `oid` and its descendants (a query reads them
+    /// all unless it says ONLY), and every ancestor of any of those (a write
+    /// naming an ancestor reaches the rows of its descendants; with multiple
+    /// inheritance that includes a descendant's other parents).
     pub fn family(&self, oid: u32) -> Vec<u32> {
         let mut seen = vec![oid];
         let mut i = 0;
-        // Ancestors, then descendants of the table itself.
         while i < seen.len() {
             if let Some(r) = self.get(seen[i]) {
+                for c in &r.children {
+                    if !seen.contains(c) {
+                        seen.push(*c);
+                    }
+                }
+            }
+            i += 1;
+        }
+        let mut j = 0;
+        while j < seen.len() {
+            if let Some(r) = self.get(seen[j]) {
                 for p in &r.parents {
                     if !seen.contains(p) {
                         seen.push(*p);
                     }
                 }
             }
-            i += 1;
-        }
-        let mut down = vec![oid];
-        let mut j = 0;
-        while j < down.len() {
-            if let Some(r) = self.get(down[j]) {
-                for c in &r.children {
-                    if !down.contains(c) {
-                        down.push(*c);
-                    }
-                }
-            }
             j += 1;
-        }
-        for d in down {
-            if !seen.contains(&d) {
-                seen.push(d);
-            }
         }
         seen
     }
