@@ -165,6 +165,15 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
         self.queue.iter()
     }
 
+    /// Whether what the server is answering now is a request pgtier sent on
+    /// its own behalf (its replies swallowed).
+    pub fn front_is_own(&self) -> bool {
+        self.queue
+            .iter()
+            .find(|a| a.expect != Expect::Synthetic)
+            .is_some_and(|a| a.swallow)
+    }
+
     /// Take the front entry's reply if it is a synthetic reply now due.
     pub fn pop_synthetic(&mut self) -> Option<Vec<Bytes>> {
         match self.queue.front() {
@@ -379,6 +388,25 @@ mod tests {
 
     fn relayed<T>(r: &Route<T>) -> bool {
         matches!(r, Route::Relay { .. })
+    }
+
+    /// A notice belongs to what the server answers now: pgtier's own request
+    /// (a refresh, a fence) when it is at the front, whatever pgtier composed
+    /// for the client queued ahead of it.
+    #[test]
+    fn the_front_request_is_the_servers_not_a_synthetic_reply() {
+        let mut q: Replies<()> = Replies::default();
+        assert!(!q.front_is_own(), "nothing in flight");
+        q.push_synthetic(vec![bytes::Bytes::from_static(b"Z\0\0\0\x05I")], ());
+        q.push(Expect::Query, true, ());
+        assert!(
+            q.front_is_own(),
+            "a swallowed Query behind a synthetic reply"
+        );
+        let mut q: Replies<()> = Replies::default();
+        q.push(Expect::Query, false, ());
+        q.push(Expect::Query, true, ());
+        assert!(!q.front_is_own(), "the client's request runs first");
     }
 
     #[test]

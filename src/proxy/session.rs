@@ -518,12 +518,20 @@ impl Session {
                 self.track.terminating = false;
                 self.sout.push_static(frontend::TERMINATE_BYTES);
             }
-            let (front, swallow) = match route {
+            let (front, mut swallow) = match route {
                 Route::Swallow { front } => (Some(front), true),
                 Route::Relay { front, .. } => (front, false),
                 Route::Desync(_) => (None, false),
             };
             let request = self.track.requests_done + u64::from(h.tag != backend::READY_FOR_QUERY);
+            if h.tag == backend::NOTICE_RESPONSE {
+                // Sent while the server runs the request at the front: a
+                // result that came with a notice is not stored (a hit would
+                // leave the notice out), and the notices of pgtier's own
+                // requests (refreshes, fences) are not the client's.
+                self.caching.on_notice(request);
+                swallow = self.track.replies.front_is_own();
+            }
             if h.tag == backend::ERROR_RESPONSE {
                 self.caching.on_error(request);
                 self.caching.refused(&self.track.replies.take_discarded());

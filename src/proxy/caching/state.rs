@@ -291,6 +291,12 @@ impl SessionCache {
         self.captures.on_error(request);
     }
 
+    /// A notice while request `request` ran: nothing it produced is stored
+    /// either, since a hit replays no notice.
+    pub fn on_notice(&mut self, request: u64) {
+        self.captures.on_error(request);
+    }
+
     /// Request `request` ended (ReadyForQuery): store what it captured if it
     /// committed, apply its setting changes if it succeeded. True if a write
     /// fence must follow before the client hears of the end.
