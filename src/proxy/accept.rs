@@ -162,6 +162,8 @@ async fn serve_inner(
         since: SystemTime::now(),
         state: AtomicU8::new(b'I'),
         requests: AtomicU64::new(0),
+        backend: hello.key.as_ref().map(|k| (k.pid, k.secret)),
+        cancel_wanted: std::sync::atomic::AtomicBool::new(false),
     });
     proxy.register(info.clone());
     let hot = crate::metrics::hot();

@@ -165,6 +165,14 @@ impl<T: Copy + Default + std::fmt::Debug> Replies<T> {
         self.queue.iter()
     }
 
+    /// Whether a request of the client's waits for the server (not one of
+    /// pgtier's own, not a reply pgtier composed).
+    pub fn client_request_queued(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|a| !a.swallow && a.expect != Expect::Synthetic)
+    }
+
     /// Whether what the server is answering now is a request pgtier sent on
     /// its own behalf (its replies swallowed).
     pub fn front_is_own(&self) -> bool {

@@ -533,6 +533,9 @@ impl Session {
                 swallow = self.track.replies.front_is_own();
             }
             if h.tag == backend::ERROR_RESPONSE {
+                if swallow {
+                    self.cancel_again_if_misdirected(&msg[5..]);
+                }
                 self.caching.on_error(request);
                 self.caching.refused(&self.track.replies.take_discarded());
             }
@@ -545,6 +548,13 @@ impl Session {
                     fence::reply(&mut self.fence, &mut self.caching, h.tag, &msg[5..]);
                 }
                 if h.tag == backend::READY_FOR_QUERY {
+                    if !swallow {
+                        // The client's request ended: a cancel sent now
+                        // would be for a later one.
+                        self.info
+                            .cancel_wanted
+                            .store(false, std::sync::atomic::Ordering::Release);
+                    }
                     self.info.state.store(
                         self.track.tx.as_byte(),
                         std::sync::atomic::Ordering::Relaxed,
@@ -590,6 +600,33 @@ impl Session {
         }
         self.cout.push_from(&mut self.sin, relay);
         Ok(())
+    }
+
+    /// One of pgtier's own requests (a refresh ahead of the client's request)
+    /// failed with `query_canceled` while the client's cancel was pending: the
+    /// cancel was meant for the client's statement, which the server runs
+    /// next. Send it again (a cancel arriving after that statement ended is
+    /// ignored by the server, as a late one would be).
+    fn cancel_again_if_misdirected(&self, error: &[u8]) {
+        use std::sync::atomic::Ordering;
+        let canceled = backend::ErrorFields::decode(backend::ERROR_RESPONSE, error)
+            .is_ok_and(|e| e.code == b"57014");
+        if !canceled
+            || !self.track.replies.client_request_queued()
+            || !self.info.cancel_wanted.swap(false, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Some((pid, secret)) = self.info.backend else {
+            return;
+        };
+        let proxy = self.proxy.clone();
+        tokio::spawn(async move {
+            let req = crate::protocol::startup::CancelRequest { pid, secret };
+            if let Err(e) = proxy.upstream.cancel(req).await {
+                tracing::warn!(error = %e, "could not relay a cancel request again");
+            }
+        });
     }
 
     /// Write what is queued for one side, bounded in time.

@@ -95,6 +95,9 @@ pub async fn accept(stream: ClientStream, proxy: &Proxy) -> Result<Opened, Start
             }
             StartupPacket::GssEncRequest => write_all(&mut client, b"N").await?,
             StartupPacket::Cancel(req) => {
+                // Marked first: the session must know of it before the
+                // server's 57014 reaches it.
+                proxy.note_cancel(req.pid, req.secret);
                 if let Err(e) = proxy.upstream.cancel(req).await {
                     tracing::warn!(error = %e, "could not relay cancel request");
                 }

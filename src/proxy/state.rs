@@ -4,7 +4,7 @@
 //! the readiness probe live here too.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -58,6 +58,14 @@ pub struct SessionInfo {
     /// Transaction status byte of the last ReadyForQuery (I, T, E).
     pub state: AtomicU8,
     pub requests: AtomicU64,
+    /// The server backend's key (pid, secret), which the client cancels with:
+    /// pgtier relays BackendKeyData as is.
+    pub backend: Option<(i32, i32)>,
+    /// A cancel for this session arrived and the client's request it was
+    /// meant for has not ended yet: if it stopped one of pgtier's own
+    /// requests instead (a refresh ahead of the client's), the session sends
+    /// it again.
+    pub cancel_wanted: AtomicBool,
 }
 
 /// State shared by all sessions of one pgtier process.
@@ -184,6 +192,16 @@ impl Proxy {
     /// A number for a new connection (logs, the console's SHOW CONNECTIONS).
     pub(super) fn next_session_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A client's cancel request for the session with this backend key is
+    /// about to be relayed.
+    pub(super) fn note_cancel(&self, pid: i32, secret: i32) {
+        if let Ok(m) = self.sessions_info.lock() {
+            if let Some(info) = m.values().find(|i| i.backend == Some((pid, secret))) {
+                info.cancel_wanted.store(true, Ordering::Release);
+            }
+        }
     }
 
     pub(super) fn register(&self, info: Arc<SessionInfo>) {
