@@ -411,6 +411,9 @@ mod tests {
             q.front_is_own(),
             "a swallowed Query behind a synthetic reply"
         );
+        assert!(!q.client_request_queued(), "nothing of the client's runs");
+        q.push(Expect::Query, false, ());
+        assert!(q.client_request_queued(), "the client's Query behind it");
         let mut q: Replies<()> = Replies::default();
         q.push(Expect::Query, false, ());
         q.push(Expect::Query, true, ());
