@@ -548,13 +548,13 @@ impl Session {
                     fence::reply(&mut self.fence, &mut self.caching, h.tag, &msg[5..]);
                 }
                 if h.tag == backend::READY_FOR_QUERY {
-                    if !swallow {
-                        // The client's request ended: a cancel sent now
-                        // would be for a later one.
-                        self.info
-                            .cancel_wanted
-                            .store(false, std::sync::atomic::Ordering::Release);
-                    }
+                    // A request ended without the cancel stopping pgtier's
+                    // own one: it reached the client's statement, or came
+                    // when nothing ran (the server ignores those). Kept, it
+                    // could later misread a statement timeout (also 57014).
+                    self.info
+                        .cancel_wanted
+                        .store(false, std::sync::atomic::Ordering::Release);
                     self.info.state.store(
                         self.track.tx.as_byte(),
                         std::sync::atomic::Ordering::Relaxed,
