@@ -25,12 +25,16 @@ pub enum Keys {
 fn values(
     row: &[Value<'_>],
     idx: &[usize],
+    columns: &[pgoutput::Column],
     old_identity_only: bool,
 ) -> Result<Option<Vec<String>>, ()> {
     let mut out = Vec::with_capacity(idx.len());
     for &i in idx {
         match row.get(i) {
-            Some(Value::Text(b)) => out.push(std::str::from_utf8(b).map_err(|_| ())?.to_string()),
+            Some(Value::Text(b)) => {
+                let text = std::str::from_utf8(b).map_err(|_| ())?;
+                out.push(as_text_cast(text, columns.get(i).map_or(0, |c| c.2)).to_string());
+            }
             // In an old identity tuple, columns outside it are sent as NULL.
             Some(Value::Null) if !old_identity_only => return Ok(None),
             _ => return Err(()),
@@ -39,12 +43,24 @@ fn values(
     Ok(Some(out))
 }
 
+/// pgoutput sends a value as its type's output function writes it; a read's
+/// key values are spelled as `value::text` (see `sql::keyvalue`). The two
+/// agree for every key type but `bool`, whose output is `t`/`f`.
+fn as_text_cast(text: &str, type_oid: u32) -> &str {
+    const BOOL: u32 = 16;
+    match (type_oid, text) {
+        (BOOL, "t") => "true",
+        (BOOL, "f") => "false",
+        _ => text,
+    }
+}
+
 /// The keys of `sets` one write (`kind`, `rest` of a Write) changed, for a
 /// relation with `columns` (name, part of the replica identity).
 pub fn of_write(
     kind: u8,
     rest: &[u8],
-    columns: &[(String, bool)],
+    columns: &[pgoutput::Column],
     sets: &[ColumnSet],
 ) -> Result<Keys, Malformed> {
     let (old, new) = pgoutput::tuples(kind, rest)?;
@@ -52,7 +68,7 @@ pub fn of_write(
     for set in sets {
         let Some(idx) = set
             .iter()
-            .map(|c| columns.iter().position(|(n, _)| n == c))
+            .map(|c| columns.iter().position(|(n, ..)| n == c))
             .collect::<Option<Vec<usize>>>()
         else {
             return Ok(Keys::Table);
@@ -60,7 +76,7 @@ pub fn of_write(
         let in_identity = idx.iter().all(|&i| columns[i].1);
         let mut tuples: Vec<Vec<String>> = Vec::new();
         let mut add = |row: &[Value<'_>], old: bool| -> Result<(), ()> {
-            if let Some(t) = values(row, &idx, old)? {
+            if let Some(t) = values(row, &idx, columns, old)? {
                 if !tuples.contains(&t) {
                     tuples.push(t);
                 }
@@ -110,11 +126,11 @@ mod tests {
             .collect()
     }
 
-    fn cols() -> Vec<(String, bool)> {
+    fn cols() -> Vec<pgoutput::Column> {
         vec![
-            ("id".into(), true),
-            ("grp".into(), false),
-            ("v".into(), false),
+            ("id".into(), true, 23),
+            ("grp".into(), false, 23),
+            ("v".into(), false, 23),
         ]
     }
 
@@ -133,6 +149,23 @@ mod tests {
                 .map(|t| t.iter().map(|v| v.to_string()).collect())
                 .collect(),
         )
+    }
+
+    /// pgoutput writes a bool as `t`/`f`; a read's key is spelled as the
+    /// value's `::text`, `true`/`false`. A text `t` stays `t`.
+    #[test]
+    fn bool_keys_are_spelled_as_a_reads_keys_are() {
+        let cols: Vec<pgoutput::Column> = vec![("k".into(), true, 16), ("s".into(), false, 25)];
+        let ins = msg(&[(b'N', row(&[Some("t"), Some("t")]))]);
+        assert_eq!(
+            of_write(b'I', &ins, &cols, &sets(&[&["k"], &["s"]])).unwrap(),
+            Keys::Sets(vec![keys(&["k"], &[&["true"]]), keys(&["s"], &[&["t"]])])
+        );
+        let del = msg(&[(b'K', row(&[Some("f"), None]))]);
+        assert_eq!(
+            of_write(b'D', &del, &cols, &sets(&[&["k"]])).unwrap(),
+            Keys::Sets(vec![keys(&["k"], &[&["false"]])])
+        );
     }
 
     #[test]

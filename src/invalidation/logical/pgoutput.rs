@@ -226,19 +226,21 @@ pub fn tuples(kind: u8, rest: &[u8]) -> Result<(Row<'_>, Row<'_>), Malformed> {
 
 /// The columns of a Relation message's `columns`, in order: name, and whether
 /// it is part of the replica identity.
-pub fn column_names(columns: &[u8]) -> Result<Vec<(String, bool)>, Malformed> {
+/// A column of a Relation message: its name, whether it is part of the
+/// replica identity, and its type's oid.
+pub type Column = (String, bool, u32);
+
+pub fn column_names(columns: &[u8]) -> Result<Vec<Column>, Malformed> {
     let mut r = Reader(columns);
     r.u8("replica identity")?;
     let n = u16::from_be_bytes([r.u8("columns")?, r.u8("columns")?]) as usize;
     let mut out = Vec::with_capacity(n.min(1600));
     for _ in 0..n {
         let key = r.u8("column flags")? & 1 == 1;
-        out.push((
-            String::from_utf8_lossy(r.cstr("column name")?).into_owned(),
-            key,
-        ));
-        r.u32("column type")?;
+        let name = String::from_utf8_lossy(r.cstr("column name")?).into_owned();
+        let type_oid = r.u32("column type")?;
         r.u32("column typmod")?;
+        out.push((name, key, type_oid));
     }
     Ok(out)
 }
@@ -338,7 +340,10 @@ mod tests {
         cols.extend([0, 0, 0, 23, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(
             column_names(&cols),
-            Ok(vec![("id".to_string(), true), ("v".to_string(), false)])
+            Ok(vec![
+                ("id".to_string(), true, 23),
+                ("v".to_string(), false, 23)
+            ])
         );
         assert!(column_names(&cols[..cols.len() - 1]).is_err());
         let mut tr = vec![b'T'];

@@ -78,8 +78,8 @@ struct Rel {
     name: QualifiedName,
     /// A hash of its column definitions, to notice a change.
     hash: u64,
-    /// Names, and whether each is part of the replica identity.
-    columns: Vec<(String, bool)>,
+    /// Names, whether each is part of the replica identity, type oids.
+    columns: Vec<pgoutput::Column>,
 }
 
 /// More key tuples than this for one table in one transaction, and the
