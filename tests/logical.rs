@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::logical::{cluster, control_url, schema, setup_command, TTL};
+use common::logical::{cluster, control_url, schema, setup_command, start_pgtier_with, TTL};
 use common::sql::{first, until, warm};
 use common::{connect_str, Pgtier};
 
@@ -405,19 +405,7 @@ async fn key_level_reads_survive_writes_to_other_keys() {
     )
     .await
     .unwrap();
-    let p = Pgtier::start_with(
-        port,
-        TTL,
-        &[
-            "--control-url",
-            &control_url(port),
-            "--invalidation-source",
-            "logical",
-            "--auto-install-triggers",
-            "--key-level",
-        ],
-    );
-    p.wait_listener("lg").await;
+    let p = start_pgtier_with(port, TTL, &["--auto-install-triggers", "--key-level"]).await;
     let direct = connect_str(&format!(
         "host=127.0.0.1 port={port} user=postgres dbname=lg"
     ))

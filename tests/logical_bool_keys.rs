@@ -6,9 +6,9 @@
 
 mod common;
 
-use common::logical::{cluster, control_url, schema, TTL};
+use common::connect_str;
+use common::logical::{cluster, schema, start_pgtier_with, TTL};
 use common::sql::{first, until, warm};
-use common::{connect_str, Pgtier};
 
 #[tokio::test]
 async fn writes_to_a_bool_key_invalidate_reads_by_it() {
@@ -20,20 +20,7 @@ async fn writes_to_a_bool_key_invalidate_reads_by_it() {
     )
     .await
     .unwrap();
-    let control = control_url(port);
-    let p = Pgtier::start_with(
-        port,
-        TTL,
-        &[
-            "--control-url",
-            &control,
-            "--invalidation-source",
-            "logical",
-            "--auto-install-triggers",
-            "--key-level",
-        ],
-    );
-    p.wait_listener("lg").await;
+    let p = start_pgtier_with(port, TTL, &["--auto-install-triggers", "--key-level"]).await;
     let direct = connect_str(&format!(
         "host=127.0.0.1 port={port} user=postgres dbname=lg"
     ))

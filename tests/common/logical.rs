@@ -96,16 +96,20 @@ pub fn setup_command(port: u16, args: &[&str]) -> String {
 /// pgtier on the logical source in front of the cluster on `port`, with the
 /// control role and `toml`, once its stream runs.
 pub async fn start_pgtier(port: u16, toml: &str) -> super::Pgtier {
-    let p = super::Pgtier::start_with(
-        port,
-        toml,
-        &[
-            "--control-url",
-            &control_url(port),
-            "--invalidation-source",
-            "logical",
-        ],
-    );
+    start_pgtier_with(port, toml, &[]).await
+}
+
+/// [`start_pgtier`] with more command-line arguments (`--key-level`, ...).
+pub async fn start_pgtier_with(port: u16, toml: &str, extra: &[&str]) -> super::Pgtier {
+    let control = control_url(port);
+    let mut args = vec![
+        "--control-url",
+        &control,
+        "--invalidation-source",
+        "logical",
+    ];
+    args.extend_from_slice(extra);
+    let p = super::Pgtier::start_with(port, toml, &args);
     p.wait_listener("lg").await;
     p
 }
